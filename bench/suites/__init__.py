@@ -1,0 +1,1 @@
+"""One module per bench suite; each defines `run(args) -> bench.report.SuiteResult`."""

@@ -1,0 +1,168 @@
+"""Decode with the KV cache on the GPU: the engine against transformers `generate`, plus a GPU exactness check.
+
+Shape (issue default): synthetic:llama-2-7b, bf16, batch 8, prompt 2048, 64 new tokens. Decode step time
+is taken the same way for every contender: (time to generate N tokens - time to generate 1) / (N - 1),
+median over repeats, so prefill never counts. The roofline is weight bytes + KV bytes read per step over
+the device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from bench.report import Headline, Row, SuiteResult
+from bench.timing import device_copy_gb_s
+from engine import GenerationSettings, Generator, load_model
+from engine.hf_reference import hf_greedy, rel_err
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="synthetic:llama-2-7b")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=2048)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--peers", default="dynamic", help="comma list of transformers peers: dynamic, static")
+    parser.add_argument("--exact-seqs", type=int, default=16, help="sequences in the GPU exactness check (0: skip)")
+    parser.add_argument("--exact-tokens", type=int, default=32)
+    parser.add_argument("--exact-models", default="", help="extra models for the exactness check, comma list")
+    parser.add_argument("--tag", default="", help="suffix of the result files' name (decode_<tag>)")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _step_ms(run, new_tokens: int, repeat: int) -> tuple[float, list[float]]:
+    """Median over repeats of (t(N tokens) - t(1 token)) / (N - 1); run(n) generates n tokens."""
+    run(2)  # warm-up: allocator, cuBLAS handles, graph capture paths
+    samples = []
+    for _ in range(repeat):
+        full = _timed(lambda: run(new_tokens))
+        first = _timed(lambda: run(1))
+        samples.append((full - first) / (new_tokens - 1))
+    return statistics.median(samples), samples
+
+
+def exactness(model, *, num_seqs: int, new_tokens: int, seed: int = 0) -> dict:
+    """Greedy tokens and logits of the engine vs transformers on fresh random prompts of mixed lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(16, min(512, model.spec.max_positions - new_tokens), (num_seqs,), generator=gen).tolist()
+    prompts = [torch.randint(3, model.spec.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    ours = Generator(model).generate(prompts, GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True),
+                                     keep_logits=True)
+    ref_tokens, ref_logits = hf_greedy(model.hf_model, prompts, max_new_tokens=new_tokens)
+    matches, first_diverge, errors = 0, [], []
+    for b in range(num_seqs):
+        diverge = next((i for i, (x, y) in enumerate(zip(ours.token_ids[b], ref_tokens[b])) if x != y), new_tokens)
+        matches += diverge == new_tokens
+        first_diverge.append(diverge)
+        # Logits are comparable up to and including the first differing step (same inputs until then).
+        for step in range(min(diverge + 1, new_tokens)):
+            errors.append(rel_err(ours.logits[step][b], ref_logits[step][b]))
+    return {"model": model.source, "num_seqs": num_seqs, "new_tokens": new_tokens, "prompt_lengths": lengths,
+            "match_fraction": matches / num_seqs, "first_divergence": first_diverge,
+            "max_logits_rel_err": max(errors), "median_logits_rel_err": statistics.median(errors)}
+
+
+def run(args) -> SuiteResult:
+    # The suite targets the GPU; on a CPU it runs too (fp32), so the harness itself is testable anywhere.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    copy_gb_s = device_copy_gb_s()
+    model = load_model(args.model, device=device, dtype=dtype)
+    spec = model.spec
+    notes = [f"device-to-device copy bandwidth measured in this run: {copy_gb_s:.0f} GB/s (read + write)"]
+    details: dict = {"copy_gb_s": copy_gb_s, "model": model.card()}
+    headlines: list[Headline] = []
+
+    exact = []
+    if args.exact_seqs:
+        exact.append(exactness(model, num_seqs=args.exact_seqs, new_tokens=args.exact_tokens))
+        for extra in filter(None, args.exact_models.split(",")):
+            other = load_model(extra, device=device, dtype=dtype)
+            exact.append(exactness(other, num_seqs=args.exact_seqs, new_tokens=args.exact_tokens))
+            del other
+        details["exactness"] = exact
+        for e in exact:
+            notes.append(f"exactness {e['model']}: {e['match_fraction']:.0%} of {e['num_seqs']} sequences match "
+                         f"transformers for {e['new_tokens']} greedy tokens; logits rel. error max "
+                         f"{e['max_logits_rel_err']:.2e}, median {e['median_logits_rel_err']:.2e}")
+        headlines.append(Headline("gpu_exact_tokens_match", exact[0]["match_fraction"], "fraction",
+                                  peer="transformers generate (greedy, same weights)"))
+
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, spec.vocab_size, (args.batch, args.prompt_len), generator=gen)
+    prompt_lists = prompts.tolist()
+    engine = Generator(model)
+
+    def ours(n: int, graph: bool = True):
+        settings = GenerationSettings(max_new_tokens=n, ignore_eos=True, cuda_graph=graph)
+        return engine.generate(prompt_lists, settings)
+
+    # Bytes one decode step must read: every weight except the embedding table (only B rows of it are
+    # gathered), plus each sequence's K/V at the step's mean length.
+    embed_params = model.hf_model.get_input_embeddings().weight.numel()
+    weight_bytes = (spec.num_params - embed_params) * spec.dtype_bytes
+    mean_len = args.prompt_len + args.new_tokens / 2
+    kv_bytes = int(args.batch * mean_len * spec.kv_bytes_per_token)
+    step_bytes = weight_bytes + kv_bytes
+    floor_ms = step_bytes / (copy_gb_s * 1e9) * 1e3
+    notes.append(f"bytes per step: weights {weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e9:.2f} GB; "
+                 f"roofline {floor_ms:.2f} ms/step")
+
+    rows: list[Row] = []
+    ours_ms, ours_samples = _step_ms(lambda n: ours(n), args.new_tokens, args.repeat)
+    eager_ms, _ = _step_ms(lambda n: ours(n, graph=False), args.new_tokens, max(1, args.repeat - 1))
+    internal = ours(args.new_tokens)
+    details["ours_samples_ms"] = ours_samples
+    details["ours_internal_step_ms_median"] = statistics.median(internal.step_ms)
+    details["ours_prefill_ms"] = internal.prefill_ms
+
+    peers: dict[str, float] = {}
+    input_ids = prompts.to(device)
+    for peer in filter(None, args.peers.split(",")):
+        kwargs = {} if peer == "dynamic" else {"cache_implementation": peer}
+
+        def hf(n: int, kwargs=kwargs):
+            with torch.no_grad():
+                model.hf_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                        max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                        pad_token_id=0, **kwargs)
+
+        try:
+            peers[peer], samples = _step_ms(hf, args.new_tokens, args.repeat)
+            details[f"transformers_{peer}_samples_ms"] = samples
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+            notes.append(f"transformers {peer} cache did not run: {type(exc).__name__}: {str(exc)[:300]}")
+
+    def row(case: str, ms: float, peer: str | None = None) -> Row:
+        return Row(case=case, ms=ms, tok_s=args.batch / (ms * 1e-3), bytes_moved=step_bytes,
+                   pct_roofline=100 * floor_ms / ms, peer=f"transformers {peer}" if peer else None,
+                   peer_ms=peers.get(peer) if peer else None)
+
+    main_peer = "dynamic" if "dynamic" in peers else next(iter(peers), None)
+    shape = f"B{args.batch} P{args.prompt_len} N{args.new_tokens}"
+    graph_label = "CUDA graph" if device == "cuda" else "no graph on CPU"
+    rows.append(row(f"ours, {graph_label} ({shape})", ours_ms, main_peer))
+    rows.append(row(f"ours, eager ({shape})", eager_ms, main_peer))
+    for peer, ms in peers.items():
+        rows.append(row(f"transformers generate, {peer} cache", ms))
+    tok_s = args.batch / (ours_ms * 1e-3)
+    headlines.append(Headline("gpu_decode_tok_s", tok_s, "tok/s", peer="transformers generate (dynamic cache)",
+                              peer_value=args.batch / (peers["dynamic"] * 1e-3) if "dynamic" in peers else None))
+    headlines.append(Headline("gpu_decode_pct_roofline", 100 * floor_ms / ours_ms, "%",
+                              peer="weight + KV bytes per step / measured copy bandwidth", peer_value=floor_ms))
+    return SuiteResult(suite="decode" + (f"_{args.tag}" if args.tag else ""), rows=rows, headlines=headlines, notes=notes, details=details)

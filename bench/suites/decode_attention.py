@@ -1,0 +1,276 @@
+"""Decode attention (one query token, bf16, D=128): our split-KV Triton kernel vs torch SDPA backends.
+
+Per shape: correctness first (fresh random inputs, poisoned output, vs the fp32 reference, full and
+mixed lengths), then cold-L2 timings (buffer sets rotated, calls queued back to back). GB/s counts
+K+V for the real lengths plus q and out; % is of the read-only bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import traceback
+import warnings
+
+import torch
+
+from bench.report import Headline, Row, SuiteResult
+from bench.timing import cold_l2_num_sets, l2_cache_bytes, rotating_median_ms, streaming_read_gb_s
+
+# (B, Hq, Hkv, S)
+SHAPES = [(1, 32, 8, 32768), (1, 32, 32, 8192), (8, 32, 32, 16384), (32, 32, 32, 4096), (64, 32, 8, 4096),
+          (128, 32, 8, 2048), (4, 40, 8, 8192)]
+HEAD_DIM = 128
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+MAX_REL_ERR = 1e-2
+LONG_TOKENS = 32 * 1024  # B*S at or above this counts as "long" for the bandwidth headline
+B1_LONG = (1, 32, 8, 32768)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeat", type=int, default=15, help="timed samples per variant (median reported)")
+    parser.add_argument("--shapes", type=str, default=None, help="subset, e.g. '1,32,8,32768;32,32,32,4096'")
+    parser.add_argument("--sweep", action="store_true", help="also time split/stage/tile/prefetch variants (tuning)")
+    parser.add_argument("--sweep-budget-s", type=float, default=240.0, help="skip the sweep of later shapes after this long")
+
+
+def _variants():
+    from kernels.decode_attention import DecodeAttentionConfig
+
+    return {"ours auto": DecodeAttentionConfig(), "ours prefetch off": DecodeAttentionConfig(prefetch="off"),
+            "ours prefetch on d=1": DecodeAttentionConfig(prefetch="on", prefetch_distance=1),
+            "ours prefetch on d=2": DecodeAttentionConfig(prefetch="on", prefetch_distance=2)}
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+def _make_sets(shape, num_sets: int, seed: int):
+    batch, num_heads, num_kv_heads, seq_len = shape
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    sets = []
+    for _ in range(num_sets):
+        q = torch.randn(batch, num_heads, HEAD_DIM, device=DEVICE, dtype=DTYPE, generator=gen)
+        k = torch.randn(batch, num_kv_heads, seq_len, HEAD_DIM, device=DEVICE, dtype=DTYPE, generator=gen)
+        v = torch.randn(batch, num_kv_heads, seq_len, HEAD_DIM, device=DEVICE, dtype=DTYPE, generator=gen)
+        sets.append((q, k, v, torch.full((batch,), seq_len, dtype=torch.int32, device=DEVICE)))
+    return sets
+
+
+def _sdpa(backend_name: str, q, k, v, gqa_flag: bool):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+    with sdpa_kernel([backend]):
+        kwargs = {"enable_gqa": True} if gqa_flag else {}
+        return torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, **kwargs).squeeze(2)
+
+
+def _check_shape(shape, variants, details: dict) -> dict[str, float]:
+    """Correctness of every variant on fresh inputs: full lengths and mixed lengths; returns errors."""
+    from kernels.decode_attention import decode_attention, decode_attention_reference
+
+    batch = shape[0]
+    (q, k, v, full), = _make_sets(shape, 1, seed=1234 + sum(shape))
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    mixed = torch.randint(1, shape[3] + 1, (batch,), device=DEVICE, dtype=torch.int32, generator=gen)
+    mixed[0] = 1 if batch > 1 else mixed[0]
+    errors = {}
+    for lens_name, lens in (("full", full), ("mixed", mixed)):
+        ref = decode_attention_reference(q.float(), k, v, lens)  # fp32 math, upcast one sequence at a time
+        for name, config in variants.items():
+            out = torch.full_like(q, float("nan"))
+            decode_attention(q, k, v, lens, config=config, out=out)
+            errors[f"{name} [{lens_name}]"] = _rel_err(out, ref)
+    details["rel_err"] = errors
+    bad = {n: e for n, e in errors.items() if not e <= MAX_REL_ERR}
+    if bad:
+        raise AssertionError(f"{shape}: relative error above {MAX_REL_ERR}: {bad}")
+    return errors
+
+
+def _time_sdpa(shape, sets, num_sets, repeat, details, notes) -> dict[str, float | None]:
+    from kernels.decode_attention import decode_attention_reference
+
+    q, k, v, lens = sets[0]
+    ref = decode_attention_reference(q[:1].float(), k[:1], v[:1], lens[:1])
+    times: dict[str, float | None] = {}
+    for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        label = backend.split("_")[0].lower()
+        ran, why = None, ""
+        for gqa_flag in ((True, False) if shape[1] != shape[2] else (False,)):
+            try:
+                with warnings.catch_warnings(record=True) as caught:  # torch says why a backend refuses in warnings
+                    warnings.simplefilter("always")
+                    try:
+                        out = _sdpa(backend, q, k, v, gqa_flag)
+                    except Exception as exc:
+                        reasons = [str(w.message).strip().splitlines()[0] for w in caught]
+                        raise RuntimeError("; ".join(reasons) or str(exc)) from exc
+                torch.cuda.synchronize()
+                err = _rel_err(out[:1], ref)
+                if not err <= MAX_REL_ERR:
+                    why = f"wrong result (rel err {err:.2g})"
+                    continue
+                ran = gqa_flag
+                break
+            except Exception as exc:  # noqa: BLE001 - a backend refusing a shape is a result
+                why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        if ran is None:
+            times[label] = None
+            notes.append(f"{shape}: SDPA {label} refused: {why}")
+            continue
+        times[label] = rotating_median_ms(lambda i: _sdpa(backend, *sets[i][:3], ran), num_sets=num_sets, repeat=repeat)
+        details.setdefault("sdpa_enable_gqa", {})[label] = ran
+    return times
+
+
+def _sweep(shape, sets, num_sets, repeat, num_sms) -> dict[str, float | str]:
+    """Tuning: splits x prefetch, num_stages and block_n, beside the auto plan (prefetch off)."""
+    import kernels.decode_attention as kda
+
+    batch, _, num_kv_heads, seq_len = shape
+    rows = batch * num_kv_heads
+
+    def plan_for(**kwargs):
+        return kda.choose_launch(batch, num_kv_heads, seq_len, HEAD_DIM, num_sms, kda.DecodeAttentionConfig(**kwargs))
+
+    base = plan_for(prefetch="off")
+    plans = {}
+    # splits that put about 1, 2, 3, 4, 6, 8 programs on each SM (and 1, 2 for large batches)
+    for num_splits in sorted({1, 2} | {max(1, round(k * num_sms / rows)) for k in (1, 2, 3, 4, 6, 8)}):
+        for prefetch, dist in (("off", 1), ("on", 1), ("on", 2)):
+            plan = plan_for(prefetch=prefetch, prefetch_distance=dist, num_splits=min(num_splits, kda.MAX_SPLITS))
+            plans[f"splits={plan.num_splits} ({plan.programs_per_sm:.2f}/SM) pf={prefetch if prefetch == 'off' else 'd%d' % dist}"] = plan
+    for stages in (2, 3, 4):
+        plans[f"auto-splits ({base.num_splits}) stages={stages}"] = dataclasses.replace(base, num_stages=stages)
+    for block_n in (32, 64, 128):
+        plans[f"block_n={block_n}"] = plan_for(prefetch="off", block_n=block_n)
+    results: dict[str, float | str] = {}
+    for name, plan in plans.items():
+        try:
+            results[name] = rotating_median_ms(lambda i: kda.decode_attention(*sets[i], plan=plan), num_sets=num_sets, repeat=repeat)
+        except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a tuning result
+            results[name] = f"error: {str(exc).strip()[:200]}"
+    return results
+
+
+def _graph_check(sets) -> str:
+    """The launcher must be capturable in a CUDA graph (no host syncs, no data-dependent allocation)."""
+    from kernels.decode_attention import decode_attention
+
+    q, k, v, lens = sets[0]
+    eager = decode_attention(q, k, v, lens)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode_attention(q, k, v, lens)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode_attention(q, k, v, lens)
+    graph.replay()
+    torch.cuda.synchronize()
+    return "ok" if torch.equal(captured, eager) else "mismatch"
+
+
+def run(args) -> SuiteResult:
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_attention bench needs a CUDA GPU")
+    from kernels.decode_attention import choose_launch, decode_attention
+
+    shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+    t_start = time.perf_counter()
+    read_gb_s = streaming_read_gb_s()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    variants = _variants()
+    rows: list[Row] = []
+    notes = [f"read-only ceiling {read_gb_s:.0f} GB/s (bf16 sum over 2 GiB), measured in this run; L2 {l2_cache_bytes() >> 20} MiB",
+             "times: median per call, buffer sets rotated (cold L2), calls queued back to back behind a GPU sleep",
+             "ratio = best SDPA backend time / our time (> 1: we are faster)"]
+    details: dict = {"read_gb_s": read_gb_s, "num_sms": num_sms, "shapes": {}}
+    ratios, long_pcts, b1_cudnn, failed = [], [], None, False
+    for shape in shapes:
+        batch, num_heads, num_kv_heads, seq_len = shape
+        name = f"B{batch} Hq{num_heads} Hkv{num_kv_heads} S{seq_len}"
+        kv_bytes = 2 * batch * num_kv_heads * seq_len * HEAD_DIM * 2
+        bytes_moved = kv_bytes + 2 * batch * num_heads * HEAD_DIM * 2
+        shape_details: dict = {"bytes_moved": bytes_moved}
+        details["shapes"][name] = shape_details
+        try:
+            _check_shape(shape, variants, shape_details)
+        except Exception as exc:  # noqa: BLE001 - wrong or failing: recorded, the shape is not timed
+            notes.append(f"FAILED correctness, not timed: {type(exc).__name__}: {str(exc)[:500]}")
+            failed = True
+            traceback.print_exc()
+            continue
+        num_sets = cold_l2_num_sets(kv_bytes)
+        sets = _make_sets(shape, num_sets, seed=sum(shape))
+        if shape == shapes[0]:
+            try:
+                details["cuda_graph_capture"] = _graph_check(sets)
+            except Exception as exc:  # noqa: BLE001 - recorded, the timings still count
+                details["cuda_graph_capture"] = f"failed: {str(exc).strip()[:300]}"
+                notes.append(f"CUDA graph capture failed: {str(exc).strip()[:200]}")
+        plan = choose_launch(batch, num_kv_heads, seq_len, HEAD_DIM, num_sms, variants["ours auto"])
+        shape_details["auto_plan"] = dataclasses.asdict(plan)
+        times: dict[str, float | None] = {}
+        for variant, config in variants.items():
+            try:
+                times[variant] = rotating_median_ms(lambda i: decode_attention(*sets[i], config=config),
+                                                    num_sets=num_sets, repeat=args.repeat)
+            except Exception as exc:  # noqa: BLE001 - recorded; the headlines then leave this shape out
+                times[variant] = None
+                notes.append(f"{shape} {variant}: timing failed: {type(exc).__name__}: {str(exc)[:300]}")
+        sdpa = _time_sdpa(shape, sets, num_sets, args.repeat, shape_details, notes)
+        times.update({f"sdpa {k}": t for k, t in sdpa.items()})
+        shape_details["ms"] = times
+        shape_details["num_sets"] = num_sets
+        if args.sweep and time.perf_counter() - t_start > args.sweep_budget_s:
+            notes.append(f"{shape}: sweep skipped (time budget)")
+        elif args.sweep:
+            shape_details["sweep_ms"] = _sweep(shape, sets, num_sets, max(5, args.repeat // 2), num_sms)
+            print(f"{name} sweep: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in shape_details["sweep_ms"].items()), flush=True)
+        del sets
+        torch.cuda.empty_cache()
+        ran = {k: t for k, t in sdpa.items() if t is not None}
+        best = min(ran, key=ran.get) if ran else None
+        for variant, ms in times.items():
+            gb_s = bytes_moved / (ms * 1e-3) / 1e9 if ms else None
+            rows.append(Row(case=f"{name} · {variant}", ms=ms, bytes_moved=bytes_moved, gb_s=gb_s,
+                            pct_roofline=100 * gb_s / read_gb_s if gb_s else None,
+                            peer=f"sdpa {best}" if best and variant.startswith("ours") else None,
+                            peer_ms=ran[best] if best and variant.startswith("ours") else None))
+        ours = times["ours auto"]
+        failed = failed or ours is None
+        if best and ours:
+            ratios.append(ran[best] / ours)
+        if batch * seq_len >= LONG_TOKENS and ours:
+            long_pcts.append(100 * bytes_moved / (ours * 1e-3) / 1e9 / read_gb_s)
+        if shape == B1_LONG and sdpa.get("cudnn") and ours:
+            b1_cudnn = sdpa["cudnn"] / ours
+        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if v else f"{k} -" for k, v in times.items()) + f" | {plan.why}", flush=True)
+    headlines = []
+    if failed:
+        notes.append("no headlines: a shape failed its correctness check or its timing")
+    elif ratios:
+        headlines.append(Headline("decode_attn_min_ratio_vs_sdpa", min(ratios), "x (best SDPA ms / ours auto ms, min over shapes; target >= 1.0)", "torch SDPA best backend"))
+    if long_pcts and not failed:
+        headlines.append(Headline("decode_attn_min_pct_read_bw_long", min(long_pcts), "% of read BW (min over B*S >= 32K; target >= 90)", f"read-only streaming {read_gb_s:.0f} GB/s"))
+    if b1_cudnn is not None and not failed:
+        headlines.append(Headline("decode_attn_b1_long_ratio_vs_cudnn", b1_cudnn, "x (cuDNN ms / ours auto ms at B1 Hq32 Hkv8 S32768; target >= 1.25)", "torch SDPA cuDNN"))
+    elif any(s == B1_LONG for s in shapes):
+        notes.append("decode_attn_b1_long_ratio_vs_cudnn not reported: cuDNN SDPA did not run on B1 Hq32 Hkv8 S32768")
+    return SuiteResult(suite="decode_attention", rows=rows, headlines=headlines, notes=notes, details=details)
+
+
+if __name__ == "__main__":  # python -m bench.suites.decode_attention == python -m bench decode_attention
+    import sys
+
+    from bench.__main__ import main
+
+    raise SystemExit(main(["decode_attention", *sys.argv[1:]]))

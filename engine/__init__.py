@@ -1,0 +1,20 @@
+"""KV Lab's inference engine: load a Hugging Face causal LM, run its own decode loop, stream steps.
+
+    from engine import load_model, Generator, GenerationSettings
+    model = load_model("synthetic:tiny-llama", device="cpu")
+    result = Generator(model).generate(["To be, or not"], GenerationSettings(max_new_tokens=16))
+"""
+
+from engine.adapters import SUPPORTED_MODEL_TYPES, ModelSpec
+from engine.errors import (InvalidSettingsError, KVLabError, ModelLoadError, OutOfMemoryError, PromptTooLongError,
+                           UnsupportedArchitectureError)
+from engine.generator import GenerationResult, Generator, StepEvent
+from engine.loader import LoadedModel, load_model
+from engine.presets import PRESETS, TINY_PRESETS
+from engine.settings import GenerationSettings, SamplingSettings
+
+__all__ = [
+    "PRESETS", "SUPPORTED_MODEL_TYPES", "TINY_PRESETS", "GenerationResult", "GenerationSettings", "Generator",
+    "InvalidSettingsError", "KVLabError", "LoadedModel", "ModelLoadError", "ModelSpec", "OutOfMemoryError",
+    "PromptTooLongError", "SamplingSettings", "StepEvent", "UnsupportedArchitectureError", "load_model",
+]

@@ -1,0 +1,29 @@
+"""Errors the engine raises for bad input. Each message names the problem and the fix.
+
+Every error derives from `KVLabError`, so callers (the app, the CLI) can catch one type, show the
+message and keep running.
+"""
+
+
+class KVLabError(Exception):
+    """Base of every error KV Lab raises on purpose."""
+
+
+class ModelLoadError(KVLabError):
+    """The model could not be found or read (path, config, weights, hub cache)."""
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    """The model's architecture is not one of the families the engine has an adapter for."""
+
+
+class InvalidSettingsError(KVLabError, ValueError):
+    """A settings value is out of range or of the wrong type."""
+
+
+class PromptTooLongError(KVLabError, ValueError):
+    """Prompt plus new tokens exceed the model's context window."""
+
+
+class OutOfMemoryError(KVLabError, MemoryError):
+    """A run needed more memory than the device had; its buffers were released."""

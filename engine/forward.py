@@ -1,0 +1,99 @@
+"""The engine's forward passes: prefill a padded batch, decode one token per sequence.
+
+Both compose the adapter's per-layer pieces with the engine's KV cache. `decode_step` is written with
+static shapes and no host synchronisation so that it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from engine.adapters import DecoderAdapter
+from engine.attention import decode_attention_torch, prefill_attention
+from engine.kv_cache import KVCache
+
+
+class DecodeAttention(Protocol):
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
+                 scale: float, window: int | None) -> torch.Tensor: ...
+
+
+@torch.inference_mode()
+def prefill(adapter: DecoderAdapter, cache: KVCache, token_ids: torch.Tensor, prompt_lens: torch.Tensor, *,
+            all_full: bool) -> torch.Tensor:
+    """token_ids (B, T) right-padded, prompt_lens (B,) -> logits (B, vocab) at each prompt's last token.
+
+    Fills the cache for positions 0..T-1. `all_full`: every prompt is T long (no padding mask needed).
+    """
+    spec = adapter.spec
+    batch, num_tokens = token_ids.shape
+    positions = torch.arange(num_tokens, device=token_ids.device).expand(batch, num_tokens)
+    hidden = adapter.embed(token_ids, positions)
+    rope = adapter.rope(hidden, positions)
+    lens = None if all_full else prompt_lens
+    for layer in range(spec.num_layers):
+        x = adapter.attn_input(layer, hidden)
+        q = adapter.project_q(layer, x, rope)
+        k, v = adapter.project_kv(layer, x, rope)
+        cache.write_prefix(layer, k, v)
+        attn = prefill_attention(q, k, v, lens, scale=adapter.attention_scale, window=spec.sliding_window)
+        hidden = adapter.attn_output(layer, attn, hidden)
+        hidden = adapter.mlp_block(layer, hidden)
+    last = hidden[torch.arange(batch, device=hidden.device), prompt_lens - 1]  # (B, hidden)
+    return adapter.logits(last).float()
+
+
+@torch.inference_mode()
+def decode_step(adapter: DecoderAdapter, cache: KVCache, token_ids: torch.Tensor, positions: torch.Tensor, *,
+                kv_len: int, attend: DecodeAttention = decode_attention_torch) -> torch.Tensor:
+    """token_ids (B,) at positions (B,) -> logits (B, vocab); writes their K/V into the cache.
+
+    Attention reads the first `kv_len` cache slots of each sequence, masked to its own length.
+    """
+    spec = adapter.spec
+    ids, pos = token_ids[:, None], positions[:, None]
+    seq_lens = positions + 1
+    hidden = adapter.embed(ids, pos)
+    rope = adapter.rope(hidden, pos)
+    for layer in range(spec.num_layers):
+        x = adapter.attn_input(layer, hidden)
+        q = adapter.project_q(layer, x, rope)
+        k, v = adapter.project_kv(layer, x, rope)
+        cache.write_at(layer, k, v, positions)
+        k_cache, v_cache = cache.layer(layer, kv_len)
+        attn = attend(q[:, 0], k_cache, v_cache, seq_lens, scale=adapter.attention_scale, window=spec.sliding_window)
+        hidden = adapter.attn_output(layer, attn.flatten(1)[:, None], hidden)
+        hidden = adapter.mlp_block(layer, hidden)
+    return adapter.logits(hidden[:, 0]).float()
+
+
+class GraphedDecode:
+    """A decode step captured once in a CUDA graph and replayed with new tokens and positions.
+
+    Replaying one graph removes the per-kernel launch cost (hundreds of small kernels per step), which
+    otherwise dominates decode at small batch. Inputs are copied into static buffers before replay.
+    """
+
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, batch: int,
+                 device: torch.device, scratch_position: int, warmup: int = 2):
+        # Warm-up runs really write K/V: aim them at a slot that every later step overwrites before
+        # any attention reads it (a step writes its own position first, then reads keys up to it).
+        self.token_ids = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.full((batch,), scratch_position, dtype=torch.long, device=device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):  # cuBLAS handles and autotuning happen outside the capture
+                step(self.token_ids, self.positions)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(self.token_ids, self.positions)
+
+    def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.token_ids.copy_(token_ids, non_blocking=True)
+        self.positions.copy_(positions, non_blocking=True)
+        self.graph.replay()
+        return self.logits

@@ -1,0 +1,242 @@
+"""The decode loop: prefill, then one token per sequence per step, streamed as it happens.
+
+`Generator.stream` yields a `StepEvent` per step (tokens, text deltas, timings) for the chat and live
+panels; `Generator.generate` runs it to the end. The GPU is kept busy: the next step is launched
+before the host looks at the current step's tokens (EOS, stop strings, text).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from engine import forward
+from engine.attention import decode_attention_torch
+from engine.errors import InvalidSettingsError, OutOfMemoryError, PromptTooLongError
+from engine.kv_cache import KVCache
+from engine.loader import LoadedModel
+from engine.sampling import make_generator, sample
+from engine.settings import GenerationSettings
+
+
+@dataclass
+class StepEvent:
+    step: int  # 0: the token chosen from the prefill; then one per decode step
+    token_ids: list[int | None]  # this step's token per sequence; None where it had already finished
+    text_deltas: list[str]
+    finished: list[bool]
+    finish_reasons: list[str | None]  # "eos", "stop", "length" once finished
+    step_ms: float  # prefill time for step 0, else the decode step's wall time
+    elapsed_ms: float
+    logits: torch.Tensor | None = None  # (B, vocab) float32 on the CPU, when asked for (keep_logits)
+
+    @property
+    def num_active(self) -> int:
+        return sum(t is not None for t in self.token_ids)
+
+
+@dataclass
+class GenerationResult:
+    prompt_token_ids: list[list[int]]
+    token_ids: list[list[int]]
+    texts: list[str]
+    finish_reasons: list[str]
+    prefill_ms: float
+    step_ms: list[float] = field(default_factory=list)  # decode steps only
+    decode_tokens: int = 0  # tokens produced by decode steps, all sequences
+    logits: list[torch.Tensor] | None = None  # per step (B, vocab), when asked for
+
+    @property
+    def decode_ms(self) -> float:
+        return sum(self.step_ms)
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / (self.decode_ms * 1e-3) if self.step_ms else 0.0
+
+
+class _TextState:
+    """Incremental detokenisation of one sequence, with stop strings held back until decided."""
+
+    def __init__(self, stop_strings: tuple[str, ...]):
+        self.stops = stop_strings
+        self.text = ""
+        self.emitted = 0
+
+    def update(self, text: str, *, final: bool) -> tuple[str, bool]:
+        """Full text so far -> (new text safe to show, a stop string was hit)."""
+        hit = False
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            text, hit, final = text[: min(cuts)], True, True
+        self.text = text
+        safe = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
+                safe = len(text.rstrip("\ufffd"))
+            for s in self.stops:  # a partial stop string at the end is not shown yet
+                for n in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:n]):
+                        safe -= n
+                        break
+        delta = text[self.emitted : max(safe, self.emitted)]
+        self.emitted = max(safe, self.emitted)
+        return delta, hit
+
+
+class Generator:
+    """Runs the engine's own decode loop on a loaded model."""
+
+    def __init__(self, model: LoadedModel, *, attend: forward.DecodeAttention = decode_attention_torch):
+        self.model = model
+        self.attend = attend
+
+    def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise InvalidSettingsError("prompts must be a non-empty list of strings or of token-id lists.")
+        vocab = self.model.spec.vocab_size
+        ids = []
+        for n, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                tokens = self.model.tokenizer.encode(prompt)
+            elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                tokens = list(prompt)
+                if any(not 0 <= t < vocab for t in tokens):
+                    raise InvalidSettingsError(f"prompt {n} holds token ids outside 0..{vocab - 1}.")
+            else:
+                raise InvalidSettingsError(f"prompt {n} must be a string or a list of token ids, got {type(prompt).__name__}.")
+            if not tokens:
+                raise InvalidSettingsError(f"prompt {n} is empty: give at least one token of text.")
+            ids.append(tokens)
+        return ids
+
+    def generate(self, prompts, settings: GenerationSettings = GenerationSettings(), *,
+                 keep_logits: bool = False) -> GenerationResult:
+        prompt_ids = self.encode(prompts)
+        tokens: list[list[int]] = [[] for _ in prompt_ids]
+        reasons: list[str | None] = [None] * len(prompt_ids)
+        result = GenerationResult(prompt_token_ids=prompt_ids, token_ids=tokens, texts=[], finish_reasons=[],
+                                  prefill_ms=0.0, logits=[] if keep_logits else None)
+        for event in self.stream(prompt_ids, settings, stream_text=False, keep_logits=keep_logits):
+            if keep_logits:
+                result.logits.append(event.logits)
+            for b, tok in enumerate(event.token_ids):
+                if tok is not None:
+                    tokens[b].append(tok)
+                reasons[b] = event.finish_reasons[b] or reasons[b]
+            if event.step == 0:
+                result.prefill_ms = event.step_ms
+            else:
+                result.step_ms.append(event.step_ms)
+                result.decode_tokens += event.num_active
+        tok = self.model.tokenizer
+        texts = [tok.decode([t for t in seq if t not in tok.eos_token_ids]) for seq in tokens]
+        for b, text in enumerate(texts):  # stop strings, applied to the final text as the stream does
+            texts[b], hit = _TextState(settings.stop_strings).update(text, final=True)
+        result.texts = texts
+        result.finish_reasons = [r or "length" for r in reasons]
+        return result
+
+    def stream(self, prompts, settings: GenerationSettings = GenerationSettings(), *,
+               stream_text: bool = True, keep_logits: bool = False) -> Iterator[StepEvent]:
+        prompt_ids = self.encode(prompts)
+        model, spec = self.model, self.model.spec
+        batch, lens = len(prompt_ids), [len(p) for p in prompt_ids]
+        longest, new_tokens = max(lens), settings.max_new_tokens
+        if longest + new_tokens > spec.max_positions:
+            raise PromptTooLongError(
+                f"The longest prompt has {longest} tokens; with max_new_tokens={new_tokens} that needs "
+                f"{longest + new_tokens} positions, but the model's context is {spec.max_positions}: "
+                "shorten the prompt or ask for fewer new tokens.")
+        try:
+            yield from self._run(prompt_ids, settings, stream_text=stream_text, keep_logits=keep_logits)
+        except torch.OutOfMemoryError as exc:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            need = KVCache.bytes_needed(spec, batch=batch, max_tokens=longest + new_tokens,
+                                        dtype_bytes=model.dtype.itemsize)
+            raise OutOfMemoryError(
+                f"Out of memory on {model.device} for batch {batch}, prompts up to {longest} tokens and "
+                f"{new_tokens} new tokens (KV cache {need / 2**30:.2f} GiB): lower the batch, the prompt "
+                "length or max_new_tokens. The memory of this run was released.") from exc
+
+    def _run(self, prompt_ids: list[list[int]], settings: GenerationSettings, *, stream_text: bool, keep_logits: bool):
+        model, adapter, tok = self.model, self.model.adapter, self.model.tokenizer
+        device = model.device
+        batch, lens = len(prompt_ids), [len(p) for p in prompt_ids]
+        longest, new_tokens = max(lens), settings.max_new_tokens
+        max_tokens = longest + new_tokens  # one spare slot: the loop may run one step past the last token
+        start = time.perf_counter()
+        cache = KVCache(spec := adapter.spec, batch=batch, max_tokens=max_tokens, dtype=model.dtype, device=device)
+        padded = torch.full((batch, longest), tok.pad_token_id, dtype=torch.long)
+        for b, ids in enumerate(prompt_ids):
+            padded[b, : len(ids)] = torch.tensor(ids)
+        prompt_lens = torch.tensor(lens, device=device)
+        gen = make_generator(settings.sampling, device)
+        logits = forward.prefill(adapter, cache, padded.to(device), prompt_lens, all_full=len(set(lens)) == 1)
+        pending = sample(logits, settings.sampling, gen)
+        positions = prompt_lens.clone()  # where each sequence's pending token's K/V goes
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        prefill_ms = (time.perf_counter() - start) * 1e3
+
+        use_graph = device.type == "cuda" and settings.cuda_graph and new_tokens > 1
+
+        def step(ids: torch.Tensor, pos: torch.Tensor, kv_len: int = max_tokens) -> torch.Tensor:
+            return forward.decode_step(adapter, cache, ids, pos, kv_len=kv_len, attend=self.attend)
+
+        decode = forward.GraphedDecode(step, batch=batch, device=device, scratch_position=max_tokens - 1) if use_graph else None
+        pinned = device.type == "cuda"
+        host = [torch.empty(batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        finished, reasons = [False] * batch, [None] * batch
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        texts = [_TextState(settings.stop_strings) for _ in range(batch)]
+        last = time.perf_counter()
+        for step_index in range(new_tokens):
+            buf = host[step_index % 2]
+            buf.copy_(pending, non_blocking=pinned)
+            step_logits = logits.to("cpu", copy=True) if keep_logits else None
+            ready = torch.cuda.Event() if pinned else None
+            if ready is not None:
+                ready.record()
+            if step_index + 1 < new_tokens:  # launch the next step now; its result is read next turn
+                kv_len = max_tokens if use_graph else longest + step_index + 1
+                logits = decode(pending, positions) if use_graph else step(pending, positions, kv_len)
+                nxt = sample(logits, settings.sampling, gen)
+                positions += 1
+            if ready is not None:
+                ready.synchronize()
+            event_tokens: list[int | None] = [None] * batch
+            deltas = [""] * batch
+            for b in range(batch):
+                if finished[b]:
+                    continue
+                token = int(buf[b])
+                event_tokens[b] = token
+                generated[b].append(token)
+                if token in tok.eos_token_ids and not settings.ignore_eos:
+                    finished[b], reasons[b] = True, "eos"
+                elif len(generated[b]) >= new_tokens:
+                    finished[b], reasons[b] = True, "length"
+                if stream_text or settings.stop_strings:
+                    text = tok.decode([t for t in generated[b] if t not in tok.eos_token_ids])
+                    deltas[b], hit = texts[b].update(text, final=finished[b])
+                    if hit and not finished[b]:
+                        finished[b], reasons[b] = True, "stop"
+            now = time.perf_counter()
+            yield StepEvent(step=step_index, token_ids=event_tokens, text_deltas=deltas if stream_text else [""] * batch,
+                            finished=list(finished), finish_reasons=list(reasons),
+                            step_ms=prefill_ms if step_index == 0 else (now - last) * 1e3,
+                            elapsed_ms=(now - start) * 1e3, logits=step_logits)
+            last = now
+            if all(finished):
+                break
+            pending = nxt
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        del cache, decode

@@ -1,0 +1,47 @@
+"""The engine-managed KV cache: preallocated once per run, written in place, never concatenated."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.adapters import ModelSpec
+
+
+class KVCache:
+    """K and V for every layer: two tensors (L, B, Hkv, S_max, D), zero-filled.
+
+    Sequence b's token at position p lives at [:, b, :, p]. Zero-filling matters: attention masks the
+    slots past each sequence's length, and 0 * garbage could be NaN where 0 * 0 is not.
+    """
+
+    def __init__(self, spec: ModelSpec, *, batch: int, max_tokens: int, dtype: torch.dtype, device: torch.device):
+        shape = (spec.num_layers, batch, spec.num_kv_heads, max_tokens, spec.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_tokens = max_tokens
+
+    @staticmethod
+    def bytes_needed(spec: ModelSpec, *, batch: int, max_tokens: int, dtype_bytes: int) -> int:
+        return 2 * spec.num_layers * batch * spec.num_kv_heads * max_tokens * spec.head_dim * dtype_bytes
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def layer(self, layer: int, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (B, Hkv, kv_len, D) of one layer's K and V."""
+        kv_len = self.max_tokens if kv_len is None else kv_len
+        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+
+    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (B, T, Hkv, D) for positions 0..T-1 (rows past a sequence's length are never read)."""
+        num_tokens = k.shape[1]
+        self.k[layer, :, :, :num_tokens].copy_(k.transpose(1, 2))
+        self.v[layer, :, :, :num_tokens].copy_(v.transpose(1, 2))
+
+    def write_at(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """k, v (B, 1, Hkv, D) written at each sequence's own position (B,). Graph-capturable."""
+        batch, _, heads, dim = k.shape
+        index = positions.view(batch, 1, 1, 1).expand(batch, heads, 1, dim)
+        self.k[layer].scatter_(2, index, k.transpose(1, 2))
+        self.v[layer].scatter_(2, index, v.transpose(1, 2))

@@ -1,0 +1,37 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, with a seeded generator."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.settings import SamplingSettings
+
+
+def make_generator(settings: SamplingSettings, device: torch.device) -> torch.Generator | None:
+    if settings.greedy:
+        return None
+    gen = torch.Generator(device=device)
+    if settings.seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(settings.seed)
+    return gen
+
+
+def sample(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) float32 -> next token ids (B,) int64."""
+    if settings.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / settings.temperature
+    if settings.top_k and settings.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= settings.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]

@@ -1,0 +1,1 @@
+"""Triton kernels. One kernel per file, beside its launcher and its torch reference."""

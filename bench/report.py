@@ -114,8 +114,16 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def command_line() -> str:
-    return "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that reproduces a run; where its files went (--results-dir) is left out."""
+    args, kept = list(sys.argv[1:] if argv is None else argv), []
+    while args:
+        arg = args.pop(0)
+        if arg == "--results-dir":
+            args = args[1:]
+        elif not arg.startswith("--results-dir="):
+            kept.append(arg)
+    return " ".join(["python -m bench", *(shlex.quote(a) for a in kept)])
 
 
 def write_results(result: SuiteResult, *, results_dir: Path = RESULTS_DIR, command: str | None = None) -> dict:

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from engine import forward
-from engine.attention import decode_attention_torch
+from engine.decode_backend import choose_decode_attention
 from engine.errors import InvalidSettingsError, OutOfMemoryError, PromptTooLongError
 from engine.kv_cache import KVCache
 from engine.loader import LoadedModel
@@ -91,24 +91,37 @@ class _TextState:
 class Generator:
     """Runs the engine's own decode loop on a loaded model."""
 
-    def __init__(self, model: LoadedModel, *, attend: forward.DecodeAttention = decode_attention_torch):
+    def __init__(self, model: LoadedModel, *, attend: forward.DecodeAttention | None = None):
         self.model = model
-        self.attend = attend
+        self.attend = attend  # None: chosen per run from the settings (engine/decode_backend.py)
+        self.attention_why = ""
 
     def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-            raise InvalidSettingsError("prompts must be a non-empty list of strings or of token-id lists.")
+            got = "an empty list" if isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes)) \
+                else f"a {type(prompts).__name__}"
+            raise InvalidSettingsError(f"prompts must be a non-empty list of strings or of token-id lists, got {got}: "
+                                       "wrap a single prompt in a list, e.g. ['To be, or not'].")
         vocab = self.model.spec.vocab_size
         ids = []
         for n, prompt in enumerate(prompts):
             if isinstance(prompt, str):
+                if not prompt:
+                    raise InvalidSettingsError(f"prompt {n} is empty: give at least one character of text.")
                 tokens = self.model.tokenizer.encode(prompt)
             elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 tokens = list(prompt)
-                if any(not 0 <= t < vocab for t in tokens):
-                    raise InvalidSettingsError(f"prompt {n} holds token ids outside 0..{vocab - 1}.")
+                bad = [t for t in tokens if not 0 <= t < vocab]
+                if bad:
+                    raise InvalidSettingsError(f"prompt {n} holds token ids outside 0..{vocab - 1} (e.g. {bad[0]}): "
+                                               f"use ids of this model's {vocab}-token vocabulary, or pass text.")
             else:
-                raise InvalidSettingsError(f"prompt {n} must be a string or a list of token ids, got {type(prompt).__name__}.")
+                got = type(prompt).__name__
+                if isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)):
+                    odd = next(t for t in prompt if not isinstance(t, int) or isinstance(t, bool))
+                    got = f"a {got} holding {odd!r} ({type(odd).__name__})"
+                raise InvalidSettingsError(f"prompt {n} must be a string or a list of token ids, got {got}: "
+                                           "pass text, or a list of ints.")
             if not tokens:
                 raise InvalidSettingsError(f"prompt {n} is empty: give at least one token of text.")
             ids.append(tokens)
@@ -143,6 +156,9 @@ class Generator:
 
     def stream(self, prompts, settings: GenerationSettings = GenerationSettings(), *,
                stream_text: bool = True, keep_logits: bool = False) -> Iterator[StepEvent]:
+        if not isinstance(settings, GenerationSettings):
+            raise InvalidSettingsError(f"settings must be a GenerationSettings instance, got {type(settings).__name__}: "
+                                       "build one with GenerationSettings(max_new_tokens=...).")
         prompt_ids = self.encode(prompts)
         model, spec = self.model, self.model.spec
         batch, lens = len(prompt_ids), [len(p) for p in prompt_ids]
@@ -171,8 +187,11 @@ class Generator:
         batch, lens = len(prompt_ids), [len(p) for p in prompt_ids]
         longest, new_tokens = max(lens), settings.max_new_tokens
         max_tokens = longest + new_tokens  # one spare slot: the loop may run one step past the last token
+        spec = adapter.spec
+        attend, self.attention_why = (self.attend, "given by the caller") if self.attend is not None else \
+            choose_decode_attention(settings, device=device, head_dim=spec.head_dim, sliding_window=spec.sliding_window)
         start = time.perf_counter()
-        cache = KVCache(spec := adapter.spec, batch=batch, max_tokens=max_tokens, dtype=model.dtype, device=device)
+        cache = KVCache(spec, batch=batch, max_tokens=max_tokens, dtype=model.dtype, device=device)
         padded = torch.full((batch, longest), tok.pad_token_id, dtype=torch.long)
         for b, ids in enumerate(prompt_ids):
             padded[b, : len(ids)] = torch.tensor(ids)
@@ -188,7 +207,7 @@ class Generator:
         use_graph = device.type == "cuda" and settings.cuda_graph and new_tokens > 1
 
         def step(ids: torch.Tensor, pos: torch.Tensor, kv_len: int = max_tokens) -> torch.Tensor:
-            return forward.decode_step(adapter, cache, ids, pos, kv_len=kv_len, attend=self.attend)
+            return forward.decode_step(adapter, cache, ids, pos, kv_len=kv_len, attend=attend)
 
         decode = forward.GraphedDecode(step, batch=batch, device=device, scratch_position=max_tokens - 1) if use_graph else None
         pinned = device.type == "cuda"

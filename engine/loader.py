@@ -42,6 +42,7 @@ class LoadedModel:
     dtype: torch.dtype
     load_s: float
     notes: list[str] = field(default_factory=list)
+    chat_stop_strings: tuple[str, ...] = ()  # where a chat reply ends, besides EOS
 
     @property
     def spec(self) -> ModelSpec:
@@ -55,7 +56,12 @@ class LoadedModel:
 
 
 def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InvalidSettingsError(f"device {device!r} is not a device name: use 'cuda' or 'cpu'.") from exc
     if device.type not in _ALLOWED:
         raise InvalidSettingsError(f"device {device} is not supported: use 'cuda' or 'cpu'.")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -86,6 +92,7 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
         if not (DEMO_MODEL_DIR / "config.json").exists():
             raise ModelLoadError(f"The embedded demo model is missing from {DEMO_MODEL_DIR}: reinstall KV Lab from a full checkout.")
         loaded = _load_directory(DEMO_MODEL_DIR, device=device, dtype=dtype, source="demo")
+        loaded.chat_stop_strings = ("\n\n",)  # a speech of the play ends at a blank line (assets/demo-model)
     else:
         path = Path(source).expanduser()
         if path.exists():
@@ -233,7 +240,8 @@ def _hub_snapshot(repo_id: str) -> Path:
     except (LocalEntryNotFoundError, FileNotFoundError):
         pass
     except HFValidationError as exc:
-        raise ModelLoadError(f"{repo_id!r} is neither an existing path nor a valid hub id: {exc}") from exc
+        raise ModelLoadError(f"{repo_id!r} is neither an existing path nor a valid hub id ({exc}): check the "
+                             "spelling, or give a local directory or a hub id like 'org/name'.") from exc
     if _offline():
         raise ModelLoadError(f"Hub model {repo_id!r} is not in the local Hugging Face cache and offline mode is set "
                              "(HF_HUB_OFFLINE): download it on a connected machine (`hf download "

@@ -22,7 +22,10 @@ def sample(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Ge
     """logits (B, V) float32 -> next token ids (B,) int64."""
     if settings.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / settings.temperature
+    # Shift each row's maximum to 0 first, and keep the divisor a normal number of the logits' dtype: a
+    # tiny temperature then sends the other logits to -inf, never the maximum to +inf or 0/0 (NaN).
+    temperature = max(settings.temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if settings.top_k and settings.top_k < logits.shape[-1]:
         kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

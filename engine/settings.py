@@ -9,22 +9,26 @@ import math
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidSettingsError
+from kernels.config import DecodeAttentionConfig
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
-def _check_int(name: str, value: object, *, low: int, high: int | None = None) -> None:
+def _check_int(name: str, value: object, *, low: int, high: int | None = None, hint: str = "") -> None:
+    bound = f"between {low} and {high}" if high is not None else f"of at least {low}"
+    fix = f"use a whole number {bound}{hint}."
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidSettingsError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}).")
+        raise InvalidSettingsError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}): {fix}")
     if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise InvalidSettingsError(f"{name} must be {bound}, got {value}.")
+        raise InvalidSettingsError(f"{name}={value} is out of range: {fix}")
 
 
-def _check_float(name: str, value: object, *, low: float, high: float, low_open: bool = False) -> None:
+def _check_float(name: str, value: object, *, low: float, high: float, low_open: bool = False, hint: str = "") -> None:
+    fix = f"use a number in {'(' if low_open else '['}{low}, {high}]{hint}."
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidSettingsError(f"{name} must be a finite number, got {value!r}.")
+        raise InvalidSettingsError(f"{name} must be a finite number, got {value!r}: {fix}")
     if value < low or value > high or (low_open and value == low):
-        side = "(" if low_open else "["
-        raise InvalidSettingsError(f"{name} must be in {side}{low}, {high}], got {value}.")
+        raise InvalidSettingsError(f"{name}={value} is out of range: {fix}")
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,11 @@ class SamplingSettings:
     seed: int | None = None  # None: a fresh random stream per run
 
     def __post_init__(self) -> None:
-        _check_float("temperature", self.temperature, low=0.0, high=100.0)
-        _check_int("top_k", self.top_k, low=0)
-        _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _check_float("temperature", self.temperature, low=0.0, high=100.0, hint=" (0 is greedy)")
+        _check_int("top_k", self.top_k, low=0, hint=" (0 turns top-k off)")
+        _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True, hint=" (1.0 turns top-p off)")
         if self.seed is not None:
-            _check_int("seed", self.seed, low=0, high=2**63 - 1)
+            _check_int("seed", self.seed, low=0, high=2**63 - 1, hint=", or None for a fresh random seed")
 
     @property
     def greedy(self) -> bool:
@@ -57,11 +61,22 @@ class GenerationSettings:
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
     cuda_graph: bool = True  # capture the decode step once and replay it (GPU only)
+    # Decode attention: "triton" is kernels/decode_attention.py (GPU, or CPU under TRITON_INTERPRET=1),
+    # "torch" the SDPA reference; "auto" takes the kernel on a GPU and torch on the CPU.
+    attention: str = "auto"
+    kernel: DecodeAttentionConfig = field(default_factory=DecodeAttentionConfig)
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, low=1, high=1_000_000)
         if not isinstance(self.sampling, SamplingSettings):
-            raise InvalidSettingsError("sampling must be a SamplingSettings instance.")
+            raise InvalidSettingsError(f"sampling must be a SamplingSettings instance, got {type(self.sampling).__name__}: "
+                                       "build one with SamplingSettings(temperature=..., top_p=...).")
         if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
             raise InvalidSettingsError("stop_strings must be a tuple of non-empty strings, e.g. ('\\n\\n',).")
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if self.attention not in ATTENTION_BACKENDS:
+            raise InvalidSettingsError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}.")
+        if not isinstance(self.kernel, DecodeAttentionConfig):
+            raise InvalidSettingsError("kernel must be a kernels.config.DecodeAttentionConfig instance.")
+        if not isinstance(self.cuda_graph, bool) or not isinstance(self.ignore_eos, bool):
+            raise InvalidSettingsError("cuda_graph and ignore_eos must be True or False.")

@@ -25,6 +25,14 @@ class Tokenizer:
         prefix = [self.bos_token_id] if self.bos_token_id is not None else []
         return prefix + [b + ByteCodec.OFFSET for b in text.encode("utf-8")]
 
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """A chat ([{role, content}]) as the prompt text the model continues with its reply."""
+        if self._hf is not None and getattr(self._hf, "chat_template", None):
+            return self._hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # No template (synthetic or base models): a plain transcript the reply continues.
+        lines = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
+        return "\n".join(lines) + "\nAssistant:"
+
     def decode(self, token_ids: list[int]) -> str:
         if self._hf is not None:
             return self._hf.decode(token_ids, skip_special_tokens=True)

@@ -18,47 +18,30 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-# Measured on an H100 (bench/results/decode_attention_pre_tuning.*, 2026-11-24) unless said otherwise.
-# auto: prefetch only on grids of fewer programs per SM than this (DESIGN.md: +48 % at 1 CTA/SM, -14..58 %
-# at 4, for a streaming read without a software pipeline).
-AUTO_PREFETCH_MAX_PROGRAMS_PER_SM = 2.0
+from kernels.config import MAX_SPLITS, DecodeAttentionConfig
+
+# Measured on an H100 (bench/results/decode_attention*.md) unless said otherwise.
+# auto: prefetch only on grids with fewer programs per SM than this. With the 3-stage cp.async pipeline,
+# prefetch tied or lost (0-5 % at d=1, up to 7 % at d=2) on every bench shape, 0.97 to 7.8 programs/SM
+# (decode_attention.md, 2026-11-25); the streaming read of DESIGN.md gained 48 % only at 1 CTA/SM without
+# a pipeline. What is left for it: grids that leave most SMs idle (short, small batches), where one
+# program's pipeline is all that is in flight. That regime is not in the bench.
+AUTO_PREFETCH_MAX_PROGRAMS_PER_SM = 0.5
 # About one program per SM was fastest with the 3-stage pipeline (B1 Hkv8 S32768: 0.053 ms at 0.97/SM,
 # 0.057 ms at 3.9/SM); keep >= MIN_TILES_PER_SPLIT tiles in a split so the pipeline fills.
 TARGET_PROGRAMS_PER_SM = 1.0
 MIN_TILES_PER_SPLIT = 4
-MAX_SPLITS = 256
 # 32 KiB tiles (BLOCK_N 128 at D=128, 16-bit) leave room for one program per SM but keep twice the bytes
 # in flight: 6 % faster on grids of 7.8 waves of them (B64/B128 GQA); the 3-wave floor is a guess that
 # keeps the last wave's tail small.
 BIG_TILE_MIN_WAVES = 3.0
 _CPU_NUM_SMS = 8  # stand-in SM count for the interpreter, so CPU plans are deterministic
-
-
-@dataclass(frozen=True)
-class DecodeAttentionConfig:
-    """User-facing settings; `None` means the launcher chooses."""
-
-    prefetch: Literal["off", "on", "auto"] = "auto"
-    prefetch_distance: int = 1  # tiles ahead
-    num_splits: int | None = None
-    block_n: int | None = None  # keys per tile
-
-    def __post_init__(self) -> None:
-        if self.prefetch not in ("off", "on", "auto"):
-            raise ValueError(f"prefetch must be 'off', 'on' or 'auto', got {self.prefetch!r}")
-        if self.prefetch_distance not in (1, 2):
-            raise ValueError(f"prefetch_distance must be 1 or 2 tiles, got {self.prefetch_distance!r}")
-        if self.num_splits is not None and not (isinstance(self.num_splits, int) and 1 <= self.num_splits <= MAX_SPLITS):
-            raise ValueError(f"num_splits must be None or an int in 1..{MAX_SPLITS}, got {self.num_splits!r}")
-        if self.block_n is not None and self.block_n not in (16, 32, 64, 128):
-            raise ValueError(f"block_n must be None or one of 16, 32, 64, 128, got {self.block_n!r}")
 
 
 @dataclass(frozen=True)

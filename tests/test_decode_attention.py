@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kernels.decode_attention import (  # noqa: E402
+    AUTO_PREFETCH_MAX_PROGRAMS_PER_SM,
     DecodeAttentionConfig,
     _interpreting,
     choose_launch,
@@ -114,7 +115,7 @@ def test_plan_forces_prefetch_off_under_interpreter():
 @pytest.mark.parametrize("batch, num_kv_heads, max_seq_len", [(1, 8, 32768), (1, 1, 256), (4, 8, 8192)])
 def test_auto_prefetch_follows_occupancy(batch, num_kv_heads, max_seq_len):
     plan = choose_launch(batch, num_kv_heads, max_seq_len, 128, 132, DecodeAttentionConfig(prefetch="auto"))
-    assert plan.prefetch == (plan.programs_per_sm < 2.0), plan.why
+    assert plan.prefetch == (plan.programs_per_sm < AUTO_PREFETCH_MAX_PROGRAMS_PER_SM), plan.why
     assert "auto" in plan.why
 
 
@@ -122,7 +123,7 @@ def test_auto_prefetch_on_when_grid_is_small_and_off_when_full():
     small = choose_launch(1, 1, 256, 128, 132, DecodeAttentionConfig(prefetch="auto"))
     assert small.num_programs < 132 and small.prefetch
     full = choose_launch(64, 8, 4096, 128, 132, DecodeAttentionConfig(prefetch="auto"))
-    assert full.programs_per_sm >= 2 and not full.prefetch
+    assert full.programs_per_sm >= AUTO_PREFETCH_MAX_PROGRAMS_PER_SM and not full.prefetch
     assert choose_launch(1, 1, 256, 128, 132, DecodeAttentionConfig(prefetch="off")).prefetch is False
     forced = choose_launch(64, 8, 4096, 128, 132, DecodeAttentionConfig(prefetch="on", prefetch_distance=2))
     assert forced.prefetch and forced.prefetch_distance == 2

@@ -56,25 +56,55 @@ def _step_ms(run, new_tokens: int, repeat: int) -> tuple[float, list[float]]:
     return statistics.median(samples), samples
 
 
-def exactness(model, *, num_seqs: int, new_tokens: int, seed: int = 0) -> dict:
-    """Greedy tokens and logits of the engine vs transformers on fresh random prompts of mixed lengths."""
+def _divergence(a: list[int], b: list[int]) -> int:
+    """Index of the first differing token (len when equal)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+
+
+def exactness(model, *, num_seqs: int, new_tokens: int, seed: int = 0, fp32_reference: bool = True) -> dict:
+    """Greedy tokens and logits of the engine vs transformers on fresh random prompts of mixed lengths.
+
+    In bf16 two correct implementations drift apart by rounding alone, so where memory allows the same
+    prompts also run through transformers in fp32 on upcast weights: the engine's and transformers' bf16
+    errors against that reference say whether the engine is any less exact than the framework itself.
+    """
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(16, min(512, model.spec.max_positions - new_tokens), (num_seqs,), generator=gen).tolist()
     prompts = [torch.randint(3, model.spec.vocab_size, (n,), generator=gen).tolist() for n in lengths]
-    ours = Generator(model).generate(prompts, GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True),
-                                     keep_logits=True)
+    engine = Generator(model)
+    ours = engine.generate(prompts, GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True), keep_logits=True)
     ref_tokens, ref_logits = hf_greedy(model.hf_model, prompts, max_new_tokens=new_tokens)
-    matches, first_diverge, errors = 0, [], []
-    for b in range(num_seqs):
-        diverge = next((i for i, (x, y) in enumerate(zip(ours.token_ids[b], ref_tokens[b])) if x != y), new_tokens)
-        matches += diverge == new_tokens
-        first_diverge.append(diverge)
-        # Logits are comparable up to and including the first differing step (same inputs until then).
-        for step in range(min(diverge + 1, new_tokens)):
-            errors.append(rel_err(ours.logits[step][b], ref_logits[step][b]))
-    return {"model": model.source, "num_seqs": num_seqs, "new_tokens": new_tokens, "prompt_lengths": lengths,
-            "match_fraction": matches / num_seqs, "first_divergence": first_diverge,
-            "max_logits_rel_err": max(errors), "median_logits_rel_err": statistics.median(errors)}
+
+    def compare(tokens, logits, ref_tok, ref_log):
+        matches, diverge_at, errors, first_step = 0, [], [], []
+        for b in range(num_seqs):
+            diverge = _divergence(tokens[b], ref_tok[b])
+            matches += diverge == new_tokens
+            diverge_at.append(diverge)
+            first_step.append(rel_err(logits[0][b], ref_log[0][b]))
+            # Logits are comparable up to and including the first differing step (same inputs until then).
+            errors += [rel_err(logits[step][b], ref_log[step][b]) for step in range(min(diverge + 1, new_tokens))]
+        return {"match_fraction": matches / num_seqs, "first_divergence": diverge_at,
+                "max_logits_rel_err": max(errors), "median_logits_rel_err": statistics.median(errors),
+                "median_prefill_logits_rel_err": statistics.median(first_step)}
+
+    result = {"model": model.source, "dtype": str(model.dtype), "num_seqs": num_seqs, "new_tokens": new_tokens,
+              "prompt_lengths": lengths, "attention": engine.attention_why,
+              **compare(ours.token_ids, ours.logits, ref_tokens, ref_logits)}
+    if fp32_reference and model.dtype != torch.float32:
+        import copy
+
+        try:
+            reference = copy.deepcopy(model.hf_model).float()
+            fp_tokens, fp_logits = hf_greedy(reference, prompts, max_new_tokens=new_tokens)
+            del reference
+            result["ours_vs_fp32"] = compare(ours.token_ids, ours.logits, fp_tokens, fp_logits)
+            result["transformers_bf16_vs_fp32"] = compare(ref_tokens, ref_logits, fp_tokens, fp_logits)
+        except torch.OutOfMemoryError:
+            result["fp32_reference"] = "skipped: the fp32 copy did not fit in GPU memory"
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return result
 
 
 def run(args) -> SuiteResult:
@@ -99,7 +129,14 @@ def run(args) -> SuiteResult:
         for e in exact:
             notes.append(f"exactness {e['model']}: {e['match_fraction']:.0%} of {e['num_seqs']} sequences match "
                          f"transformers for {e['new_tokens']} greedy tokens; logits rel. error max "
-                         f"{e['max_logits_rel_err']:.2e}, median {e['median_logits_rel_err']:.2e}")
+                         f"{e['max_logits_rel_err']:.2e}, median {e['median_logits_rel_err']:.2e}, "
+                         f"median at the prefill {e['median_prefill_logits_rel_err']:.2e}")
+            for key, who in (("ours_vs_fp32", "ours (bf16)"), ("transformers_bf16_vs_fp32", "transformers (bf16)")):
+                if key in e:
+                    f = e[key]
+                    notes.append(f"  {who} vs transformers fp32: {f['match_fraction']:.0%} of sequences match; "
+                                 f"logits rel. error median {f['median_logits_rel_err']:.2e}, at the prefill "
+                                 f"{f['median_prefill_logits_rel_err']:.2e}, max {f['max_logits_rel_err']:.2e}")
         headlines.append(Headline("gpu_exact_tokens_match", exact[0]["match_fraction"], "fraction",
                                   peer="transformers generate (greedy, same weights)"))
 
@@ -108,8 +145,8 @@ def run(args) -> SuiteResult:
     prompt_lists = prompts.tolist()
     engine = Generator(model)
 
-    def ours(n: int, graph: bool = True):
-        settings = GenerationSettings(max_new_tokens=n, ignore_eos=True, cuda_graph=graph)
+    def ours(n: int, graph: bool = True, attention: str = "auto"):
+        settings = GenerationSettings(max_new_tokens=n, ignore_eos=True, cuda_graph=graph, attention=attention)
         return engine.generate(prompt_lists, settings)
 
     # Bytes one decode step must read: every weight except the embedding table (only B rows of it are
@@ -123,11 +160,19 @@ def run(args) -> SuiteResult:
     notes.append(f"bytes per step: weights {weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e9:.2f} GB; "
                  f"roofline {floor_ms:.2f} ms/step")
 
-    rows: list[Row] = []
-    ours_ms, ours_samples = _step_ms(lambda n: ours(n), args.new_tokens, args.repeat)
-    eager_ms, _ = _step_ms(lambda n: ours(n, graph=False), args.new_tokens, max(1, args.repeat - 1))
+    ours(2)
+    auto_why = engine.attention_why
+    notes.append(f"attention 'auto' chose: {auto_why}")
+    variants = {"auto": dict(attention="auto")}
+    if device == "cuda":  # both backends side by side; 'auto' is what a user gets
+        variants["torch attention"] = dict(attention="torch")
+        variants["triton attention"] = dict(attention="triton")
+    variants["auto, eager (no graph)"] = dict(attention="auto", graph=False)
+    ours_ms: dict[str, float] = {}
+    for name, kwargs in variants.items():
+        ours_ms[name], details[f"ours_{name}_samples_ms"] = _step_ms(lambda n, kw=kwargs: ours(n, **kw),
+                                                                    args.new_tokens, args.repeat)
     internal = ours(args.new_tokens)
-    details["ours_samples_ms"] = ours_samples
     details["ours_internal_step_ms_median"] = statistics.median(internal.step_ms)
     details["ours_prefill_ms"] = internal.prefill_ms
 
@@ -153,16 +198,19 @@ def run(args) -> SuiteResult:
                    pct_roofline=100 * floor_ms / ms, peer=f"transformers {peer}" if peer else None,
                    peer_ms=peers.get(peer) if peer else None)
 
+    rows: list[Row] = []
     main_peer = "dynamic" if "dynamic" in peers else next(iter(peers), None)
     shape = f"B{args.batch} P{args.prompt_len} N{args.new_tokens}"
     graph_label = "CUDA graph" if device == "cuda" else "no graph on CPU"
-    rows.append(row(f"ours, {graph_label} ({shape})", ours_ms, main_peer))
-    rows.append(row(f"ours, eager ({shape})", eager_ms, main_peer))
+    for name, ms in ours_ms.items():
+        label = name if "eager" in name else f"{name}, {graph_label}"
+        rows.append(row(f"ours, {label} ({shape})", ms, main_peer))
     for peer, ms in peers.items():
         rows.append(row(f"transformers generate, {peer} cache", ms))
-    tok_s = args.batch / (ours_ms * 1e-3)
+    headline_ms = ours_ms["auto"]
+    tok_s = args.batch / (headline_ms * 1e-3)
     headlines.append(Headline("gpu_decode_tok_s", tok_s, "tok/s", peer="transformers generate (dynamic cache)",
                               peer_value=args.batch / (peers["dynamic"] * 1e-3) if "dynamic" in peers else None))
-    headlines.append(Headline("gpu_decode_pct_roofline", 100 * floor_ms / ours_ms, "%",
+    headlines.append(Headline("gpu_decode_pct_roofline", 100 * floor_ms / headline_ms, "%",
                               peer="weight + KV bytes per step / measured copy bandwidth", peer_value=floor_ms))
     return SuiteResult(suite="decode" + (f"_{args.tag}" if args.tag else ""), rows=rows, headlines=headlines, notes=notes, details=details)

@@ -1,0 +1,89 @@
+"""KV Lab: `python app.py [--model M] [--host 127.0.0.1] [--port N] [--auth user:password]`.
+
+Opens on the embedded demo model, so it works offline with no GPU. In Jupyter, `from app import lab;
+lab()` builds the app and shows it inline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+import gradio as gr
+
+from engine.session import LabSession
+from panels import chat_panel, model_panel
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def build_app(session: LabSession) -> gr.Blocks:
+    with gr.Blocks(title="KV Lab") as app:
+        gr.Markdown("# KV Lab\nSee and speed up LLM decoding when the KV cache outgrows the GPU.")
+        with gr.Tab("Model"):
+            model_panel.build(session)
+        with gr.Tab("Chat"):
+            chat_panel.build(session)
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="KV Lab: an interactive lab for LLM decoding with offloaded KV caches.")
+    parser.add_argument("--model", default="demo", help="demo (default), synthetic:<preset>, a local directory or a hub id")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    parser.add_argument("--auth", default=None, help="user:password; required when --host is not a loopback address")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when a GPU is visible)")
+    return parser.parse_args(argv)
+
+
+def launch_kwargs(args: argparse.Namespace) -> dict:
+    """Security defaults: loopback, no share link, no run history, no monitoring endpoint."""
+    auth = None
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit("--auth must look like user:password (both non-empty).")
+        auth = (user, password)
+    if not is_loopback(args.host) and auth is None:
+        raise SystemExit(f"Refusing to bind to {args.host} without --auth: anyone who can reach it could run the "
+                         "model. Add --auth user:password, or bind to 127.0.0.1.")
+    return dict(server_name=args.host, server_port=args.port, auth=auth, share=False, run_history=False,
+                enable_monitoring=False, footer_links=["api", "settings"])
+
+
+def lab(model: str = "demo", **launch_options):
+    """Build the app in a notebook and show it inline (loopback, same defaults as the command line)."""
+    session = LabSession()
+    session.load(model)
+    app = build_app(session)
+    options = dict(share=False, run_history=False, enable_monitoring=False, inline=True) | launch_options
+    app.launch(**options)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    kwargs = launch_kwargs(args)
+    session = LabSession()
+    try:
+        card = session.load(args.model, device=args.device)
+        print(f"Loaded {card['name']} on {card['device']} in {card['load_s']:.2f} s", flush=True)
+    except Exception as exc:  # noqa: BLE001 - the app still opens; the Model panel can load another model
+        print(f"Could not load {args.model!r}: {exc}", file=sys.stderr, flush=True)
+    build_app(session).queue(default_concurrency_limit=1).launch(**kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

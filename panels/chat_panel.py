@@ -1,0 +1,63 @@
+"""Chat panel: streamed replies under the chosen sampling settings, a stop button, tokens/s under each reply."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from engine.errors import InvalidSettingsError
+from engine.session import LabSession, normalise_history
+from engine.settings import GenerationSettings, SamplingSettings
+from panels.errors import GPU_QUEUE, describe
+
+
+def chat_settings(max_new_tokens, temperature, top_p, top_k, seed) -> GenerationSettings:
+    """The panel's controls as one settings object; values from an API client may arrive as strings."""
+    try:
+        sampling = SamplingSettings(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                                    seed=None if seed in (None, "", -1) else int(seed))
+        return GenerationSettings(max_new_tokens=int(max_new_tokens), sampling=sampling)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InvalidSettingsError):
+            raise
+        raise InvalidSettingsError(f"A chat setting is not a number ({exc}): enter numbers only.") from exc
+
+
+def build(session: LabSession) -> None:
+    chatbot = gr.Chatbot(label="Chat", height=420)
+    with gr.Row():
+        message = gr.Textbox(placeholder="Say something to the model", show_label=False, scale=5, max_lines=6)
+        send = gr.Button("Send", variant="primary", scale=1)
+        stop = gr.Button("Stop", scale=1)
+    stats = gr.Markdown("")
+    with gr.Accordion("Sampling", open=False):
+        with gr.Row():
+            max_new_tokens = gr.Slider(1, 1024, value=100, step=1, label="max new tokens")
+            temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.01, label="top-p")
+            top_k = gr.Number(0, precision=0, label="top-k (0 = off)")
+            seed = gr.Number(-1, precision=0, label="seed (-1 = random)")
+    clear = gr.Button("Clear chat")
+
+    def respond(history, text, n, temp, p, k, s):
+        history = normalise_history(history)
+        try:
+            settings = chat_settings(n, temp, p, k, s)
+            updates = session.chat(history, text, settings)
+            turn = history + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+            for update in updates:
+                turn[-1]["content"] = update.reply
+                line = (f"{update.num_tokens} tokens, {update.decode_tok_s:.1f} tok/s decode, "
+                        f"{update.elapsed_s:.2f} s")
+                if update.finish_reason:
+                    line += f" · finished: {update.finish_reason}"
+                yield turn, "", line
+        except Exception as exc:  # noqa: BLE001 - shown under the chat; history and model are kept
+            yield history, text, f"**Error:** {describe(exc)}"
+
+    inputs = [chatbot, message, max_new_tokens, temperature, top_p, top_k, seed]
+    outputs = [chatbot, message, stats]
+    sent = send.click(respond, inputs, outputs, concurrency_id=GPU_QUEUE, concurrency_limit=1, api_name="chat")
+    submitted = message.submit(respond, inputs, outputs, concurrency_id=GPU_QUEUE, concurrency_limit=1,
+                               api_name=False)
+    stop.click(lambda: "Stopped.", None, stats, cancels=[sent, submitted], api_name="stop", queue=False)
+    clear.click(lambda: ([], ""), None, [chatbot, stats], api_name=False, queue=False)

@@ -1,0 +1,18 @@
+"""How a panel shows a failure: one line naming the problem and the fix; the app keeps running."""
+
+from __future__ import annotations
+
+import traceback
+
+from engine.errors import KVLabError
+
+GPU_QUEUE = "gpu"  # every handler that runs the model shares this queue: one job at a time
+
+
+def describe(exc: BaseException) -> str:
+    """A message for the UI. KV Lab's own errors already name the fix; anything else is a bug to report."""
+    if isinstance(exc, KVLabError):
+        return str(exc)
+    traceback.print_exception(exc)
+    return (f"Unexpected {type(exc).__name__}: {exc}. The loaded model is kept; if this repeats, "
+            "report it with the terminal's log.")

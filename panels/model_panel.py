@@ -1,0 +1,60 @@
+"""Model panel: load the demo model, a synthetic preset, a local directory or a cached hub id; show its card."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from engine.presets import PRESETS
+from engine.session import LabSession
+from panels.errors import GPU_QUEUE, describe
+
+SOURCES = ["demo", *(f"synthetic:{name}" for name in PRESETS)]
+
+
+def card_markdown(card: dict | None) -> str:
+    if not card:
+        return "_No model loaded._"
+    ratio = card["act_to_kv_ratio"]
+    gqa = (f"activations are {ratio:.1f}x the KV: recomputing KV from activations cannot save PCIe bytes"
+           if ratio >= 1 else f"activations are {ratio:.2f}x the KV: recomputation can save PCIe bytes")
+    rows = [
+        ("model", f"{card['name']} (`{card['source']}`)"),
+        ("architecture", f"{card['model_type']} ({card['family']} family), {card['num_layers']} layers, hidden "
+                         f"{card['hidden_size']}, {card['num_heads']} query / {card['num_kv_heads']} KV heads of {card['head_dim']}"),
+        ("parameters", f"{card['num_params'] / 1e6:,.1f} M ({card['weight_bytes'] / 2**30:.2f} GiB in {card['dtype']})"),
+        ("device", card["device"]),
+        ("KV bytes per token", f"{card['kv_bytes_per_token']:,} B (all layers)"),
+        ("activation / KV size", gqa),
+        ("context", f"{card['max_positions']:,} positions"),
+        ("tokenizer", card["tokenizer"]),
+        ("loaded in", f"{card['load_s']:.2f} s"),
+    ]
+    notes = "".join(f"\n- {n}" for n in card.get("notes", []))
+    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]) + notes
+
+
+def build(session: LabSession) -> dict:
+    """The Model tab. Returns the components other panels may listen to."""
+    with gr.Row():
+        source = gr.Dropdown(SOURCES, value=session.model.source if session.model else "demo", label="Model",
+                             allow_custom_value=True, scale=3,
+                             info="demo, synthetic:<preset>, a local Hugging Face directory, or a cached hub id")
+        device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device", scale=1)
+        dtype = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value="auto", label="dtype", scale=1)
+    load = gr.Button("Load model", variant="primary")
+    status = gr.Markdown("")
+    card = gr.Markdown(card_markdown(session.model.card() if session.model else None))
+
+    def on_load(source_value, device_value, dtype_value, progress=gr.Progress()):
+        progress(0.1, desc=f"Loading {source_value} ...")
+        try:
+            loaded = session.load(source_value or "", device=None if device_value == "auto" else device_value,
+                                  dtype=None if dtype_value == "auto" else dtype_value)
+        except Exception as exc:  # noqa: BLE001 - shown in the UI; the previous model stays loaded
+            kept = f" The loaded model ({session.model.name}) is kept." if session.model else ""
+            return f"**Could not load:** {describe(exc)}{kept}", card_markdown(session.model.card() if session.model else None)
+        return f"Loaded **{loaded['name']}** in {loaded['load_s']:.2f} s.", card_markdown(loaded)
+
+    load.click(on_load, [source, device, dtype], [status, card], concurrency_id=GPU_QUEUE, concurrency_limit=1,
+               api_name="load_model")
+    return {"card": card, "status": status}

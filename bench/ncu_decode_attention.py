@@ -26,15 +26,19 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.report import command_line  # noqa: E402
 SHAPES = [(1, 32, 8, 32768), (32, 32, 32, 4096)]  # (B, Hq, Hkv, S), D = 128, bf16
 HEAD_DIM = 128
 WARMUP_CALLS = 2
 REQUIRED = ["gpu__time_duration.sum", "dram__bytes_read.sum", "lts__t_sector_hit_rate.pct",
             "lts__t_sectors_srcunit_tex_op_read.sum", "lts__t_sectors_srcunit_tex_op_read_lookup_hit.sum",
             "lts__t_sectors_srcunit_ltcfabric_op_read_lookup_hit.sum"]
-# Long-scoreboard stalls: the first name that this ncu knows is used. ncu 2025 answers the second (a base
-# name) with .pct/.ratio/.max_rate sub-metrics; .ratio is the one read.
-STALL_CANDIDATES = ["smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct",
+# Long-scoreboard stalls: the first name that this ncu knows is used. The first is what ncu's Warp State
+# section shows (cycles a warp waits on global memory per issued instruction); the last is a fallback that
+# ncu 2025 answers as a base name with .pct/.ratio/.max_rate sub-metrics (.ratio read: cycles per warp).
+STALL_CANDIDATES = ["smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
+                    "smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct",
                     "smsp__average_warp_latency_issue_stalled_long_scoreboard"]
 OPTIONAL = ["sm__warps_active.avg.pct_of_peak_sustained_active", "launch__grid_size"]
 _UNIT_SCALE = {"nsecond": 1.0, "ns": 1.0, "usecond": 1e3, "us": 1e3, "msecond": 1e6, "ms": 1e6, "second": 1e9,
@@ -96,7 +100,9 @@ def _profile(ncu: str, shape, prefetch: str, metrics: list[str]) -> tuple[dict, 
         text = (log.read_text() if log.exists() else "") + "\n" + proc.stdout
         if proc.returncode != 0 or '"Metric Name"' not in text:
             raise RuntimeError(f"ncu failed (rc {proc.returncode}): {(text + proc.stderr)[-3000:]}")
-        return _parse_csv(text), shlex.join(cmd[:-6] + ["<this script> --worker ..."])
+        # Recorded without this machine's paths (temporary log, interpreter).
+        shown = ["ncu", *cmd[1:-8], "<log>", "python", "bench/ncu_decode_attention.py --worker ..."]
+        return _parse_csv(text), shlex.join(shown)
 
 
 def _measure(ncu: str, shape, prefetch: str, cache: dict) -> dict:
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "raw"}), flush=True)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = "python bench/ncu_decode_attention.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line(argv, program="python bench/ncu_decode_attention.py")
     payload = {"device": _device(), "date": date, "command": command, "ncu": ncu, "rows": rows,
                "l2_served_formula": "(lts__t_sectors_srcunit_tex_op_read_lookup_hit.sum + "
                                     "lts__t_sectors_srcunit_ltcfabric_op_read_lookup_hit.sum) / lts__t_sectors_srcunit_tex_op_read.sum"}

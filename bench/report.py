@@ -114,7 +114,7 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def command_line(argv: list[str] | None = None) -> str:
+def command_line(argv: list[str] | None = None, *, program: str = "python -m bench") -> str:
     """The command that reproduces a run; where its files went (--results-dir) is left out."""
     args, kept = list(sys.argv[1:] if argv is None else argv), []
     while args:
@@ -123,7 +123,7 @@ def command_line(argv: list[str] | None = None) -> str:
             args = args[1:]
         elif not arg.startswith("--results-dir="):
             kept.append(arg)
-    return " ".join(["python -m bench", *(shlex.quote(a) for a in kept)])
+    return " ".join([program, *(shlex.quote(a) for a in kept)])
 
 
 def write_results(result: SuiteResult, *, results_dir: Path = RESULTS_DIR, command: str | None = None) -> dict:

@@ -6,15 +6,15 @@
 """
 
 from engine.adapters import SUPPORTED_MODEL_TYPES, ModelSpec
-from engine.errors import (InvalidSettingsError, KVLabError, ModelLoadError, OutOfMemoryError, PromptTooLongError,
-                           UnsupportedArchitectureError)
+from engine.errors import (CompileError, InvalidSettingsError, KVLabError, ModelLoadError, OutOfMemoryError,
+                           PromptTooLongError, UnsupportedArchitectureError)
 from engine.generator import GenerationResult, Generator, StepEvent
 from engine.loader import LoadedModel, load_model
 from engine.presets import PRESETS, TINY_PRESETS
 from engine.settings import GenerationSettings, SamplingSettings
 
 __all__ = [
-    "PRESETS", "SUPPORTED_MODEL_TYPES", "TINY_PRESETS", "GenerationResult", "GenerationSettings", "Generator",
-    "InvalidSettingsError", "KVLabError", "LoadedModel", "ModelLoadError", "ModelSpec", "OutOfMemoryError",
+    "PRESETS", "SUPPORTED_MODEL_TYPES", "TINY_PRESETS", "CompileError", "GenerationResult", "GenerationSettings",
+    "Generator", "InvalidSettingsError", "KVLabError", "LoadedModel", "ModelLoadError", "ModelSpec", "OutOfMemoryError",
     "PromptTooLongError", "SamplingSettings", "StepEvent", "UnsupportedArchitectureError", "load_model",
 ]

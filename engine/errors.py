@@ -27,3 +27,7 @@ class PromptTooLongError(KVLabError, ValueError):
 
 class OutOfMemoryError(KVLabError, MemoryError):
     """A run needed more memory than the device had; its buffers were released."""
+
+
+class CompileError(KVLabError, RuntimeError):
+    """torch.compile could not compile the decode step (settings.compile); the run's buffers were released."""

@@ -52,6 +52,16 @@ def decode_step(adapter: DecoderAdapter, cache: KVCache, token_ids: torch.Tensor
 
     Attention reads the first `kv_len` cache slots of each sequence, masked to its own length.
     """
+    return decode_step_traceable(adapter, cache, token_ids, positions, kv_len=kv_len, attend=attend)
+
+
+def decode_step_traceable(adapter: DecoderAdapter, cache: KVCache, token_ids: torch.Tensor, positions: torch.Tensor,
+                          *, kv_len: int, attend: DecodeAttention = decode_attention_torch) -> torch.Tensor:
+    """`decode_step` without its inference_mode: what torch.compile traces (engine/compiled_decode.py).
+
+    AOTAutograd cannot trace an inference_mode region ("Cannot set version_counter for inference
+    tensor"), so the compiled step runs this under no_grad instead.
+    """
     spec = adapter.spec
     ids, pos = token_ids[:, None], positions[:, None]
     seq_lens = positions + 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import time
+import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -16,11 +18,14 @@ import torch
 
 from engine import forward
 from engine.decode_backend import choose_decode_attention
-from engine.errors import InvalidSettingsError, OutOfMemoryError, PromptTooLongError
+from engine.errors import CompileError, InvalidSettingsError, OutOfMemoryError, PromptTooLongError
 from engine.kv_cache import KVCache
 from engine.loader import LoadedModel
 from engine.sampling import make_generator, sample
 from engine.settings import GenerationSettings
+
+# Compiled decode steps a Generator keeps (one per attention function and cache shape), most recent last.
+MAX_COMPILED_STEPS = 4
 
 
 @dataclass
@@ -95,6 +100,9 @@ class Generator:
         self.model = model
         self.attend = attend  # None: chosen per run from the settings (engine/decode_backend.py)
         self.attention_why = ""
+        # settings.compile: compiled steps kept across runs, so repeated runs of one shape compile once.
+        self._compiled: OrderedDict[tuple, object] = OrderedDict()
+        self.compile_why = ""  # what the last run did about compiling, for benches and the UI
 
     def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
@@ -109,7 +117,8 @@ class Generator:
                 if not prompt:
                     raise InvalidSettingsError(f"prompt {n} is empty: give at least one character of text.")
                 tokens = self.model.tokenizer.encode(prompt)
-            elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)) and \
+                    all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 tokens = list(prompt)
                 bad = [t for t in tokens if not 0 <= t < vocab]
                 if bad:
@@ -117,7 +126,9 @@ class Generator:
                                                f"use ids of this model's {vocab}-token vocabulary, or pass text.")
             else:
                 got = type(prompt).__name__
-                if isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)):
+                if isinstance(prompt, (bytes, bytearray)):
+                    got = "bytes (decode them to text first)"
+                elif isinstance(prompt, Sequence):
                     odd = next(t for t in prompt if not isinstance(t, int) or isinstance(t, bool))
                     got = f"a {got} holding {odd!r} ({type(odd).__name__})"
                 raise InvalidSettingsError(f"prompt {n} must be a string or a list of token ids, got {got}: "
@@ -171,6 +182,14 @@ class Generator:
         try:
             yield from self._run(prompt_ids, settings, stream_text=stream_text, keep_logits=keep_logits)
         except torch.OutOfMemoryError as exc:
+            # The traceback holds _run's frames and so its KV cache: drop it before freeing memory.
+            detail = str(exc).splitlines()[0][:200]
+            exc.__traceback__ = None
+            del exc
+            out_of_memory = True
+        else:
+            out_of_memory = False
+        if out_of_memory:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -179,7 +198,51 @@ class Generator:
             raise OutOfMemoryError(
                 f"Out of memory on {model.device} for batch {batch}, prompts up to {longest} tokens and "
                 f"{new_tokens} new tokens (KV cache {need / 2**30:.2f} GiB): lower the batch, the prompt "
-                "length or max_new_tokens. The memory of this run was released.") from exc
+                f"length or max_new_tokens. The memory of this run was released. ({detail})")
+
+    def _decoder(self, settings: GenerationSettings, attend: forward.DecodeAttention, cache: KVCache, *,
+                 use_graph: bool):
+        """-> (step(ids, pos, kv_len) -> logits, a GraphedDecode of it or None)."""
+        adapter, device = self.model.adapter, self.model.device
+        batch, max_tokens = cache.k.shape[1], cache.max_tokens
+        compiled = self._compiled_step(attend, cache) if settings.compile and settings.max_new_tokens > 1 else None
+        if compiled is None:
+            self.compile_why = "one new token: no decode step to compile" if settings.compile else "off"
+
+        def step(ids: torch.Tensor, pos: torch.Tensor, kv_len: int = max_tokens) -> torch.Tensor:
+            if compiled is not None:  # reads all max_tokens slots (masked), so its shapes never change per step
+                return compiled(cache, ids, pos)
+            return forward.decode_step(adapter, cache, ids, pos, kv_len=kv_len, attend=attend)
+
+        if not use_graph:
+            return step, None
+        try:
+            return step, forward.GraphedDecode(step, batch=batch, device=device, scratch_position=max_tokens - 1)
+        except RuntimeError as exc:
+            if compiled is None or isinstance(exc, (CompileError, torch.OutOfMemoryError)):
+                raise
+            failure = f"{type(exc).__name__}: {str(exc)[:300]}"
+        raise CompileError(f"The compiled decode step could not be captured in a CUDA graph ({failure}): "
+                           "set compile=False, or cuda_graph=False to run it compiled without a graph.")
+
+    def _compiled_step(self, attend: forward.DecodeAttention, cache: KVCache):
+        """The decode step compiled for this attention and cache shape; compiles it on first use."""
+        from engine.compiled_decode import CompiledDecode  # imports torch._dynamo: only when asked for
+
+        key = (attend, tuple(cache.k.shape), cache.k.dtype, cache.k.device)
+        shape = f"batch {cache.k.shape[1]}, {cache.max_tokens} cache slots"
+        compiled = self._compiled.pop(key, None)
+        if compiled is not None:
+            self.compile_why = f"reused the decode step compiled for {shape}"
+        else:
+            compiled = CompiledDecode(self.model.adapter, attend)
+            # Compile before the first timed step; the warm-up writes a slot every sequence overwrites first.
+            seconds = compiled.warm_up(cache, scratch_position=cache.max_tokens - 1)
+            self.compile_why = f"decode step compiled by {compiled.backend} for {shape} in {seconds:.1f} s"
+        self._compiled[key] = compiled
+        while len(self._compiled) > MAX_COMPILED_STEPS:
+            self._compiled.popitem(last=False)
+        return compiled
 
     def _run(self, prompt_ids: list[list[int]], settings: GenerationSettings, *, stream_text: bool, keep_logits: bool):
         model, adapter, tok = self.model, self.model.adapter, self.model.tokenizer
@@ -205,11 +268,15 @@ class Generator:
         prefill_ms = (time.perf_counter() - start) * 1e3
 
         use_graph = device.type == "cuda" and settings.cuda_graph and new_tokens > 1
-
-        def step(ids: torch.Tensor, pos: torch.Tensor, kv_len: int = max_tokens) -> torch.Tensor:
-            return forward.decode_step(adapter, cache, ids, pos, kv_len=kv_len, attend=attend)
-
-        decode = forward.GraphedDecode(step, batch=batch, device=device, scratch_position=max_tokens - 1) if use_graph else None
+        try:
+            step, decode = self._decoder(settings, attend, cache, use_graph=use_graph)
+        except CompileError as exc:
+            # Free this run's memory before the error leaves: the failed call's finished frames (kept by the
+            # traceback) and this frame still reference the cache.
+            traceback.clear_frames(exc.__traceback__)
+            del cache
+            _release_memory(device)
+            raise
         pinned = device.type == "cuda"
         host = [torch.empty(batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         finished, reasons = [False] * batch, [None] * batch
@@ -259,3 +326,9 @@ class Generator:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         del cache, decode
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

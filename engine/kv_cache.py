@@ -20,6 +20,18 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_tokens = max_tokens
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """A cache view over existing (L, B, Hkv, S, D) tensors, allocating nothing.
+
+        The compiled decode step takes the tensors as arguments and rebuilds its cache from them: dynamo
+        then guards on their shapes, not on a cache object's identity, so a new cache of the same shape
+        reuses the compiled code.
+        """
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_tokens = k, v, k.shape[3]
+        return cache
+
     @staticmethod
     def bytes_needed(spec: ModelSpec, *, batch: int, max_tokens: int, dtype_bytes: int) -> int:
         return 2 * spec.num_layers * batch * spec.num_kv_heads * max_tokens * spec.head_dim * dtype_bytes
@@ -41,7 +53,22 @@ class KVCache:
 
     def write_at(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v (B, 1, Hkv, D) written at each sequence's own position (B,). Graph-capturable."""
+        if torch.compiler.is_compiling():
+            self._index_write_at(layer, k, v, positions)
+            return
         batch, _, heads, dim = k.shape
         index = positions.view(batch, 1, 1, 1).expand(batch, heads, 1, dim)
         self.k[layer].scatter_(2, index, k.transpose(1, 2))
         self.v[layer].scatter_(2, index, v.transpose(1, 2))
+
+    def _index_write_at(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """write_at as one index_put_ on the whole cache tensor: what torch.compile traces.
+
+        A scatter_ into the view self.k[layer] makes inductor materialise a copy of every layer's cache and
+        copy it all back at the end of the step (2-3x the KV bytes per step); an index_put_ on the graph
+        input itself is done in place. Eager keeps scatter_ (no index tensors to build per layer).
+        """
+        layers = torch.full_like(positions, layer)
+        rows = torch.arange(k.shape[0], device=positions.device)
+        self.k[layers, rows, :, positions] = k[:, 0]  # (B, Hkv, D) at [layer, b, :, positions[b]]
+        self.v[layers, rows, :, positions] = v[:, 0]

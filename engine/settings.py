@@ -65,6 +65,10 @@ class GenerationSettings:
     # "torch" the SDPA reference; "auto" takes the kernel on a GPU and torch on the CPU.
     attention: str = "auto"
     kernel: DecodeAttentionConfig = field(default_factory=DecodeAttentionConfig)
+    # Run the decode step through torch.compile (inductor) so its small elementwise ops fuse; the CUDA
+    # graph still captures it. Opt-in: the first run per batch and cache length compiles for tens of
+    # seconds (minutes for a 7B model), which only pays off over many steps (benchmarks, long runs).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, low=1, high=1_000_000)
@@ -78,5 +82,6 @@ class GenerationSettings:
             raise InvalidSettingsError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}.")
         if not isinstance(self.kernel, DecodeAttentionConfig):
             raise InvalidSettingsError("kernel must be a kernels.config.DecodeAttentionConfig instance.")
-        if not isinstance(self.cuda_graph, bool) or not isinstance(self.ignore_eos, bool):
-            raise InvalidSettingsError("cuda_graph and ignore_eos must be True or False.")
+        for name in ("cuda_graph", "ignore_eos", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidSettingsError(f"{name} must be True or False, got {getattr(self, name)!r}.")

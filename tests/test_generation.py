@@ -463,3 +463,36 @@ def test_kv_cache_is_preallocated_once_and_never_concatenated(tiny, monkeypatch)
     assert not [n for n in joined if n >= per_layer_k], f"cache-sized concatenations in decode: {joined}"
     # The run was the ordinary one, not a degenerate path.
     assert result.token_ids == Generator(tiny).generate(prompts, settings).token_ids
+
+
+def test_out_of_memory_frees_the_run_and_the_next_run_works(monkeypatch):
+    """An OOM mid-run becomes OutOfMemoryError, the run's KV cache is really freed, and the next run works."""
+    import gc
+    import weakref
+
+    import engine.generator as generator_module
+    from engine import OutOfMemoryError
+    from engine import forward as forward_module
+
+    model = load_model("synthetic:tiny-llama", device="cpu")
+    caches = []
+    real_cache = generator_module.KVCache
+
+    class TrackedCache(real_cache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(weakref.ref(self.k))
+
+    def failing_decode(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(generator_module, "KVCache", TrackedCache)
+    monkeypatch.setattr(forward_module, "decode_step", failing_decode)
+    with pytest.raises(OutOfMemoryError, match="lower the batch") as info:
+        Generator(model).generate([[5, 6, 7]], GenerationSettings(max_new_tokens=4))
+    assert "Tried to allocate" in str(info.value)
+    del info
+    gc.collect()
+    assert caches and all(ref() is None for ref in caches), "the failed run's KV cache is still referenced"
+    monkeypatch.undo()
+    assert len(Generator(model).generate([[5, 6, 7]], GenerationSettings(max_new_tokens=4)).token_ids[0]) == 4

@@ -16,6 +16,7 @@ import torch
 from bench.report import Headline, Row, SuiteResult
 from bench.timing import device_copy_gb_s
 from engine import GenerationSettings, Generator, load_model
+from engine.errors import CompileError
 from engine.hf_reference import hf_greedy, rel_err
 
 
@@ -45,15 +46,28 @@ def _timed(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _step_ms(run, new_tokens: int, repeat: int) -> tuple[float, list[float]]:
+def _step_ms(run, new_tokens: int, repeat: int, *, warmup_tokens: int = 2) -> tuple[float, list[float]]:
     """Median over repeats of (t(N tokens) - t(1 token)) / (N - 1); run(n) generates n tokens."""
-    run(2)  # warm-up: allocator, cuBLAS handles, graph capture paths
+    run(warmup_tokens)  # warm-up: allocator, cuBLAS handles, graph capture paths (and compiling, when asked)
     samples = []
     for _ in range(repeat):
         full = _timed(lambda: run(new_tokens))
         first = _timed(lambda: run(1))
         samples.append((full - first) / (new_tokens - 1))
     return statistics.median(samples), samples
+
+
+def _compiled_vs_eager(ours, new_tokens: int) -> dict:
+    """Greedy tokens and logits of the compiled step against the eager one, up to each first divergence."""
+    eager, compiled = ours(new_tokens, keep_logits=True), ours(new_tokens, compile=True, keep_logits=True)
+    errors, matches = [], 0
+    for b, (x, y) in enumerate(zip(compiled.token_ids, eager.token_ids)):
+        diverge = _divergence(x, y)
+        matches += diverge == len(y)
+        errors += [rel_err(compiled.logits[s][b], eager.logits[s][b]) for s in range(min(diverge + 1, len(y)))]
+    return {"match_fraction": matches / len(eager.token_ids), "max_logits_rel_err": max(errors),
+            "median_logits_rel_err": statistics.median(errors),
+            "internal_step_ms_median": statistics.median(compiled.step_ms)}
 
 
 def _divergence(a: list[int], b: list[int]) -> int:
@@ -145,9 +159,10 @@ def run(args) -> SuiteResult:
     prompt_lists = prompts.tolist()
     engine = Generator(model)
 
-    def ours(n: int, graph: bool = True, attention: str = "auto"):
-        settings = GenerationSettings(max_new_tokens=n, ignore_eos=True, cuda_graph=graph, attention=attention)
-        return engine.generate(prompt_lists, settings)
+    def ours(n: int, graph: bool = True, attention: str = "auto", compile: bool = False, keep_logits: bool = False):
+        settings = GenerationSettings(max_new_tokens=n, ignore_eos=True, cuda_graph=graph, attention=attention,
+                                      compile=compile)
+        return engine.generate(prompt_lists, settings, keep_logits=keep_logits)
 
     # Bytes one decode step must read: every weight except the embedding table (only B rows of it are
     # gathered), plus each sequence's K/V at the step's mean length.
@@ -168,10 +183,36 @@ def run(args) -> SuiteResult:
         variants["torch attention"] = dict(attention="torch")
         variants["triton attention"] = dict(attention="triton")
     variants["auto, eager (no graph)"] = dict(attention="auto", graph=False)
+    # torch.compile'd step (inductor), captured by our CUDA graph. Compiling is per (batch, cache length):
+    # warm up with the timed length so the compile (tens of seconds) happens once, outside the samples;
+    # run(1) never compiles (no decode step).
+    variants["compiled"] = dict(attention="auto", compile=True)
     ours_ms: dict[str, float] = {}
+    compile_log: list[str] = []  # what each compiled run with a decode step did: compiled, or reused
+
+    def run_variant(n: int, kw: dict) -> None:
+        ours(n, **kw)
+        if kw.get("compile") and n > 1:
+            compile_log.append(engine.compile_why)
+
     for name, kwargs in variants.items():
-        ours_ms[name], details[f"ours_{name}_samples_ms"] = _step_ms(lambda n, kw=kwargs: ours(n, **kw),
-                                                                    args.new_tokens, args.repeat)
+        warmup = args.new_tokens if kwargs.get("compile") else 2
+        try:
+            ours_ms[name], details[f"ours_{name}_samples_ms"] = _step_ms(lambda n, kw=kwargs: run_variant(n, kw),
+                                                                        args.new_tokens, args.repeat,
+                                                                        warmup_tokens=warmup)
+        except CompileError as exc:  # a compile that fails here is reported, not fatal to the other rows
+            notes.append(f"variant '{name}' did not run: {exc}")
+    if compile_log:
+        details["compile_log"] = compile_log
+        reused = sum(why.startswith("reused") for why in compile_log[1:])
+        notes.append(f"compiled variant: {compile_log[0]}; {reused} of {len(compile_log) - 1} timed runs reused it")
+    if "compiled" in ours_ms:
+        details["compiled_vs_auto"] = _compiled_vs_eager(ours, args.new_tokens)
+        c = details["compiled_vs_auto"]
+        notes.append(f"compiled vs auto (same prompts, {args.new_tokens} greedy tokens): {c['match_fraction']:.0%} of "
+                     f"sequences token-identical; logits rel. error median {c['median_logits_rel_err']:.2e}, "
+                     f"max {c['max_logits_rel_err']:.2e} (fused kernels round differently from eager)")
     internal = ours(args.new_tokens)
     details["ours_internal_step_ms_median"] = statistics.median(internal.step_ms)
     details["ours_prefill_ms"] = internal.prefill_ms

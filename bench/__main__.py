@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from bench import suites
-from bench.report import RESULTS_DIR, write_results
+from bench.report import RESULTS_DIR, command_line, write_results
 
 
 def available_suites() -> list[str]:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     result = module.run(args)
-    write_results(result, results_dir=args.results_dir)
+    write_results(result, results_dir=args.results_dir, command=command_line(argv))
     return 0
 
 

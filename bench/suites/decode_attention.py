@@ -149,6 +149,12 @@ def _sweep(shape, sets, num_sets, repeat, num_sms) -> dict[str, float | str]:
         plans[f"auto-splits ({base.num_splits}) stages={stages}"] = dataclasses.replace(base, num_stages=stages)
     for block_n in (32, 64, 128):
         plans[f"block_n={block_n}"] = plan_for(prefetch="off", block_n=block_n)
+    # More warps or deeper pipelines keep more bytes in flight per SM: what an under-occupied grid lacks.
+    for block_n in (64, 128):
+        for warps in (4, 8):
+            for stages in (2, 3, 4):
+                plan = dataclasses.replace(plan_for(prefetch="off", block_n=block_n), num_warps=warps, num_stages=stages)
+                plans[f"block_n={block_n} warps={warps} stages={stages} splits={plan.num_splits}"] = plan
     results: dict[str, float | str] = {}
     for name, plan in plans.items():
         try:

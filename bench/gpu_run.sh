@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU runs behind bench/results/: `bash bench/gpu_run.sh OUT_DIR` (about 12 minutes on an H100).
+# Each step is bounded so one failure leaves the others' results; logs go beside the results.
+set -u
+out=${1:?usage: bash bench/gpu_run.sh OUT_DIR}
+mkdir -p "$out"
+[ -f bench/results/summary.json ] && cp bench/results/summary.json "$out/summary.json"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1 || echo "$name: exit $? (see $out/$name.log)"
+}
+# Engine vs transformers (dynamic cache), GPU exactness on random 7B weights and on the trained demo model.
+step decode 420 python3 -m bench decode --exact-models demo --repeat 5 --results-dir "$out"
+# transformers' static cache (it compiles its forward) beside our compiled step.
+step decode_static 330 python3 -m bench decode --ours auto,compiled --peers static --tag static --exact-seqs 0 \
+  --repeat 3 --results-dir "$out"
+step decode_attention 240 python3 -m bench decode_attention --repeat 11 --results-dir "$out"
+step ncu 240 python3 bench/ncu_decode_attention.py --results-dir "$out"
+step demo_chat 90 python3 -m bench demo_chat --results-dir "$out"
+step profile 120 python3 bench/profile_decode.py

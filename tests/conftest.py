@@ -11,3 +11,25 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # Triton kernels run on the CPU through the interpreter. triton.jit reads this when a kernel module is
 # first imported, so it is set before any test imports triton (the engine imports it lazily).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a shared, busy CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny Llama preset on the CPU in fp32 (the default CPU dtype)."""
+    from engine import load_model
+
+    return load_model("synthetic:tiny-llama", device="cpu", dtype="float32")

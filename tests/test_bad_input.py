@@ -20,19 +20,7 @@ from engine import (PRESETS, SUPPORTED_MODEL_TYPES, GenerationSettings, Generato
 GOOD_PROMPTS = [[5, 80, 17, 200], [9, 9]]
 GOOD_SETTINGS = GenerationSettings(max_new_tokens=4, ignore_eos=True)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("synthetic:tiny-llama", device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

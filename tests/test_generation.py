@@ -18,19 +18,7 @@ from engine.sampling import make_generator, sample
 
 GREEDY = GenerationSettings(max_new_tokens=10, ignore_eos=True)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("synthetic:tiny-llama", device="cpu", dtype="float32")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -190,9 +190,7 @@ class Generator:
         else:
             out_of_memory = False
         if out_of_memory:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _release_memory(model.device)
             need = KVCache.bytes_needed(spec, batch=batch, max_tokens=longest + new_tokens,
                                         dtype_bytes=model.dtype.itemsize)
             raise OutOfMemoryError(

@@ -43,3 +43,21 @@ def test_sliding_window_really_cuts():
     finally:
         object.__setattr__(model.adapter.spec, "sliding_window", 24)
     assert rel_err(windowed, full) > 1e-3
+
+
+def test_hub_id_loads_from_the_local_cache_offline(tmp_path, monkeypatch):
+    """A hub id found in the local Hugging Face cache loads with no network (HF_HUB_OFFLINE=1)."""
+    import huggingface_hub.constants as hub_constants
+
+    source = load_model("synthetic:tiny-qwen2", device="cpu")
+    snapshot = tmp_path / "models--kvlab-test--tiny-qwen2" / "snapshots" / ("0" * 40)
+    source.hf_model.save_pretrained(snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load_model("kvlab-test/tiny-qwen2", device="cpu")
+    assert loaded.source == "kvlab-test/tiny-qwen2" and loaded.spec.qkv_bias
+    prompts = _prompts(loaded.spec.vocab_size, [9, 4], seed=5)
+    settings = GenerationSettings(max_new_tokens=6, ignore_eos=True)
+    assert Generator(loaded).generate(prompts, settings).token_ids == Generator(source).generate(prompts, settings).token_ids

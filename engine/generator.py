@@ -21,6 +21,7 @@ from engine.decode_backend import choose_decode_attention
 from engine.errors import CompileError, InvalidSettingsError, OutOfMemoryError, PromptTooLongError
 from engine.kv_cache import KVCache
 from engine.loader import LoadedModel
+from engine.memory import check_fits
 from engine.sampling import make_generator, sample
 from engine.settings import GenerationSettings
 
@@ -251,6 +252,9 @@ class Generator:
         spec = adapter.spec
         attend, self.attention_why = (self.attend, "given by the caller") if self.attend is not None else \
             choose_decode_attention(settings, device=device, head_dim=spec.head_dim, sliding_window=spec.sliding_window)
+        check_fits(KVCache.bytes_needed(spec, batch=batch, max_tokens=max_tokens, dtype_bytes=model.dtype.itemsize),
+                   device, what=f"the KV cache for batch {batch} x {max_tokens} tokens",
+                   fix="lower the batch, the prompt length or max_new_tokens.")
         start = time.perf_counter()
         cache = KVCache(spec, batch=batch, max_tokens=max_tokens, dtype=model.dtype, device=device)
         padded = torch.full((batch, longest), tok.pad_token_id, dtype=torch.long)

@@ -7,6 +7,7 @@ and the model's shape facts) or raises a `ModelLoadError` whose message names th
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -18,6 +19,7 @@ import torch
 from engine import presets
 from engine.adapters import DecoderAdapter, ModelSpec, adapter_for, check_supported
 from engine.errors import InvalidSettingsError, ModelLoadError
+from engine.memory import check_fits
 from engine.tokenizer import Tokenizer, byte_tokenizer, from_hf
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
@@ -116,6 +118,9 @@ def _load_synthetic(name: str, *, device: torch.device, dtype: torch.dtype, seed
     # never pass through host memory.
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weight_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    check_fits(weight_bytes, device, what=f"synthetic:{name} in {str(dtype).removeprefix('torch.')}",
+               fix="choose a smaller preset (e.g. a tiny-* one), a 16-bit dtype, or a device with more memory.")
     model.to_empty(device=device)
     init_random_weights_(model, std=_init_std(config), seed=seed)
     model.eval()
@@ -177,8 +182,17 @@ def _load_directory(path: Path, *, device: torch.device, dtype: torch.dtype, sou
     if not weight_files:
         raise ModelLoadError(f"Directory {path} has no *.safetensors weights: KV Lab loads safetensors only "
                              "(convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True)).")
+    num_elements, stored_bytes = 0, 0
     for weight_file in weight_files:
-        _check_safetensors(weight_file)
+        elements, size = _check_safetensors(weight_file)
+        num_elements, stored_bytes = num_elements + elements, stored_bytes + size
+    fix = "choose a smaller model, a 16-bit dtype, or a device with more memory."
+    # transformers reads the weights into host memory first, then they move to the target device.
+    check_fits(stored_bytes if device.type == "cuda" else num_elements * dtype.itemsize, torch.device("cpu"),
+               what=f"reading the weights of {path.name}", fix=fix)
+    if device.type == "cuda":
+        check_fits(num_elements * dtype.itemsize, device, what=f"{path.name} in {str(dtype).removeprefix('torch.')}",
+                   fix=fix)
     from transformers import AutoModelForCausalLM
 
     try:
@@ -205,8 +219,11 @@ def _load_directory(path: Path, *, device: torch.device, dtype: torch.dtype, sou
                        device=device, dtype=dtype, load_s=0.0, notes=notes)
 
 
-def _check_safetensors(weight_file: Path) -> None:
-    """Read the header: a truncated or corrupt file fails here with a clear message, not deep in loading."""
+def _check_safetensors(weight_file: Path) -> tuple[int, int]:
+    """Read the header: a truncated or corrupt file fails here with a clear message, not deep in loading.
+
+    -> (number of elements in its tensors, bytes they take as stored).
+    """
     from safetensors import safe_open
 
     try:
@@ -227,6 +244,9 @@ def _check_safetensors(weight_file: Path) -> None:
     if 8 + header_len + end > size:
         raise ModelLoadError(f"Weight file {weight_file} is truncated ({size} bytes, header expects "
                              f"{8 + header_len + end}): re-download it.")
+    tensors = [v for k, v in header.items() if k != "__metadata__"]
+    num_elements = sum(math.prod(v["shape"]) for v in tensors)
+    return num_elements, sum(v["data_offsets"][1] - v["data_offsets"][0] for v in tensors)
 
 
 def _hub_snapshot(repo_id: str) -> Path:

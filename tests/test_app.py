@@ -103,3 +103,16 @@ def test_non_loopback_needs_auth():
     defaults = lab_app.launch_kwargs(argparse.Namespace(host="127.0.0.1", port=None, auth=None))
     assert defaults["share"] is False and defaults["run_history"] is False and defaults["enable_monitoring"] is False
     assert lab_app.is_loopback("::1") and lab_app.is_loopback("127.0.0.5") and not lab_app.is_loopback("0.0.0.0")
+
+
+def test_a_model_too_big_for_memory_is_refused_and_the_loaded_one_kept(client, monkeypatch):
+    import engine.memory
+
+    api, session = client
+    before = session.model.source
+    monkeypatch.setattr(engine.memory, "available_bytes", lambda device: 1 << 10)
+    status, card = api.predict("synthetic:tiny-opt", "cpu", "float32", api_name="/load_model")
+    assert "Could not load" in status and "GiB of host memory" in status and "kept" in status
+    assert session.model.source == before
+    monkeypatch.undo()
+    assert "tok/s" in _chat(api, "Still there?", n=5)[2]

@@ -19,4 +19,5 @@ step decode_static 330 python3 -m bench decode --ours auto,compiled --peers stat
 step decode_attention 240 python3 -m bench decode_attention --repeat 11 --results-dir "$out"
 step ncu 240 python3 bench/ncu_decode_attention.py --results-dir "$out"
 step demo_chat 90 python3 -m bench demo_chat --results-dir "$out"
+step gpu_oom 120 python3 -m bench gpu_oom --results-dir "$out"
 step profile 120 python3 bench/profile_decode.py

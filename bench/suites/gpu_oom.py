@@ -1,0 +1,77 @@
+"""Out of memory on the GPU, for real: the run fails with a message, its memory is released, the next run works.
+
+Two ways a run can be too big: a KV cache the memory check refuses before allocating, and a prefill whose
+activations run out of memory inside torch (the check cannot see those). For each, the allocated GPU memory
+before the run and after the error is recorded, then a normal run must succeed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bench.report import Headline, Row, SuiteResult
+from engine import GenerationSettings, Generator, KVLabError, OutOfMemoryError, load_model
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="synthetic:llama-2-7b")
+
+
+def _attempt(engine: Generator, prompts, settings) -> dict:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    try:
+        engine.generate(prompts, settings)
+        outcome, message = "ran", ""
+    except OutOfMemoryError as exc:
+        outcome, message = "OutOfMemoryError", str(exc)
+    except KVLabError as exc:
+        outcome, message = type(exc).__name__, str(exc)
+    torch.cuda.synchronize()
+    return {"outcome": outcome, "message": message, "allocated_before_gib": before / 2**30,
+            "allocated_after_gib": torch.cuda.memory_allocated() / 2**30, "seconds": time.perf_counter() - start}
+
+
+def run(args) -> SuiteResult:
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_oom needs a CUDA GPU")
+    model = load_model(args.model, device="cuda", dtype="bfloat16")
+    engine = Generator(model)
+    free, total = torch.cuda.mem_get_info()
+    kv_per_token = model.spec.kv_bytes_per_token
+    # (1) a KV cache about twice the free memory, inside the model's context: refused before allocating
+    tokens = min(4000, model.spec.max_positions)
+    big_batch = int(2 * free / (kv_per_token * tokens)) + 1
+    cases = {f"KV cache of {big_batch} x {tokens} tokens, ~2x free memory (refused before allocating)":
+             ([[7] * 100] * big_batch, GenerationSettings(max_new_tokens=tokens - 100, ignore_eos=True))}
+    # (2) a prefill that runs out of memory inside torch: a ballast tensor (standing for other work on the GPU)
+    # leaves just enough for the KV cache to pass the check, not for the prefill's activations beside it.
+    batch, prompt_len = 8, 4000
+    kv_bytes = batch * (prompt_len + 2) * kv_per_token
+    cases[f"prefill of {batch} x {prompt_len} tokens beside a ballast (out of memory inside torch)"] = (
+        [[7] * prompt_len] * batch, GenerationSettings(max_new_tokens=2, ignore_eos=True))
+    rows, details, notes = [], {"free_gib_at_start": free / 2**30, "total_gib": total / 2**30}, []
+    for name, (prompts, settings) in cases.items():
+        ballast = None
+        if "ballast" in name:
+            leave = int(kv_bytes / 0.9) + (512 << 20)
+            ballast = torch.empty(torch.cuda.mem_get_info()[0] - leave, dtype=torch.uint8, device="cuda")
+        result = _attempt(engine, prompts, settings)
+        del ballast
+        after_ok = _attempt(engine, [[7] * 64] * 4, GenerationSettings(max_new_tokens=16, ignore_eos=True))
+        result["next_run"] = after_ok["outcome"]
+        details[name] = result
+        leak = result["allocated_after_gib"] - result["allocated_before_gib"]
+        rows.append(Row(case=name, ms=result["seconds"] * 1e3,
+                        extra={"outcome": result["outcome"], "leak_gib": leak, "next_run": after_ok["outcome"]}))
+        notes.append(f"{name}: {result['outcome']}; allocated {result['allocated_before_gib']:.2f} GiB before, "
+                     f"{result['allocated_after_gib']:.2f} GiB after; next run: {after_ok['outcome']}; "
+                     f"message: {result['message'][:300]}")
+    worst_leak = max(d["allocated_after_gib"] - d["allocated_before_gib"] for d in details.values() if isinstance(d, dict) and "outcome" in d)
+    all_ok = all(d["next_run"] == "ran" and d["outcome"] != "ran" for d in details.values() if isinstance(d, dict) and "outcome" in d)
+    headlines = [Headline("gpu_oom_worst_leak_gib", worst_leak, "GiB still allocated after an out-of-memory run",
+                          peer="runs that recovered", peer_value=float(all_ok))]
+    return SuiteResult(suite="gpu_oom", rows=rows, headlines=headlines, notes=notes, details=details)

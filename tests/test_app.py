@@ -116,3 +116,17 @@ def test_a_model_too_big_for_memory_is_refused_and_the_loaded_one_kept(client, m
     assert session.model.source == before
     monkeypatch.undo()
     assert "tok/s" in _chat(api, "Still there?", n=5)[2]
+
+
+def test_notebook_entry_point_builds_and_serves_the_app():
+    """`lab()` (what a notebook calls) loads the model and serves the app on loopback with the safe defaults."""
+    import urllib.request
+
+    demo = lab_app.lab("synthetic:tiny-llama", inline=False, prevent_thread_lock=True, quiet=True)
+    try:
+        assert demo.local_url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(demo.local_url, timeout=30) as response:
+            assert response.status == 200 and b"KV Lab" in response.read()
+        assert demo.share is False or demo.share is None
+    finally:
+        demo.close()

@@ -33,3 +33,18 @@ def tiny():
     from engine import load_model
 
     return load_model("synthetic:tiny-llama", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def served_demo_app():
+    """The app on the demo model (CPU), served on loopback with the command line's launch defaults."""
+    import app as lab_app
+    from engine.session import LabSession
+
+    session = LabSession()
+    session.load("demo", device="cpu")
+    demo = lab_app.build_app(session)
+    options = lab_app.launch_kwargs(lab_app.parse_args([]))
+    demo.queue(default_concurrency_limit=1).launch(prevent_thread_lock=True, quiet=True, **options)
+    yield demo, session
+    demo.close()

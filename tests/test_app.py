@@ -7,21 +7,15 @@ import argparse
 import pytest
 
 import app as lab_app
-from engine.session import LabSession, normalise_history
+from engine.session import normalise_history
 
 
 @pytest.fixture(scope="module")
-def client():
+def client(served_demo_app):
     from gradio_client import Client
 
-    session = LabSession()
-    session.load("demo", device="cpu")
-    demo = lab_app.build_app(session)
-    demo.queue(default_concurrency_limit=1).launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
-                                                   **{k: v for k, v in lab_app.launch_kwargs(
-                                                       lab_app.parse_args([])).items() if k not in ("server_name",)})
-    yield Client(demo.local_url, verbose=False), session
-    demo.close()
+    demo, session = served_demo_app
+    return Client(demo.local_url, verbose=False), session
 
 
 def _chat(client, message, *, n=40, temperature=0.8, top_p=0.95, top_k=0, seed=7, history=()):

@@ -11,9 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import app as lab_app
-from engine.session import LabSession
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 # Chromium on a machine with no network: no background connections, no sandbox (root in CI).
@@ -24,14 +21,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is n
 
 
 @pytest.fixture(scope="module")
-def page_url():
-    session = LabSession()
-    session.load("demo", device="cpu")
-    demo = lab_app.build_app(session)
-    demo.queue(default_concurrency_limit=1).launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
-                                                   share=False, run_history=False, enable_monitoring=False)
-    yield demo.local_url
-    demo.close()
+def page_url(served_demo_app):
+    return served_demo_app[0].local_url
 
 
 def test_chat_in_the_browser_streams_a_reply(page_url, tmp_path):

@@ -44,15 +44,6 @@ def device_copy_gb_s(*, num_bytes: int = 2 << 30, repeat: int = 10) -> float:
     return 2 * (num_bytes // 2) / (ms * 1e-3) / 1e9
 
 
-def device_read_gb_s(*, num_bytes: int = 2 << 30, repeat: int = 10) -> float:
-    """Measured read-only streaming bandwidth (a sum over a large buffer)."""
-    src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    out = torch.empty((), dtype=torch.float32, device="cuda")
-    ms = median_ms(lambda: torch.sum(src, dtype=torch.float32, out=out), warmup=3, repeat=repeat)
-    del src
-    return num_bytes / (ms * 1e-3) / 1e9
-
-
 def l2_cache_bytes() -> int:
     """The GPU's L2 size in bytes (50 MiB on an H100 SXM); 0 without a GPU."""
     return torch.cuda.get_device_properties(0).L2_cache_size if torch.cuda.is_available() else 0
@@ -103,10 +94,7 @@ def rotating_median_ms(fn: Callable[[int], object], *, num_sets: int, warmup: in
 
 
 def streaming_read_gb_s(*, num_bytes: int = 2 << 30, repeat: int = 10) -> float:
-    """Read-only streaming bandwidth: a bf16 -> fp32 sum over a buffer far larger than L2.
-
-    (`device_read_gb_s` above passes `out=` to a full reduction, which torch 2.11 rejects.)
-    """
+    """Read-only streaming bandwidth: a bf16 -> fp32 sum over a buffer far larger than L2."""
     src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
     ms = median_ms(lambda: torch.sum(src, dtype=torch.float32), warmup=3, repeat=repeat)
     del src

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 from engine.errors import InvalidSettingsError, KVLabError
@@ -61,8 +61,6 @@ class LabSession:
         messages = [*normalise_history(history), {"role": "user", "content": message}]
         prompt = model.tokenizer.chat_prompt(messages)
         stops = tuple(dict.fromkeys((*model.chat_stop_strings, *settings.stop_strings)))
-        from dataclasses import replace
-
         settings = replace(settings, stop_strings=stops)
         with self._lock:
             start = time.perf_counter()

@@ -62,19 +62,30 @@ def _step_ms(run, new_tokens: int, repeat: int, *, warmup_tokens: int = 2) -> tu
 def _compiled_vs_eager(ours, new_tokens: int) -> dict:
     """Greedy tokens and logits of the compiled step against the eager one, up to each first divergence."""
     eager, compiled = ours(new_tokens, keep_logits=True), ours(new_tokens, compile=True, keep_logits=True)
-    errors, matches = [], 0
-    for b, (x, y) in enumerate(zip(compiled.token_ids, eager.token_ids)):
-        diverge = _divergence(x, y)
-        matches += diverge == len(y)
-        errors += [rel_err(compiled.logits[s][b], eager.logits[s][b]) for s in range(min(diverge + 1, len(y)))]
-    return {"match_fraction": matches / len(eager.token_ids), "max_logits_rel_err": max(errors),
-            "median_logits_rel_err": statistics.median(errors),
+    return {**compare_greedy(compiled.token_ids, compiled.logits, eager.token_ids, eager.logits),
             "internal_step_ms_median": statistics.median(compiled.step_ms)}
 
 
 def _divergence(a: list[int], b: list[int]) -> int:
     """Index of the first differing token (len when equal)."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+
+
+def compare_greedy(tokens: list[list[int]], logits: list[torch.Tensor], ref_tokens: list[list[int]],
+                   ref_logits: list[torch.Tensor]) -> dict:
+    """Two greedy runs of the same prompts: sequences token-identical, and logits (B, V) per step compared up
+    to and including each sequence's first differing step (same inputs until then)."""
+    num_seqs, new_tokens = len(ref_tokens), len(ref_logits)
+    matches, diverge_at, errors, first_step = 0, [], [], []
+    for b in range(num_seqs):
+        diverge = _divergence(tokens[b], ref_tokens[b])
+        matches += diverge == len(ref_tokens[b])
+        diverge_at.append(diverge)
+        first_step.append(rel_err(logits[0][b], ref_logits[0][b]))
+        errors += [rel_err(logits[step][b], ref_logits[step][b]) for step in range(min(diverge + 1, new_tokens))]
+    return {"match_fraction": matches / num_seqs, "first_divergence": diverge_at,
+            "max_logits_rel_err": max(errors), "median_logits_rel_err": statistics.median(errors),
+            "median_prefill_logits_rel_err": statistics.median(first_step)}
 
 
 def exactness(model, *, num_seqs: int, new_tokens: int, seed: int = 0, fp32_reference: bool = True,
@@ -92,26 +103,13 @@ def exactness(model, *, num_seqs: int, new_tokens: int, seed: int = 0, fp32_refe
     ours = engine.generate(prompts, GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True), keep_logits=True)
     ref_tokens, ref_logits = hf_greedy(model.hf_model, prompts, max_new_tokens=new_tokens)
 
-    def compare(tokens, logits, ref_tok, ref_log):
-        matches, diverge_at, errors, first_step = 0, [], [], []
-        for b in range(num_seqs):
-            diverge = _divergence(tokens[b], ref_tok[b])
-            matches += diverge == new_tokens
-            diverge_at.append(diverge)
-            first_step.append(rel_err(logits[0][b], ref_log[0][b]))
-            # Logits are comparable up to and including the first differing step (same inputs until then).
-            errors += [rel_err(logits[step][b], ref_log[step][b]) for step in range(min(diverge + 1, new_tokens))]
-        return {"match_fraction": matches / num_seqs, "first_divergence": diverge_at,
-                "max_logits_rel_err": max(errors), "median_logits_rel_err": statistics.median(errors),
-                "median_prefill_logits_rel_err": statistics.median(first_step)}
-
     result = {"model": model.source, "dtype": str(model.dtype), "num_seqs": num_seqs, "new_tokens": new_tokens,
               "prompt_lengths": lengths, "attention": engine.attention_why,
-              **compare(ours.token_ids, ours.logits, ref_tokens, ref_logits)}
+              **compare_greedy(ours.token_ids, ours.logits, ref_tokens, ref_logits)}
     if compiled:  # the compiled step against transformers too (fused kernels round differently)
         settings = GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True, compile=True)
         fused = engine.generate(prompts, settings, keep_logits=True)
-        result["compiled_vs_transformers"] = compare(fused.token_ids, fused.logits, ref_tokens, ref_logits)
+        result["compiled_vs_transformers"] = compare_greedy(fused.token_ids, fused.logits, ref_tokens, ref_logits)
     if fp32_reference and model.dtype != torch.float32:
         import copy
 
@@ -119,8 +117,8 @@ def exactness(model, *, num_seqs: int, new_tokens: int, seed: int = 0, fp32_refe
             reference = copy.deepcopy(model.hf_model).float()
             fp_tokens, fp_logits = hf_greedy(reference, prompts, max_new_tokens=new_tokens)
             del reference
-            result["ours_vs_fp32"] = compare(ours.token_ids, ours.logits, fp_tokens, fp_logits)
-            result["transformers_bf16_vs_fp32"] = compare(ref_tokens, ref_logits, fp_tokens, fp_logits)
+            result["ours_vs_fp32"] = compare_greedy(ours.token_ids, ours.logits, fp_tokens, fp_logits)
+            result["transformers_bf16_vs_fp32"] = compare_greedy(ref_tokens, ref_logits, fp_tokens, fp_logits)
         except torch.OutOfMemoryError:
             result["fp32_reference"] = "skipped: the fp32 copy did not fit in GPU memory"
         if torch.cuda.is_available():

@@ -53,8 +53,13 @@ class LoadedModel:
     def card(self) -> dict:
         """What the UI shows about the model."""
         return {"name": self.name, "source": self.source, "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "tokenizer": self.tokenizer.name,
+                "dtype": dtype_name(self.dtype), "tokenizer": self.tokenizer.name,
                 "load_s": round(self.load_s, 3), "notes": self.notes, **self.spec.as_dict()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: how dtypes are named to users."""
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
@@ -75,7 +80,7 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
             raise InvalidSettingsError(f"dtype {dtype!r} is unknown: use one of bfloat16, float16, float32.")
         dtype = _DTYPES[dtype.lower()]
     if dtype not in _ALLOWED[device.type]:
-        names = ", ".join(str(d).removeprefix("torch.") for d in _ALLOWED[device.type])
+        names = ", ".join(dtype_name(d) for d in _ALLOWED[device.type])
         raise InvalidSettingsError(f"dtype {dtype} is not supported on {device.type}: use one of {names}.")
     return device, dtype
 
@@ -119,7 +124,7 @@ def _load_synthetic(name: str, *, device: torch.device, dtype: torch.dtype, seed
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     weight_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    check_fits(weight_bytes, device, what=f"synthetic:{name} in {str(dtype).removeprefix('torch.')}",
+    check_fits(weight_bytes, device, what=f"synthetic:{name} in {dtype_name(dtype)}",
                fix="choose a smaller preset (e.g. a tiny-* one), a 16-bit dtype, or a device with more memory.")
     model.to_empty(device=device)
     init_random_weights_(model, std=_init_std(config), seed=seed)
@@ -191,7 +196,7 @@ def _load_directory(path: Path, *, device: torch.device, dtype: torch.dtype, sou
     check_fits(stored_bytes if device.type == "cuda" else num_elements * dtype.itemsize, torch.device("cpu"),
                what=f"reading the weights of {path.name}", fix=fix)
     if device.type == "cuda":
-        check_fits(num_elements * dtype.itemsize, device, what=f"{path.name} in {str(dtype).removeprefix('torch.')}",
+        check_fits(num_elements * dtype.itemsize, device, what=f"{path.name} in {dtype_name(dtype)}",
                    fix=fix)
     from transformers import AutoModelForCausalLM
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Iterator
 
-from engine.errors import InvalidSettingsError, KVLabError
+from engine.errors import InvalidSettingsError
 from engine.generator import Generator
 from engine.loader import LoadedModel, load_model
 from engine.settings import GenerationSettings
@@ -39,10 +39,8 @@ class LabSession:
     def load(self, source: str, *, device: str | None = None, dtype: str | None = None) -> dict:
         """Load `source` and make it current; on failure the previous model stays loaded."""
         with self._lock:
-            model = load_model(source, device=device, dtype=dtype)
-            previous, self.model = self.model, model
-            del previous
-            return model.card()
+            self.model = load_model(source, device=device, dtype=dtype)
+            return self.model.card()
 
     def require_model(self) -> LoadedModel:
         if self.model is None:
@@ -94,4 +92,4 @@ def normalise_history(history) -> list[dict]:
     return out
 
 
-__all__ = ["ChatUpdate", "KVLabError", "LabSession", "normalise_history"]
+__all__ = ["ChatUpdate", "LabSession", "normalise_history"]

@@ -40,7 +40,7 @@ def _decode_attention_fake(q, k_cache, v_cache, seq_lens, scale, prefetch, prefe
 
 def _triton_attend(q, k_cache, v_cache, seq_lens, *, scale: float, window: int | None,
                    config: DecodeAttentionConfig) -> torch.Tensor:
-    # int32 lengths, converted on the device: no host sync, so the step stays graph-capturable.
+    # decode_step passes int32 lengths already (then this is free); others are converted on the device.
     seq_lens = seq_lens.to(torch.int32)
     if torch.compiler.is_compiling():
         return decode_attention_op(q, k_cache, v_cache, seq_lens, scale, config.prefetch, config.prefetch_distance,

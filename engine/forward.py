@@ -64,7 +64,7 @@ def decode_step_traceable(adapter: DecoderAdapter, cache: KVCache, token_ids: to
     """
     spec = adapter.spec
     ids, pos = token_ids[:, None], positions[:, None]
-    seq_lens = positions + 1
+    seq_lens = (positions + 1).to(torch.int32)  # once per step: the Triton kernel takes int32 lengths
     hidden = adapter.embed(ids, pos)
     rope = adapter.rope(hidden, pos)
     for layer in range(spec.num_layers):

@@ -15,17 +15,22 @@ from engine.attention import decode_attention_torch, prefill_attention
 from engine.kv_cache import KVCache
 
 
+class PrefixSink(Protocol):
+    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None: ...
+
+
 class DecodeAttention(Protocol):
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
                  scale: float, window: int | None) -> torch.Tensor: ...
 
 
 @torch.inference_mode()
-def prefill(adapter: DecoderAdapter, cache: KVCache, token_ids: torch.Tensor, prompt_lens: torch.Tensor, *,
+def prefill(adapter: DecoderAdapter, cache: KVCache | PrefixSink, token_ids: torch.Tensor, prompt_lens: torch.Tensor, *,
             all_full: bool) -> torch.Tensor:
     """token_ids (B, T) right-padded, prompt_lens (B,) -> logits (B, vocab) at each prompt's last token.
 
-    Fills the cache for positions 0..T-1. `all_full`: every prompt is T long (no padding mask needed).
+    Fills the cache for positions 0..T-1 (an offloaded run's cache also takes each layer's attention input X,
+    from which later steps may recompute K/V). `all_full`: every prompt is T long (no padding mask needed).
     """
     spec = adapter.spec
     batch, num_tokens = token_ids.shape
@@ -37,7 +42,7 @@ def prefill(adapter: DecoderAdapter, cache: KVCache, token_ids: torch.Tensor, pr
         x = adapter.attn_input(layer, hidden)
         q = adapter.project_q(layer, x, rope)
         k, v = adapter.project_kv(layer, x, rope)
-        cache.write_prefix(layer, k, v)
+        cache.write_prefix(layer, k, v, x)
         attn = prefill_attention(q, k, v, lens, scale=adapter.attention_scale, window=spec.sliding_window)
         hidden = adapter.attn_output(layer, attn, hidden)
         hidden = adapter.mlp_block(layer, hidden)

@@ -104,6 +104,12 @@ class Generator:
         # settings.compile: compiled steps kept across runs, so repeated runs of one shape compile once.
         self._compiled: OrderedDict[tuple, object] = OrderedDict()
         self.compile_why = ""  # what the last run did about compiling, for benches and the UI
+        # Offloaded placements: the hardware profile (None: measured or read from the cache), the last run's
+        # plan, the schedule (overlapped, or the plain synchronous one), and a telemetry recorder if any.
+        self.profile = None
+        self.plan = None
+        self.offload_overlapped = True
+        self.recorder = None
 
     def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
@@ -244,19 +250,50 @@ class Generator:
         return compiled
 
     def _run(self, prompt_ids: list[list[int]], settings: GenerationSettings, *, stream_text: bool, keep_logits: bool):
-        model, adapter, tok = self.model, self.model.adapter, self.model.tokenizer
+        model, spec = self.model, self.model.spec
         device = model.device
+        batch, lens = len(prompt_ids), [len(p) for p in prompt_ids]
+        max_tokens = max(lens) + settings.max_new_tokens  # one spare slot: the loop may run one step past the last
+        attend, self.attention_why = (self.attend, "given by the caller") if self.attend is not None else \
+            choose_decode_attention(settings, device=device, head_dim=spec.head_dim, sliding_window=spec.sliding_window)
+        runtime = None
+        if settings.offload.offloaded:
+            runtime = self._offload_runtime(settings, attend, lens)
+            cache = runtime  # prefill writes each layer where the plan keeps it
+        else:
+            check_fits(KVCache.bytes_needed(spec, batch=batch, max_tokens=max_tokens, dtype_bytes=model.dtype.itemsize),
+                       device, what=f"the KV cache for batch {batch} x {max_tokens} tokens",
+                       fix="lower the batch, the prompt length or max_new_tokens, or offload the KV cache "
+                           "(placement 'cpu' or 'hybrid').")
+        try:
+            yield from self._decode_loop(prompt_ids, settings, attend, runtime, stream_text=stream_text,
+                                         keep_logits=keep_logits)
+        finally:
+            if runtime is not None:
+                runtime.release()
+
+    def _offload_runtime(self, settings: GenerationSettings, attend, lens: list[int]):
+        from engine.offload_runtime import OffloadRuntime
+        from engine.offload_store import OffloadStore
+        from engine.placement import plan_for
+
+        model = self.model
+        self.plan = plan_for(model.spec, settings.offload, device=model.device, batch=len(lens),
+                             prompt_tokens=max(lens), new_tokens=settings.max_new_tokens, profile=self.profile)
+        store = OffloadStore(model.spec, self.plan, dtype=model.dtype, device=model.device)
+        return OffloadRuntime(model.adapter, self.plan, store, attend, prompt_lens=lens,
+                              overlapped=self.offload_overlapped, recorder=self.recorder)
+
+    def _decode_loop(self, prompt_ids, settings: GenerationSettings, attend, runtime, *, stream_text: bool,
+                     keep_logits: bool):
+        model, adapter, tok = self.model, self.model.adapter, self.model.tokenizer
+        device, spec = model.device, adapter.spec
         batch, lens = len(prompt_ids), [len(p) for p in prompt_ids]
         longest, new_tokens = max(lens), settings.max_new_tokens
         max_tokens = longest + new_tokens  # one spare slot: the loop may run one step past the last token
-        spec = adapter.spec
-        attend, self.attention_why = (self.attend, "given by the caller") if self.attend is not None else \
-            choose_decode_attention(settings, device=device, head_dim=spec.head_dim, sliding_window=spec.sliding_window)
-        check_fits(KVCache.bytes_needed(spec, batch=batch, max_tokens=max_tokens, dtype_bytes=model.dtype.itemsize),
-                   device, what=f"the KV cache for batch {batch} x {max_tokens} tokens",
-                   fix="lower the batch, the prompt length or max_new_tokens.")
         start = time.perf_counter()
-        cache = KVCache(spec, batch=batch, max_tokens=max_tokens, dtype=model.dtype, device=device)
+        cache = runtime if runtime is not None else \
+            KVCache(spec, batch=batch, max_tokens=max_tokens, dtype=model.dtype, device=device)
         padded = torch.full((batch, longest), tok.pad_token_id, dtype=torch.long)
         for b, ids in enumerate(prompt_ids):
             padded[b, : len(ids)] = torch.tensor(ids)
@@ -265,13 +302,20 @@ class Generator:
         logits = forward.prefill(adapter, cache, padded.to(device), prompt_lens, all_full=len(set(lens)) == 1)
         pending = sample(logits, settings.sampling, gen)
         positions = prompt_lens.clone()  # where each sequence's pending token's K/V goes
+        if runtime is not None:
+            runtime.finish_prefill()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         prefill_ms = (time.perf_counter() - start) * 1e3
 
-        use_graph = device.type == "cuda" and settings.cuda_graph and new_tokens > 1
+        use_graph = device.type == "cuda" and settings.cuda_graph and new_tokens > 1 and runtime is None
         try:
-            step, decode = self._decoder(settings, attend, cache, use_graph=use_graph)
+            if runtime is not None:  # an offloaded step is planned per length: eager, no graph
+                step, decode = (lambda ids, pos, kv_len: runtime.decode(ids, pos, kv_len)), None
+                self.compile_why = "off: an offloaded step is planned per length and runs eagerly" \
+                    if settings.compile else "off"
+            else:
+                step, decode = self._decoder(settings, attend, cache, use_graph=use_graph)
         except CompileError as exc:
             # Free this run's memory before the error leaves: the failed call's finished frames (kept by the
             # traceback) and this frame still reference the cache.

@@ -45,8 +45,9 @@ class KVCache:
         kv_len = self.max_tokens if kv_len is None else kv_len
         return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
 
-    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v (B, T, Hkv, D) for positions 0..T-1 (rows past a sequence's length are never read)."""
+    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor | None = None) -> None:
+        """k, v (B, T, Hkv, D) for positions 0..T-1 (rows past a sequence's length are never read). The
+        attention input x is what an offloaded run keeps for recomputation; a GPU cache has no use for it."""
         num_tokens = k.shape[1]
         self.k[layer, :, :, :num_tokens].copy_(k.transpose(1, 2))
         self.v[layer, :, :, :num_tokens].copy_(v.transpose(1, 2))

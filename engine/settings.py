@@ -12,6 +12,7 @@ from engine.errors import InvalidSettingsError
 from kernels.config import DecodeAttentionConfig
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+PLACEMENTS = ("gpu", "cpu", "hybrid")
 
 
 def _check_int(name: str, value: object, *, low: int, high: int | None = None, hint: str = "") -> None:
@@ -53,6 +54,49 @@ class SamplingSettings:
 
 
 @dataclass(frozen=True)
+class OffloadSettings:
+    """Where the KV cache lives and how offloaded tokens reach the GPU each decode step.
+
+    placement: "gpu" keeps all K/V on the GPU; "cpu" keeps every token's K/V (and, where recomputation
+    pays, its attention-input activations) in pinned host memory; "hybrid" keeps the first tokens of
+    every sequence on the GPU, up to `gpu_kv_budget_gib` (None: what is free after the weights and the
+    run's working buffers), and offloads the rest.
+    split: "auto" lets the scheduler choose, per step, the fraction of offloaded tokens whose K/V are
+    recomputed from activations; a number in [0, 1] fixes it (0: ship all K/V, 1: recompute all).
+    chunk_tokens: activations travel and are recomputed in chunks of this many token positions, so the
+    recomputation of one chunk overlaps the copy of the next.
+    """
+
+    placement: str = "gpu"
+    gpu_kv_budget_gib: float | None = None
+    split: str | float = "auto"
+    chunk_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise InvalidSettingsError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}: "
+                                       "'gpu' keeps the KV cache on the GPU, 'cpu' offloads it, 'hybrid' splits it.")
+        if self.gpu_kv_budget_gib is not None:
+            _check_float("gpu_kv_budget_gib", self.gpu_kv_budget_gib, low=0.0, high=1e6,
+                         hint=" GiB, or None to size it from the free GPU memory")
+            if self.placement != "hybrid":
+                raise InvalidSettingsError(f"gpu_kv_budget_gib={self.gpu_kv_budget_gib} only applies to placement "
+                                           f"'hybrid', not {self.placement!r}: set placement='hybrid' or drop the budget.")
+        if self.split != "auto":
+            _check_float("split", self.split, low=0.0, high=1.0,
+                         hint=" (the fraction of offloaded tokens recomputed), or 'auto'")
+        _check_int("chunk_tokens", self.chunk_tokens, low=1, high=1_000_000, hint=" token positions")
+
+    @property
+    def offloaded(self) -> bool:
+        return self.placement != "gpu"
+
+    @property
+    def auto_split(self) -> bool:
+        return self.split == "auto"
+
+
+@dataclass(frozen=True)
 class GenerationSettings:
     """One generation run: how many tokens, when to stop, how to sample, how to execute."""
 
@@ -69,6 +113,7 @@ class GenerationSettings:
     # graph still captures it. Opt-in: the first run per batch and cache length compiles for tens of
     # seconds (minutes for a 7B model), which only pays off over many steps (benchmarks, long runs).
     compile: bool = False
+    offload: OffloadSettings = field(default_factory=OffloadSettings)
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, low=1, high=1_000_000)
@@ -82,6 +127,9 @@ class GenerationSettings:
             raise InvalidSettingsError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}.")
         if not isinstance(self.kernel, DecodeAttentionConfig):
             raise InvalidSettingsError("kernel must be a kernels.config.DecodeAttentionConfig instance.")
+        if not isinstance(self.offload, OffloadSettings):
+            raise InvalidSettingsError("offload must be an engine.settings.OffloadSettings instance, e.g. "
+                                       "OffloadSettings(placement='cpu').")
         for name in ("cuda_graph", "ignore_eos", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidSettingsError(f"{name} must be True or False, got {getattr(self, name)!r}.")

@@ -1,0 +1,261 @@
+"""Execute a RunPlan: prefill into the offloaded store, then decode steps that stream K/V back per layer.
+
+A decode step is built from five verbs per layer, each a few tensor operations:
+    load_act(layer, chunk)   H2D: the recompute range's activations, chunk by chunk
+    load_kv(layer)           H2D: the transfer range's K/V
+    recompute_kv(layer, chunk)  K, V = project_kv(X) with bias, k-norm and RoPE at the slots' positions
+    attend(layer)            the new token: projections, resident K/V, attention, output projection, MLP
+    store(layer)             D2H: the new token's K/V and activations, written back for later steps
+`decode_sync` runs them in order on one stream; `decode_overlapped` puts the copies on an H2D and a D2H
+stream, two layers of staging in flight, with events where one verb needs another's result. Both give the
+same tokens (tests/test_offload.py). The runtime decides nothing: ranges and chunks come from the plan.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+import torch
+
+from engine.adapters import DecoderAdapter
+from engine.forward import DecodeAttention
+from engine.offload_store import OffloadStore
+from engine.scheduler import RunPlan, StepPlan
+
+
+class NullRecorder:
+    """The recorder interface the runtime feeds (engine/telemetry): spans per lane, layer and stream."""
+
+    def begin(self, lane: str, layer: int, stream=None, nbytes: int = 0):
+        return None
+
+    def end(self, handle, stream=None) -> None:
+        return None
+
+
+class OffloadRuntime:
+    def __init__(self, adapter: DecoderAdapter, plan: RunPlan, store: OffloadStore, attend: DecodeAttention, *,
+                 prompt_lens: list[int], overlapped: bool = True, recorder=None):
+        self.adapter, self.plan, self.store, self.attend = adapter, plan, store, attend
+        self.spec = adapter.spec
+        self.device = store.device
+        self.prompt_lens = list(prompt_lens)
+        self.overlapped = overlapped
+        self.recorder = recorder or NullRecorder()
+        cuda = self.device.type == "cuda"
+        self.h2d = torch.cuda.Stream(self.device) if cuda else None
+        self.d2h = torch.cuda.Stream(self.device) if cuda else None
+        num_chunks = max((len(p.chunks) for p in plan.steps), default=0)
+        new_event = (lambda: torch.cuda.Event()) if cuda else (lambda: None)
+        # One pool of events for the run: reused every step (a wait binds to the record made before it).
+        self.act_ready = [[new_event() for _ in range(num_chunks)] for _ in range(2)]
+        self.kv_ready = [new_event() for _ in range(2)]
+        self.slot_free = [new_event() for _ in range(2)]
+        self.new_ready = [new_event() for _ in range(self.spec.num_layers)]
+        self.stored = [new_event() for _ in range(self.spec.num_layers)]
+        # RoPE for every slot, once per run: recomputed K at slot p is rotated for position p.
+        positions = torch.arange(plan.max_tokens, device=self.device)[None, :]
+        probe = torch.zeros(1, 1, self.spec.hidden_size, dtype=store.stage_act.dtype, device=self.device)
+        rope = adapter.rope(probe, positions)
+        self.rope_cos, self.rope_sin = (None, None) if rope is None else (rope[0][0], rope[1][0])  # (S, D)
+
+    # -- prefill -------------------------------------------------------------------------------------------
+    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
+        """Prefill's K/V (B, T, Hkv, D) and activations X (B, T, h) of one layer, to where the plan keeps them."""
+        store, num_tokens = self.store, k.shape[1]
+        kv = torch.stack((k, v), dim=2).permute(1, 2, 0, 3, 4)  # (T, 2, B, Hkv, D)
+        g = min(store.plan.resident_tokens, num_tokens)
+        if g:
+            store.resident[layer, :g].copy_(kv[:g])
+        kv_lo = max(store.kv_lo, 0)
+        if kv_lo < num_tokens:
+            self._to_host(store.host_kv_slots(layer, kv_lo, num_tokens), kv[kv_lo:num_tokens])
+        act_lo, act_hi = store.plan.act_range[0], min(store.plan.act_range[1], num_tokens)
+        if act_lo < act_hi:
+            self._to_host(store.host_act_slots(layer, act_lo, act_hi), x.transpose(0, 1)[act_lo:act_hi])
+
+    def _to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if self.d2h is None:
+            dst.copy_(src)
+            return
+        src = src.contiguous()  # one DMA; the layer's next work overlaps it
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h):
+            dst.copy_(src, non_blocking=True)
+        src.record_stream(self.d2h)
+
+    def finish_prefill(self) -> None:
+        if self.d2h is not None:
+            self.h2d.wait_stream(self.d2h)  # the first step's loads read what prefill wrote
+
+    # -- the verbs -----------------------------------------------------------------------------------------
+    def load_act(self, layer: int, slot: int, lo: int, hi: int) -> None:
+        store = self.store
+        dst = store.stage_act[slot, lo - store.act_lo : hi - store.act_lo]
+        handle = self.recorder.begin("h2d_act", layer, self._stream(self.h2d), dst.numel() * dst.element_size())
+        dst.copy_(store.host_act_slots(layer, lo, hi), non_blocking=True)
+        self.recorder.end(handle, self._stream(self.h2d))
+
+    def load_kv(self, layer: int, slot: int, lo: int, hi: int) -> None:
+        dst = self.store.stage_kv[slot, lo:hi]
+        handle = self.recorder.begin("h2d_kv", layer, self._stream(self.h2d), dst.numel() * dst.element_size())
+        dst.copy_(self.store.host_kv_slots(layer, lo, hi), non_blocking=True)
+        self.recorder.end(handle, self._stream(self.h2d))
+
+    def recompute_kv(self, layer: int, slot: int, lo: int, hi: int) -> None:
+        store = self.store
+        handle = self.recorder.begin("recompute", layer)
+        x = store.stage_act[slot, lo - store.act_lo : hi - store.act_lo]  # (c, B, h): slots as the batch dim
+        rope = None if self.rope_cos is None else (self.rope_cos[lo:hi, None], self.rope_sin[lo:hi, None])
+        k, v = self.adapter.project_kv(layer, x, rope)  # (c, B, Hkv, D)
+        store.stage_kv[slot, lo:hi, 0].copy_(k)
+        store.stage_kv[slot, lo:hi, 1].copy_(v)
+        self.recorder.end(handle)
+
+    def attend_layer(self, layer: int, slot: int, hidden: torch.Tensor, rope, positions: torch.Tensor,
+                     seq_lens: torch.Tensor, step: StepPlan, resident_rows: torch.Tensor | None) -> torch.Tensor:
+        """One layer for the new token (B, 1, h), over staging slot `slot` whose old slots are in place."""
+        adapter, store = self.adapter, self.store
+        handle = self.recorder.begin("attention", layer)
+        x = adapter.attn_input(layer, hidden)
+        q = adapter.project_q(layer, x, rope)
+        k, v = adapter.project_kv(layer, x, rope)  # (B, 1, Hkv, D)
+        new_kv = store.new_kv[layer]  # (2, B, Hkv, D), read by store() on the D2H stream
+        new_kv[0].copy_(k[:, 0])
+        new_kv[1].copy_(v[:, 0])
+        store.new_act[layer].copy_(x[:, 0])
+        rows = torch.arange(k.shape[0], device=k.device)
+        g = min(step.resident_tokens, step.seq_len)
+        if g:
+            if resident_rows is not None:  # sequences whose new token falls inside the resident range
+                pos = positions.clamp(max=g - 1)
+                resident = store.resident[layer]  # (g, 2, B, Hkv, D)
+                for part in (0, 1):
+                    old = resident[:, part][pos, rows]
+                    resident[:, part].index_put_((pos, rows), torch.where(resident_rows[:, None, None],
+                                                                          new_kv[part], old))
+            store.stage_kv[slot, :g].copy_(store.resident[layer, :g])
+        store.stage_kv[slot, :, 0].index_put_((positions, rows), k[:, 0])
+        store.stage_kv[slot, :, 1].index_put_((positions, rows), v[:, 0])
+        k_view, v_view = store.stage_views(slot, step.seq_len)
+        attn = self.attend(q[:, 0], k_view, v_view, seq_lens, scale=adapter.attention_scale,
+                           window=self.spec.sliding_window)
+        hidden = adapter.attn_output(layer, attn.flatten(1)[:, None], hidden)
+        self.recorder.end(handle)
+        return hidden
+
+    def mlp_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        handle = self.recorder.begin("compute", layer)
+        hidden = self.adapter.mlp_block(layer, hidden)
+        self.recorder.end(handle)
+        return hidden
+
+    def store_new(self, layer: int, groups: list[tuple[int, int, int]]) -> None:
+        """Write the new token's K/V and activations of `layer` to host memory: (position, row_lo, row_hi) runs."""
+        store, plan = self.store, self.plan
+        kv_bytes = store.new_kv[layer].numel() * store.new_kv.element_size()
+        act_bytes = store.new_act[layer].numel() * store.new_act.element_size()
+        handle = self.recorder.begin("d2h_writeback", layer, self._stream(self.d2h), kv_bytes + act_bytes)
+        for pos, lo, hi in groups:
+            if pos >= plan.kv_range[0]:
+                if hi - lo == plan.batch:
+                    store.host_kv_slots(layer, pos, pos + 1)[0].copy_(store.new_kv[layer], non_blocking=True)
+                else:
+                    for part in (0, 1):
+                        store.host_kv_slots(layer, pos, pos + 1)[0, part, lo:hi].copy_(
+                            store.new_kv[layer, part, lo:hi], non_blocking=True)
+            if plan.act_range[0] <= pos < plan.act_range[1]:
+                store.host_act_slots(layer, pos, pos + 1)[0, lo:hi].copy_(store.new_act[layer, lo:hi],
+                                                                          non_blocking=True)
+        self.recorder.end(handle, self._stream(self.d2h))
+
+    # -- one decode step -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """token_ids (B,) at positions (B,) -> logits (B, vocab). The sequences have grown by the same number of
+        tokens since prefill, so the host knows every position without reading the GPU."""
+        step = self.plan.step(seq_len)
+        grown = seq_len - self.plan.prompt_tokens - 1
+        host_positions = [n + grown for n in self.prompt_lens]
+        groups = [(pos, rows[0][0], rows[-1][0] + 1)
+                  for pos, rows in ((p, list(r)) for p, r in groupby(enumerate(host_positions), key=lambda e: e[1]))]
+        resident_rows = None
+        if any(p < step.resident_tokens for p in host_positions):
+            resident_rows = positions < step.resident_tokens
+        ids, pos = token_ids[:, None], positions[:, None]
+        hidden = self.adapter.embed(ids, pos)
+        rope = self.adapter.rope(hidden, pos)
+        seq_lens = (positions + 1).to(torch.int32)
+        run = self._overlapped if self.overlapped and self.h2d is not None else self._sync
+        hidden = run(step, hidden, rope, positions, seq_lens, resident_rows, groups)
+        return self.adapter.logits(hidden[:, 0]).float()
+
+    def _loads(self, layer: int, step: StepPlan, stream=None) -> None:
+        slot = layer % 2
+        for n, (lo, hi) in enumerate(step.chunks):
+            self.load_act(layer, slot, lo, hi)
+            _record(self.act_ready[slot][n], stream)
+        lo, hi = step.transfer_range
+        if hi > lo:
+            self.load_kv(layer, slot, lo, hi)
+        _record(self.kv_ready[slot], stream)
+
+    def _compute(self, layer: int, step: StepPlan, hidden, rope, positions, seq_lens, resident_rows) -> torch.Tensor:
+        slot = layer % 2
+        for n, (lo, hi) in enumerate(step.chunks):
+            _wait(self.act_ready[slot][n])
+            self.recompute_kv(layer, slot, lo, hi)
+        _wait(self.kv_ready[slot])
+        _wait(self.stored[layer])  # the previous step's write-back of new_kv[layer] has left the GPU buffer
+        hidden = self.attend_layer(layer, slot, hidden, rope, positions, seq_lens, step, resident_rows)
+        _record(self.slot_free[slot])
+        _record(self.new_ready[layer])
+        return self.mlp_layer(layer, hidden)
+
+    def _sync(self, step, hidden, rope, positions, seq_lens, resident_rows, groups) -> torch.Tensor:
+        """The plain schedule: the same verbs, one after another on the current stream (events are no-ops there)."""
+        for layer in range(self.spec.num_layers):
+            self._loads(layer, step)
+            hidden = self._compute(layer, step, hidden, rope, positions, seq_lens, resident_rows)
+            self.store_new(layer, groups)
+        return hidden
+
+    def _overlapped(self, step, hidden, rope, positions, seq_lens, resident_rows, groups) -> torch.Tensor:
+        """Copies on their own streams, two layers ahead at most; compute waits only for what it reads."""
+        layers = self.spec.num_layers
+        for layer in range(min(2, layers)):
+            self._enqueue_loads(layer, step)
+        for layer in range(layers):
+            hidden = self._compute(layer, step, hidden, rope, positions, seq_lens, resident_rows)
+            with torch.cuda.stream(self.d2h):
+                self.d2h.wait_event(self.new_ready[layer])
+                self.store_new(layer, groups)
+                self.stored[layer].record(self.d2h)
+            if layer + 2 < layers:
+                self._enqueue_loads(layer + 2, step)
+        return hidden
+
+    def _enqueue_loads(self, layer: int, step: StepPlan) -> None:
+        with torch.cuda.stream(self.h2d):
+            self.h2d.wait_event(self.slot_free[layer % 2])  # the layer two back has attended over this slot
+            self.h2d.wait_event(self.stored[layer])  # the host rows this step reads were written back
+            self._loads(layer, step, self.h2d)
+
+    def _stream(self, stream):
+        return stream if self.overlapped else None
+
+    def release(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy may still read or write the store
+        self.store.release()
+
+
+def _record(event, stream=None) -> None:
+    if event is not None:
+        event.record(stream) if stream is not None else event.record()
+
+
+def _wait(event) -> None:
+    if event is not None:
+        torch.cuda.current_stream().wait_event(event)
+

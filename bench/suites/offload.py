@@ -1,0 +1,282 @@
+"""KV offload with partial recomputation (KVPR): step time against the PCIe floor, the scheduler's predictions,
+the GPU-resident and transformers peers, and offloaded-vs-resident token equality.
+
+Parts (--parts, all by default):
+- exact:  the trained demo model in bf16, mixed prompt lengths: tokens of every placement/split (and the plain
+          synchronous schedule) against GPU-resident decoding, and the 7B runs of `mha` against a resident run.
+- mha:    synthetic:llama-2-7b, B8 P2048 N64, all KV in pinned host memory: split 0 (all K/V copied), auto,
+          1 (all recomputed), the paper's fixed split, auto on the synchronous schedule, a hybrid; transformers
+          `cache_implementation="offloaded"` on the same prompts.
+- gqa:    synthetic:llama-3-8b, B16 P4096 N32, all KV on the CPU: the scheduler must turn recompute off.
+- hybrid: synthetic:llama-2-7b, B16 P8192 N32 (K/V ~ 69 GB): hybrid auto against all-CPU auto; transformers'
+          dynamic cache on the same shape.
+Our step time is the median decode step of a run (the engine's own per-step wall time; prefill excluded), median
+over --repeat runs. transformers' is (t(N tokens) - t(1 token)) / (N - 1). The PCIe floor of a plan is the bytes
+it moves host-to-device per step over the best H2D bandwidth measured by the profiler at the start of this run.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+
+from bench.report import Headline, Row, SuiteResult
+from engine import GenerationSettings, Generator, load_model
+from engine.profiler import hardware_profile
+from engine.scheduler import paper_split
+from engine.settings import OffloadSettings
+
+PARTS = ("exact", "mha", "gqa", "hybrid")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    parser.add_argument("--mha-model", default="synthetic:llama-2-7b")
+    parser.add_argument("--gqa-model", default="synthetic:llama-3-8b")
+    parser.add_argument("--exact-model", default="demo")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per configuration (median of their medians)")
+    parser.add_argument("--chunk-tokens", type=int, default=OffloadSettings().chunk_tokens)
+    parser.add_argument("--peer-tokens", type=int, default=12, help="new tokens of the transformers offloaded peer")
+    parser.add_argument("--quick", action="store_true", help="small shapes: a smoke run, not the issue's figures")
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _prompts(vocab: int, batch: int, length: int, seed: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=gen).tolist()
+
+
+def _measure(engine: Generator, prompts, settings: GenerationSettings, repeat: int) -> dict:
+    """Median decode step (ms) over `repeat` runs, the plan's prediction for the same steps, and the tokens."""
+    medians, result = [], None
+    for _ in range(repeat):
+        result = engine.generate(prompts, settings)
+        steady = result.step_ms[2:] or result.step_ms  # the first steps still warm the allocator and cuBLAS
+        medians.append(statistics.median(steady))
+        _free()
+    out = {"ms": statistics.median(medians), "run_medians_ms": medians, "tokens": result.token_ids,
+           "prefill_ms": result.prefill_ms}
+    plan = engine.plan if settings.offload.offloaded else None
+    if plan is not None:
+        steps = plan.steps[2 + 1: len(result.step_ms) + 1] or plan.steps
+        out |= {"predicted_ms": statistics.median(p.predicted_ms for p in steps),
+                "floor_ms": statistics.median(p.pcie_floor_ms for p in steps),
+                "h2d_bytes": int(statistics.median(p.h2d_bytes for p in steps)),
+                "split": statistics.median(p.split for p in steps), "reason": plan.steps[0].reason,
+                "resident_tokens": plan.resident_tokens, "budget": plan.gpu_budget_note}
+    return out
+
+
+def _hf_step_ms(hf_model, prompts, new_tokens: int, **kwargs) -> float:
+    """transformers generate: (t(N) - t(1)) / (N - 1), one warm-up of 2 tokens first."""
+    device = next(hf_model.parameters()).device
+    ids = torch.tensor(prompts, device=device)
+
+    def timed(n: int) -> float:
+        _free()
+        start = time.perf_counter()
+        with torch.no_grad():
+            hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0, **kwargs)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    timed(2)
+    return (timed(new_tokens) - timed(1)) / (new_tokens - 1)
+
+
+def _match(tokens, ref) -> dict:
+    same = [a == b for a, b in zip(tokens, ref)]
+    first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(tokens, ref)]
+    return {"match_fraction": sum(same) / len(same), "first_divergence": first}
+
+
+def _row(case: str, m: dict, batch: int, *, peer: str | None = None, peer_ms: float | None = None) -> Row:
+    extra = {k: m[k] for k in ("predicted_ms", "split", "reason", "resident_tokens", "budget", "run_medians_ms",
+                               "prefill_ms") if k in m}
+    if "predicted_ms" in m:
+        extra["prediction_error_pct"] = 100 * (m["predicted_ms"] - m["ms"]) / m["ms"]
+    return Row(case=case, ms=m["ms"], tok_s=batch / (m["ms"] * 1e-3), bytes_moved=m.get("h2d_bytes"),
+               pct_roofline=100 * m["floor_ms"] / m["ms"] if m.get("floor_ms") else None, peer=peer, peer_ms=peer_ms,
+               extra=extra)
+
+
+def run(args) -> SuiteResult:
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"unknown --parts {unknown}; choose from {list(PARTS)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    profile = hardware_profile(device, refresh=True)
+    rows: list[Row] = []
+    headlines: list[Headline] = []
+    notes = [f"H2D bandwidth measured in this run: {profile.peak_h2d_gb_s:.1f} GB/s best "
+             f"({', '.join(f'{p.rate:.1f}' for p in profile.h2d)} GB/s over "
+             f"{', '.join(str(p.size >> 10) + ' KiB' for p in profile.h2d)}); D2H {profile.d2h[-1].rate:.1f} GB/s; "
+             f"both at once {profile.bidirectional_gb_s:.1f} GB/s"]
+    details: dict = {"profile": profile.to_json()}
+    predictions: list[tuple[str, float, float]] = []  # (case, predicted, measured)
+    quick = args.quick or device == "cpu"
+    chunk = args.chunk_tokens
+
+    def off(placement: str, split="auto", **kw) -> OffloadSettings:
+        return OffloadSettings(placement=placement, split=split, chunk_tokens=chunk, **kw)
+
+    if "exact" in parts:
+        model = load_model(args.exact_model, device=device, dtype=dtype)
+        gen = torch.Generator().manual_seed(7)
+        new = 40
+        lengths = torch.randint(20, min(400, model.spec.max_positions - new), (8,), generator=gen).tolist()
+        prompts = [torch.randint(3, model.spec.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+        engine = Generator(model)
+        base = GenerationSettings(max_new_tokens=new, ignore_eos=True)
+        ref = engine.generate(prompts, base).token_ids
+        kv_gib = model.spec.kv_bytes_per_token * len(prompts) * (max(lengths) + new) / 2**30
+        checks = {"cpu split 0": off("cpu", 0.0), "cpu split 0.5": off("cpu", 0.5), "cpu split 1": off("cpu", 1.0),
+                  "cpu auto": off("cpu"), "hybrid 0.4 of the KV, split 0.5": off("hybrid", 0.5,
+                                                                                   gpu_kv_budget_gib=0.4 * kv_gib)}
+        exact = {}
+        for name, offload in checks.items():
+            exact[name] = _match(engine.generate(prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True,
+                                                                             offload=offload)).token_ids, ref)
+        engine.offload_overlapped = False
+        exact["cpu split 0.5, synchronous schedule"] = _match(engine.generate(
+            prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=off("cpu", 0.5))).token_ids, ref)
+        details["exact_demo"] = {"prompt_lengths": lengths, "new_tokens": new, **exact}
+        worst = min(e["match_fraction"] for e in exact.values())
+        notes.append(f"exactness ({args.exact_model}, {dtype}, {len(prompts)} prompts of {min(lengths)}-{max(lengths)} "
+                     f"tokens, {new} greedy tokens) vs GPU-resident: " +
+                     "; ".join(f"{k}: {v['match_fraction']:.0%}" for k, v in exact.items()))
+        headlines.append(Headline("offload_exact_tokens_match", worst,
+                                  f"fraction of sequences token-identical to GPU-resident decoding, worst placement/split "
+                                  f"({args.exact_model}, {dtype}, {new} tokens)", peer="GPU-resident placement"))
+        del model, engine
+        _free()
+
+    if "mha" in parts:
+        batch, plen, new = (2, 256, 16) if quick else (8, 2048, 64)
+        model = load_model(args.mha_model if not quick or device == "cuda" else "synthetic:tiny-llama",
+                           device=device, dtype=dtype)
+        prompts = _prompts(model.spec.vocab_size, batch, plen)
+        engine = Generator(model)
+        shape = f"{model.source} B{batch} P{plen} N{new}"
+        mk = lambda offload: GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=offload)  # noqa: E731
+        engine.generate(prompts, GenerationSettings(max_new_tokens=4, ignore_eos=True))  # warm-up
+        resident = _measure(engine, prompts, mk(OffloadSettings()), args.repeat)
+        paper = paper_split(model.spec, batch=batch)
+        configs = {"cpu, split 0 (all K/V copied)": off("cpu", 0.0), "cpu, auto split": off("cpu"),
+                   "cpu, split 1 (all recomputed)": off("cpu", 1.0),
+                   f"cpu, paper's fixed split {paper:.2f}": off("cpu", round(paper, 4)),
+                   "hybrid 4 GiB GPU budget, auto split": off("hybrid", gpu_kv_budget_gib=4.0 if not quick else 0.002)}
+        measured = {name: _measure(engine, prompts, mk(o), args.repeat) for name, o in configs.items()}
+        engine.offload_overlapped = False
+        measured["cpu, auto split, synchronous schedule"] = _measure(engine, prompts, mk(off("cpu")), 1)
+        engine.offload_overlapped = True
+        peer_ms = None
+        if device == "cuda":
+            try:
+                peer_ms = _hf_step_ms(model.hf_model, prompts, args.peer_tokens, cache_implementation="offloaded")
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                notes.append(f"transformers offloaded cache did not run: {type(exc).__name__}: {str(exc)[:300]}")
+        rows.append(_row(f"GPU-resident KV, eager ({shape})", resident, batch))
+        full = measured["cpu, split 0 (all K/V copied)"]
+        auto = measured["cpu, auto split"]
+        for name, m in measured.items():
+            rows.append(_row(f"{name} ({shape})", m, batch, peer="transformers offloaded" if peer_ms else None,
+                             peer_ms=peer_ms))
+            if "synchronous" not in name:
+                predictions.append((name, m["predicted_ms"], m["ms"]))
+        if peer_ms:
+            rows.append(Row(case=f"transformers generate, offloaded cache ({model.source} B{batch} P{plen}, "
+                                 f"{args.peer_tokens} tokens)", ms=peer_ms, tok_s=batch / (peer_ms * 1e-3)))
+        details["mha_tokens_vs_resident"] = {name: _match(m["tokens"], resident["tokens"]) for name, m in measured.items()}
+        notes.append("7B tokens vs GPU-resident (random weights: near-flat logits, so bf16 rounding of recomputed K/V "
+                     "can flip a greedy choice): " + "; ".join(
+                         f"{k}: {v['match_fraction']:.0%}" for k, v in details["mha_tokens_vs_resident"].items()))
+        notes.append(f"auto split chose {auto['split']:.2f} of the offloaded tokens (median step): {auto['reason']}")
+        headlines.append(Headline("offload_full_pct_pcie_floor", 100 * full["floor_ms"] / full["ms"],
+                                  f"% of the PCIe floor, split 0, all KV on the CPU ({shape})",
+                                  peer="PCIe floor ms: K/V bytes per step / best measured H2D bandwidth",
+                                  peer_value=full["floor_ms"]))
+        headlines.append(Headline("kvpr_step_ratio_vs_full", auto["ms"] / full["ms"],
+                                  f"auto-split step / split-0 step ({shape}; target <= 0.60)",
+                                  peer="split 0 step ms", peer_value=full["ms"]))
+        headlines.append(Headline("offload_decode_tok_s", batch / (auto["ms"] * 1e-3),
+                                  f"tok/s, auto split, all KV on the CPU ({shape})",
+                                  peer="transformers generate, cache_implementation='offloaded', same prompts",
+                                  peer_value=batch / (peer_ms * 1e-3) if peer_ms else None))
+        del model, engine
+        _free()
+
+    if "gqa" in parts:
+        batch, plen, new = (2, 256, 8) if quick else (16, 4096, 32)
+        model = load_model(args.gqa_model if not quick or device == "cuda" else "synthetic:tiny-qwen2",
+                           device=device, dtype=dtype)
+        prompts = _prompts(model.spec.vocab_size, batch, plen)
+        engine = Generator(model)
+        shape = f"{model.source} B{batch} P{plen} N{new}"
+        m = _measure(engine, prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=off("cpu")),
+                     args.repeat)
+        rows.append(_row(f"cpu, auto split ({shape})", m, batch))
+        predictions.append((f"gqa cpu auto ({shape})", m["predicted_ms"], m["ms"]))
+        notes.append(f"GQA scheduler: split {m['split']:.2f}; reason: {m['reason']}")
+        headlines.append(Headline("gqa_offload_pct_pcie_floor", 100 * m["floor_ms"] / m["ms"],
+                                  f"% of the PCIe floor, auto split (chose {m['split']:.2f}), all KV on the CPU ({shape})",
+                                  peer="PCIe floor ms", peer_value=m["floor_ms"]))
+        del model, engine
+        _free()
+
+    if "hybrid" in parts:
+        batch, plen, new = (2, 384, 8) if quick else (16, 8192, 32)
+        model = load_model(args.mha_model if not quick or device == "cuda" else "synthetic:tiny-llama",
+                           device=device, dtype=dtype)
+        prompts = _prompts(model.spec.vocab_size, batch, plen)
+        engine = Generator(model)
+        shape = f"{model.source} B{batch} P{plen} N{new}"
+        kv_gb = model.spec.kv_bytes_per_token * batch * (plen + new) / 1e9
+        mk = lambda offload: GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=offload)  # noqa: E731
+        hybrid = _measure(engine, prompts, mk(off("hybrid")), 1)
+        cpu = _measure(engine, prompts, mk(off("cpu")), 1)
+        rows.append(_row(f"hybrid auto ({shape}, K/V {kv_gb:.1f} GB)", hybrid, batch, peer="all-CPU auto",
+                         peer_ms=cpu["ms"]))
+        rows.append(_row(f"cpu, auto split ({shape})", cpu, batch))
+        predictions += [(f"hybrid auto ({shape})", hybrid["predicted_ms"], hybrid["ms"]),
+                        (f"cpu auto ({shape})", cpu["predicted_ms"], cpu["ms"])]
+        notes.append(f"hybrid: {hybrid['budget']}; split {hybrid['split']:.2f}")
+        headlines.append(Headline("hybrid_vs_cpu_ratio", cpu["ms"] / hybrid["ms"],
+                                  f"all-CPU step / hybrid step, both auto ({shape}; target >= 1.5)",
+                                  peer="all-CPU auto step ms", peer_value=cpu["ms"]))
+        if device == "cuda":
+            try:
+                hf_ms = _hf_step_ms(model.hf_model, prompts, 3)
+                notes.append(f"transformers generate (dynamic cache) on {shape}: {hf_ms:.1f} ms/step")
+            except torch.OutOfMemoryError as exc:
+                notes.append(f"transformers generate (dynamic cache) on {shape}: out of memory "
+                             f"({str(exc).splitlines()[0][:160]})")
+        del model, engine
+        _free()
+
+    if predictions:
+        errors = {case: 100 * abs(p - m) / m for case, p, m in predictions}
+        details["predictions"] = [{"case": c, "predicted_ms": p, "measured_ms": m, "error_pct": errors[c]}
+                                  for c, p, m in predictions]
+        worst = max(errors, key=errors.get)
+        headlines.append(Headline("scheduler_max_pred_error_pct", errors[worst],
+                                  f"% worst |predicted - measured| / measured step time over {len(errors)} "
+                                  f"(placement, split) points (worst: {worst}; target <= 15)"))
+    if quick:  # small shapes are a smoke run: their figures never reach summary.json
+        notes.append("quick run (small shapes): headlines not recorded: " +
+                     "; ".join(f"{h.key}={h.value:.4g}" for h in headlines))
+        headlines = []
+    return SuiteResult(suite="offload_quick" if quick else "offload", rows=rows, headlines=headlines,
+                       notes=notes, details=details)

@@ -338,7 +338,11 @@ class Generator:
                 ready.record()
             if step_index + 1 < new_tokens:  # launch the next step now; its result is read next turn
                 kv_len = max_tokens if use_graph else longest + step_index + 1
+                if self.recorder is not None:  # step markers on the compute stream; lanes come from the runtime
+                    self.recorder.begin_step(step_index + 1)
                 logits = decode(pending, positions) if use_graph else step(pending, positions, kv_len)
+                if self.recorder is not None:
+                    self.recorder.end_step()
                 nxt = sample(logits, settings.sampling, gen)
                 positions += 1
             if ready is not None:

@@ -13,6 +13,8 @@ same tokens (tests/test_offload.py). The runtime decides nothing: ranges and chu
 
 from __future__ import annotations
 
+import contextlib
+import os
 from itertools import groupby
 
 import torch
@@ -21,6 +23,7 @@ from engine.adapters import DecoderAdapter
 from engine.forward import DecodeAttention
 from engine.offload_store import OffloadStore
 from engine.scheduler import RunPlan, StepPlan
+from kernels.rope import rope_, rope_reference
 
 
 class NullRecorder:
@@ -57,13 +60,13 @@ class OffloadRuntime:
         positions = torch.arange(plan.max_tokens, device=self.device)[None, :]
         probe = torch.zeros(1, 1, self.spec.hidden_size, dtype=store.stage_act.dtype, device=self.device)
         rope = adapter.rope(probe, positions)
-        self.rope_cos, self.rope_sin = (None, None) if rope is None else (rope[0][0], rope[1][0])  # (S, D)
+        self.rope_cos, self.rope_sin = (None, None) if rope is None else (rope[0][0].contiguous(), rope[1][0].contiguous())
 
     # -- prefill -------------------------------------------------------------------------------------------
     def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
         """Prefill's K/V (B, T, Hkv, D) and activations X (B, T, h) of one layer, to where the plan keeps them."""
         store, num_tokens = self.store, k.shape[1]
-        kv = torch.stack((k, v), dim=2).permute(1, 2, 0, 3, 4)  # (T, 2, B, Hkv, D)
+        kv = torch.stack((k, v), dim=2).transpose(0, 1)  # (T, B, 2, Hkv, D)
         g = min(store.plan.resident_tokens, num_tokens)
         if g:
             store.resident[layer, :g].copy_(kv[:g])
@@ -102,14 +105,33 @@ class OffloadRuntime:
         dst.copy_(self.store.host_kv_slots(layer, lo, hi), non_blocking=True)
         self.recorder.end(handle, self._stream(self.h2d))
 
+    def fuse_kv_weights(self, layer: int) -> None:
+        """[W_k; W_v] (and biases) of `layer` into the store's one recompute weight, once per layer and step."""
+        k_proj, v_proj = self.adapter.kv_projections(layer)
+        torch.cat((k_proj.weight, v_proj.weight), out=self.store.kv_weight)
+        if k_proj.bias is not None:
+            torch.cat((k_proj.bias, v_proj.bias), out=self.store.kv_bias)
+
     def recompute_kv(self, layer: int, slot: int, lo: int, hi: int) -> None:
-        store = self.store
+        """K, V of slots [lo, hi) from their activations: one GEMM writes [K | V] rows of staging in place, then
+        the family's k-norm and RoPE at each slot's position."""
+        store, batch = self.store, self.plan.batch
         handle = self.recorder.begin("recompute", layer)
-        x = store.stage_act[slot, lo - store.act_lo : hi - store.act_lo]  # (c, B, h): slots as the batch dim
-        rope = None if self.rope_cos is None else (self.rope_cos[lo:hi, None], self.rope_sin[lo:hi, None])
-        k, v = self.adapter.project_kv(layer, x, rope)  # (c, B, Hkv, D)
-        store.stage_kv[slot, lo:hi, 0].copy_(k)
-        store.stage_kv[slot, lo:hi, 1].copy_(v)
+        x = store.stage_act[slot, lo - store.act_lo : hi - store.act_lo].flatten(0, 1)  # (c * B, h)
+        out = store.stage_kv[slot, lo:hi]  # (c, B, 2, Hkv, D), contiguous: (c * B) rows of [K | V]
+        out_rows = out.view(x.shape[0], -1)
+        if self.adapter.kv_projections(layer)[0].bias is not None:
+            torch.addmm(store.kv_bias, x, store.kv_weight.t(), out=out_rows)
+        else:
+            torch.mm(x, store.kv_weight.t(), out=out_rows)
+        k = out[:, :, 0].flatten(0, 1)  # (c * B, Hkv, D), row stride 2 * Hkv * D
+        self.adapter.finish_k_(layer, k)
+        if self.rope_cos is not None:
+            cos, sin = self.rope_cos[lo:hi], self.rope_sin[lo:hi]
+            if self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+                rope_(k, cos, sin, rows_per_position=batch)
+            else:  # plain CPU: the same rotation in torch
+                k.copy_(rope_reference(k, cos, sin, rows_per_position=batch))
         self.recorder.end(handle)
 
     def attend_layer(self, layer: int, slot: int, hidden: torch.Tensor, rope, positions: torch.Tensor,
@@ -120,23 +142,20 @@ class OffloadRuntime:
         x = adapter.attn_input(layer, hidden)
         q = adapter.project_q(layer, x, rope)
         k, v = adapter.project_kv(layer, x, rope)  # (B, 1, Hkv, D)
-        new_kv = store.new_kv[layer]  # (2, B, Hkv, D), read by store() on the D2H stream
-        new_kv[0].copy_(k[:, 0])
-        new_kv[1].copy_(v[:, 0])
+        new_kv = store.new_kv[layer]  # (B, 2, Hkv, D), read by store_new() on the D2H stream
+        new_kv[:, 0].copy_(k[:, 0])
+        new_kv[:, 1].copy_(v[:, 0])
         store.new_act[layer].copy_(x[:, 0])
         rows = torch.arange(k.shape[0], device=k.device)
         g = min(step.resident_tokens, step.seq_len)
         if g:
             if resident_rows is not None:  # sequences whose new token falls inside the resident range
                 pos = positions.clamp(max=g - 1)
-                resident = store.resident[layer]  # (g, 2, B, Hkv, D)
-                for part in (0, 1):
-                    old = resident[:, part][pos, rows]
-                    resident[:, part].index_put_((pos, rows), torch.where(resident_rows[:, None, None],
-                                                                          new_kv[part], old))
+                resident = store.resident[layer]  # (g, B, 2, Hkv, D)
+                old = resident[pos, rows]
+                resident.index_put_((pos, rows), torch.where(resident_rows[:, None, None, None], new_kv, old))
             store.stage_kv[slot, :g].copy_(store.resident[layer, :g])
-        store.stage_kv[slot, :, 0].index_put_((positions, rows), k[:, 0])
-        store.stage_kv[slot, :, 1].index_put_((positions, rows), v[:, 0])
+        store.stage_kv[slot].index_put_((positions, rows), new_kv)
         k_view, v_view = store.stage_views(slot, step.seq_len)
         attn = self.attend(q[:, 0], k_view, v_view, seq_lens, scale=adapter.attention_scale,
                            window=self.spec.sliding_window)
@@ -158,12 +177,7 @@ class OffloadRuntime:
         handle = self.recorder.begin("d2h_writeback", layer, self._stream(self.d2h), kv_bytes + act_bytes)
         for pos, lo, hi in groups:
             if pos >= plan.kv_range[0]:
-                if hi - lo == plan.batch:
-                    store.host_kv_slots(layer, pos, pos + 1)[0].copy_(store.new_kv[layer], non_blocking=True)
-                else:
-                    for part in (0, 1):
-                        store.host_kv_slots(layer, pos, pos + 1)[0, part, lo:hi].copy_(
-                            store.new_kv[layer, part, lo:hi], non_blocking=True)
+                store.host_kv_slots(layer, pos, pos + 1)[0, lo:hi].copy_(store.new_kv[layer, lo:hi], non_blocking=True)
             if plan.act_range[0] <= pos < plan.act_range[1]:
                 store.host_act_slots(layer, pos, pos + 1)[0, lo:hi].copy_(store.new_act[layer, lo:hi],
                                                                           non_blocking=True)
@@ -186,7 +200,7 @@ class OffloadRuntime:
         hidden = self.adapter.embed(ids, pos)
         rope = self.adapter.rope(hidden, pos)
         seq_lens = (positions + 1).to(torch.int32)
-        run = self._overlapped if self.overlapped and self.h2d is not None else self._sync
+        run = self._overlapped if self.overlapped else self._sync
         hidden = run(step, hidden, rope, positions, seq_lens, resident_rows, groups)
         return self.adapter.logits(hidden[:, 0]).float()
 
@@ -202,6 +216,8 @@ class OffloadRuntime:
 
     def _compute(self, layer: int, step: StepPlan, hidden, rope, positions, seq_lens, resident_rows) -> torch.Tensor:
         slot = layer % 2
+        if step.chunks:
+            self.fuse_kv_weights(layer)
         for n, (lo, hi) in enumerate(step.chunks):
             _wait(self.act_ready[slot][n])
             self.recompute_kv(layer, slot, lo, hi)
@@ -227,18 +243,18 @@ class OffloadRuntime:
             self._enqueue_loads(layer, step)
         for layer in range(layers):
             hidden = self._compute(layer, step, hidden, rope, positions, seq_lens, resident_rows)
-            with torch.cuda.stream(self.d2h):
-                self.d2h.wait_event(self.new_ready[layer])
+            with _on(self.d2h):
+                _wait(self.new_ready[layer], self.d2h)
                 self.store_new(layer, groups)
-                self.stored[layer].record(self.d2h)
+                _record(self.stored[layer], self.d2h)
             if layer + 2 < layers:
                 self._enqueue_loads(layer + 2, step)
         return hidden
 
     def _enqueue_loads(self, layer: int, step: StepPlan) -> None:
-        with torch.cuda.stream(self.h2d):
-            self.h2d.wait_event(self.slot_free[layer % 2])  # the layer two back has attended over this slot
-            self.h2d.wait_event(self.stored[layer])  # the host rows this step reads were written back
+        with _on(self.h2d):
+            _wait(self.slot_free[layer % 2], self.h2d)  # the layer two back has attended over this slot
+            _wait(self.stored[layer], self.h2d)  # the host rows this step reads were written back
             self._loads(layer, step, self.h2d)
 
     def _stream(self, stream):
@@ -255,7 +271,12 @@ def _record(event, stream=None) -> None:
         event.record(stream) if stream is not None else event.record()
 
 
-def _wait(event) -> None:
+def _wait(event, stream=None) -> None:
     if event is not None:
-        torch.cuda.current_stream().wait_event(event)
+        (stream or torch.cuda.current_stream()).wait_event(event)
+
+
+def _on(stream):
+    """Run on `stream`; without a GPU (no streams) the overlapped schedule runs its verbs in the same order."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 

@@ -2,13 +2,16 @@
 
 Layouts are position-major, so that any range of slots of one layer is one contiguous block and crosses PCIe
 as a single copy:
-- host K/V    (L, S_kv, 2, B, Hkv, D)   slots kv_range = [kv_lo, S)       pinned
+- host K/V    (L, S_kv, B, 2, Hkv, D)   slots kv_range = [kv_lo, S)       pinned
 - host X      (L, S_act, B, h)           slots act_range = [g, act_hi)     pinned (attention-input activations)
-- resident    (L, g, 2, B, Hkv, D)       slots [0, g)                      GPU
-- staging K/V (2, S, 2, B, Hkv, D)       all slots of one layer, two layers in flight           GPU
+- resident    (L, g, B, 2, Hkv, D)       slots [0, g)                      GPU
+- staging K/V (2, S, B, 2, Hkv, D)       all slots of one layer, two layers in flight           GPU
 - staging X   (2, S_act, B, h)           one layer's activations, two layers in flight          GPU
-- write-back  (L, 2, B, Hkv, D), (L, B, h): each layer's new token, read by the D2H stream        GPU
-Attention reads a staging slot through a (B, Hkv, S, D) view; the kernels take strides, so no copy is made.
+- write-back  (L, B, 2, Hkv, D), (L, B, h): each layer's new token, read by the D2H stream        GPU
+Row (slot, sequence) of a layer holds [K | V]: a range of slots is a (slots * B, 2 * Hkv * D) matrix, so the
+recompute GEMMs write K and V straight into staging (as matrices with row stride 2 * Hkv * D), and a run of
+sequences at one slot is one contiguous block for the write-back. Attention reads staging through
+(B, Hkv, S, D) views; the kernels take strides, so no copy is made.
 
 Host memory is page-locked with cudaHostRegister on a plain allocation rather than taken from torch's pinned
 caching allocator, which rounds every block up to a power of two (a 35 GB store would pin 64 GB) and keeps it
@@ -54,7 +57,8 @@ class OffloadStore:
         self.act_slots = act_slots
         item = dtype.itemsize
         host_bytes = layers * batch * (kv_slots * 2 * kv_heads * dim + act_slots * hidden) * item
-        gpu_bytes = (layers * g + 2 * S) * 2 * batch * kv_heads * dim * item + 2 * act_slots * batch * hidden * item
+        gpu_bytes = (layers * g + 2 * S) * 2 * batch * kv_heads * dim * item + 2 * act_slots * batch * hidden * item \
+            + (2 * kv_heads * dim * hidden * item if plan.recompute_enabled else 0)
         self.host_bytes, self.gpu_bytes = host_bytes, gpu_bytes
         check_fits(host_bytes, torch.device("cpu"), what=f"the offloaded KV store ({plan.placement})",
                    fix="lower the batch or the sequence length, or use placement 'hybrid' with a larger GPU budget.")
@@ -63,14 +67,20 @@ class OffloadStore:
         self.pinned = device.type == "cuda"
         self._pinned_tensors: list[torch.Tensor] = []
         try:
-            self.host_kv = self._host((layers, kv_slots, 2, batch, kv_heads, dim), dtype)
+            self.host_kv = self._host((layers, kv_slots, batch, 2, kv_heads, dim), dtype)
             self.host_act = self._host((layers, act_slots, batch, hidden), dtype)
             # Zeros: slots no step has written yet (and padding) are read by attention, masked; 0 * 0 is not NaN.
-            self.resident = torch.zeros((layers, g, 2, batch, kv_heads, dim), dtype=dtype, device=device)
-            self.stage_kv = torch.zeros((2, S, 2, batch, kv_heads, dim), dtype=dtype, device=device)
+            self.resident = torch.zeros((layers, g, batch, 2, kv_heads, dim), dtype=dtype, device=device)
+            self.stage_kv = torch.zeros((2, S, batch, 2, kv_heads, dim), dtype=dtype, device=device)
             self.stage_act = torch.zeros((2, act_slots, batch, hidden), dtype=dtype, device=device)
-            self.new_kv = torch.zeros((layers, 2, batch, kv_heads, dim), dtype=dtype, device=device)
+            self.new_kv = torch.zeros((layers, batch, 2, kv_heads, dim), dtype=dtype, device=device)
             self.new_act = torch.zeros((layers, batch, hidden), dtype=dtype, device=device)
+            # The recompute GEMM's weight [W_k; W_v] (and bias), filled per layer from the model's two projections:
+            # one GEMM writes whole [K | V] rows of staging. One buffer serves every layer (memory-neutral).
+            kv_out = 2 * kv_heads * dim
+            self.kv_weight = torch.empty((kv_out, hidden) if plan.recompute_enabled else (0, hidden), dtype=dtype,
+                                         device=device)
+            self.kv_bias = torch.empty(kv_out if plan.recompute_enabled else 0, dtype=dtype, device=device)
             # Prefill writes slots [0, prompt) of every row; later slots are written one token per step and row,
             # so a shorter row's slots can be read (masked) before any write: zero them, never garbage.
             first_new = plan.prompt_tokens
@@ -90,8 +100,8 @@ class OffloadStore:
     # -- views ---------------------------------------------------------------------------------------------
     def stage_views(self, slot: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V (B, Hkv, kv_len, D) views of staging slot `slot`, what attention reads."""
-        stage = self.stage_kv[slot, :kv_len]  # (kv_len, 2, B, Hkv, D)
-        return stage[:, 0].permute(1, 2, 0, 3), stage[:, 1].permute(1, 2, 0, 3)
+        stage = self.stage_kv[slot, :kv_len]  # (kv_len, B, 2, Hkv, D)
+        return stage[:, :, 0].permute(1, 2, 0, 3), stage[:, :, 1].permute(1, 2, 0, 3)
 
     def host_kv_slots(self, layer: int, lo: int, hi: int) -> torch.Tensor:
         return self.host_kv[layer, lo - self.kv_lo : hi - self.kv_lo]
@@ -104,6 +114,7 @@ class OffloadStore:
         for tensor in self._pinned_tensors:
             _unpin(tensor)
         self._pinned_tensors.clear()
-        for name in ("host_kv", "host_act", "resident", "stage_kv", "stage_act", "new_kv", "new_act"):
+        for name in ("host_kv", "host_act", "resident", "stage_kv", "stage_act", "new_kv", "new_act", "kv_weight",
+                     "kv_bias"):
             if hasattr(self, name):
                 delattr(self, name)

@@ -150,9 +150,9 @@ class CostModel:
         rows, kv_out = num_slots * self.batch, 2 * self.spec.num_kv_heads * self.spec.head_dim
         flops = 2 * rows * self.spec.hidden_size * kv_out
         gemm_ms = flops / (self.profile.gemm_tflop_s(rows, self.spec.hidden_size, kv_out) * 1e12) * 1e3
-        # RoPE, bias and the write into the staging buffer: K/V bytes written and read once more each.
-        elementwise_ms = 3 * num_slots * self.kv_bytes_per_slot / (self.profile.hbm_copy_gb_s * 1e9) * 1e3
-        return gemm_ms + elementwise_ms + 4 * self.profile.launch_us * 1e-3
+        # The GEMMs write K/V into staging themselves; RoPE in place passes over K about twice (read + write).
+        elementwise_ms = 2 * num_slots * self.kv_bytes_per_slot / (self.profile.hbm_copy_gb_s * 1e9) * 1e3
+        return gemm_ms + elementwise_ms + 8 * self.profile.launch_us * 1e-3
 
     def attention_ms(self, seq_len: int, resident: int) -> float:
         read_ms = seq_len * self.kv_bytes_per_slot / (self.profile.attention_gb_s * 1e9) * 1e3

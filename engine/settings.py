@@ -70,7 +70,7 @@ class OffloadSettings:
     placement: str = "gpu"
     gpu_kv_budget_gib: float | None = None
     split: str | float = "auto"
-    chunk_tokens: int = 256
+    chunk_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:

@@ -48,3 +48,12 @@ def served_demo_app():
     demo.queue(default_concurrency_limit=1).launch(prevent_thread_lock=True, quiet=True, **options)
     yield demo, session
     demo.close()
+
+
+@pytest.fixture(scope="session")
+def profile_cache(tmp_path_factory):
+    """One quick hardware profile of this CPU in a temporary cache: offloaded runs read it, none measures again."""
+    os.environ["KVLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("kvlab-cache"))
+    from engine.profiler import hardware_profile
+
+    return hardware_profile("cpu", quick=True)

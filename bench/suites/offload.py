@@ -10,6 +10,9 @@ Parts (--parts, all by default):
 - gqa:    synthetic:llama-3-8b, B16 P4096 N32, all KV on the CPU: the scheduler must turn recompute off.
 - hybrid: synthetic:llama-2-7b, B16 P8192 N32 (K/V ~ 69 GB): hybrid auto against all-CPU auto; transformers'
           dynamic cache on the same shape.
+- telemetry: the mha shape, all KV on the CPU, auto split, recorder on against off (lane spans of every layer);
+          the GPU-resident graphed step with step markers on against off; a trace of a short recorded run
+          (spans, NVML link counters, payload and tokens/s counters) written beside the results.
 Our step time is the median decode step of a run (the engine's own per-step wall time; prefill excluded), median
 over --repeat runs. transformers' is (t(N tokens) - t(1 token)) / (N - 1). The PCIe floor of a plan is the bytes
 it moves host-to-device per step over the best H2D bandwidth measured by the profiler at the start of this run.
@@ -29,7 +32,7 @@ from engine.profiler import hardware_profile
 from engine.scheduler import paper_split
 from engine.settings import OffloadSettings
 
-PARTS = ("exact", "mha", "gqa", "hybrid")
+PARTS = ("exact", "mha", "gqa", "hybrid", "telemetry")
 
 
 def add_arguments(parser) -> None:
@@ -41,6 +44,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=OffloadSettings().chunk_tokens)
     parser.add_argument("--peer-tokens", type=int, default=12, help="new tokens of the transformers offloaded peer")
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke run, not the issue's figures")
+    parser.add_argument("--tag", default="", help="suffix of the result files' name (offload_<tag>)")
 
 
 def _free() -> None:
@@ -266,6 +270,10 @@ def run(args) -> SuiteResult:
         del model, engine
         _free()
 
+    if "telemetry" in parts:
+        _telemetry(args, device=device, dtype=dtype, quick=quick, rows=rows, headlines=headlines, notes=notes,
+                   details=details, off=off)
+
     if predictions:
         errors = {case: 100 * abs(p - m) / m for case, p, m in predictions}
         details["predictions"] = [{"case": c, "predicted_ms": p, "measured_ms": m, "error_pct": errors[c]}
@@ -278,5 +286,73 @@ def run(args) -> SuiteResult:
         notes.append("quick run (small shapes): headlines not recorded: " +
                      "; ".join(f"{h.key}={h.value:.4g}" for h in headlines))
         headlines = []
-    return SuiteResult(suite="offload_quick" if quick else "offload", rows=rows, headlines=headlines,
+    suite = "offload_quick" if quick else "offload" + (f"_{args.tag}" if args.tag else "")
+    return SuiteResult(suite=suite, rows=rows, headlines=headlines,
                        notes=notes, details=details)
+
+
+def _telemetry(args, *, device, dtype, quick, rows, headlines, notes, details, off) -> None:
+    """Recorder overhead on the mha shape, and a trace of a short offloaded KVPR run."""
+    from engine.telemetry import NvmlSampler, Recorder, step_metrics
+    from engine.telemetry.export import nvml_counters, step_counters, write_trace
+
+    batch, plen, new = (2, 256, 16) if quick else (8, 2048, 64)
+    model = load_model(args.mha_model if not quick or device == "cuda" else "synthetic:tiny-llama",
+                       device=device, dtype=dtype)
+    prompts = _prompts(model.spec.vocab_size, batch, plen)
+    engine = Generator(model)
+    shape = f"{model.source} B{batch} P{plen} N{new}"
+    settings = {"cpu auto": GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=off("cpu")),
+                "GPU-resident": GenerationSettings(max_new_tokens=new, ignore_eos=True)}
+    ratios = {}
+    for name, gen_settings in settings.items():
+        engine.recorder = None
+        engine.generate(prompts, GenerationSettings(max_new_tokens=4, ignore_eos=True))  # warm-up
+        timed = {}
+        for mode in ("off", "on", "off", "on"):  # interleaved, so drift hits both alike
+            recorder = Recorder(model.device) if mode == "on" else None
+            engine.recorder = recorder
+            timed.setdefault(mode, []).append(_measure(engine, prompts, gen_settings, 1)["ms"])
+            if recorder is not None:
+                recorder.flush()
+                details.setdefault("recorder_spans", {})[name] = len(recorder.spans()[0])
+                recorder.close()
+        off_ms, on_ms = statistics.median(timed["off"]), statistics.median(timed["on"])
+        ratios[name] = off_ms / on_ms
+        rows.append(Row(case=f"{name}, recorder off ({shape})", ms=off_ms, tok_s=batch / (off_ms * 1e-3)))
+        rows.append(Row(case=f"{name}, recorder on ({shape})", ms=on_ms, tok_s=batch / (on_ms * 1e-3),
+                        peer="recorder off", peer_ms=off_ms))
+    engine.recorder = None
+    details["telemetry_ratios"] = ratios
+    headlines.append(Headline("telemetry_overhead_ratio", min(ratios.values()),
+                              f"decode tok/s with the recorder on / off, worst of {', '.join(ratios)} ({shape}; "
+                              "target >= 0.97)", peer="recorder off"))
+    # A short recorded run with KVPR on: the committed trace.
+    recorder = Recorder(model.device)
+    sampler = NvmlSampler(0, time_origin_ns=recorder.origin_ns) if device == "cuda" else None
+    started = sampler.start() if sampler is not None else False
+    engine.recorder = recorder
+    short = GenerationSettings(max_new_tokens=6, ignore_eos=True, offload=off("cpu"))
+    engine.generate(prompts, short)
+    engine.recorder = None
+    recorder.flush()
+    samples = []
+    if sampler is not None:
+        sampler.stop()
+        samples = sampler.samples()[0]
+    spans, _ = recorder.spans()
+    metrics = step_metrics(recorder.steps(), spans, tokens_per_step=batch)
+    counters = {**nvml_counters(samples), **step_counters(metrics)}
+    plan = engine.plan
+    path = write_trace(args.results_dir / f"{'offload_quick' if quick else 'offload'}_trace.json.gz", spans, counters=counters, metadata={
+        "model": model.source, "shape": f"B{batch} P{plen}", "placement": "cpu", "split": "auto",
+        "plan_reason": plan.steps[0].reason, "predicted_step_ms": plan.steps[0].predicted_ms,
+        "nvml": "sampled" if started else (sampler.why_unavailable if sampler is not None else "no GPU")})
+    recorder.close()
+    details["trace"] = {"file": path.name, "spans": len(spans), "steps": len(metrics),
+                        "nvml": "sampled" if started else "unavailable",
+                        "payload_gb_s": [m.payload_gb_s for m in metrics]}
+    notes.append(f"trace of a 6-token offloaded run ({shape}, cpu auto): {path.name}, {len(spans)} spans, "
+                 f"NVML {'sampled' if started else 'unavailable'}")
+    del model, engine
+    _free()

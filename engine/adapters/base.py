@@ -104,6 +104,15 @@ class DecoderAdapter:
         """X (B, T, hidden) -> K, V (B, T, Hkv, D), with bias, k-norm and RoPE at the tokens' positions."""
         raise NotImplementedError
 
+    def kv_projections(self, layer: int) -> tuple[torch.nn.Linear, torch.nn.Linear]:
+        """The K and V projections of a layer: KV recomputation runs them as one GEMM over many tokens."""
+        attn = self.layers[layer].self_attn
+        return attn.k_proj, attn.v_proj
+
+    def finish_k_(self, layer: int, k: torch.Tensor) -> None:
+        """What a family applies to K after its projection and before RoPE (Qwen3's k-norm), in place on
+        k (..., Hkv, D). Most families have nothing to do."""
+
     def attn_output(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Attention result (B, T, Hq*D) -> hidden state after the output projection and residual."""
         raise NotImplementedError

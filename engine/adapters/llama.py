@@ -81,6 +81,10 @@ class LlamaAdapter(DecoderAdapter):
             k = attn.k_norm(k)
         return apply_rope(k, *rope), v
 
+    def finish_k_(self, layer, k):
+        if self.spec.qk_norm:
+            k.copy_(self.layers[layer].self_attn.k_norm(k))
+
     def attn_output(self, layer, attn, residual):
         return residual + self.layers[layer].self_attn.o_proj(attn)
 

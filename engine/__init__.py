@@ -5,6 +5,12 @@
     result = Generator(model).generate(["To be, or not"], GenerationSettings(max_new_tokens=16))
 """
 
+import os
+
+# KV caches, staging buffers and prefill temporaries are large and of many sizes: expandable segments keep the
+# CUDA allocator from fragmenting into reserved-but-unusable blocks (read when CUDA is first used).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 from engine.adapters import SUPPORTED_MODEL_TYPES, ModelSpec
 from engine.errors import (CompileError, InvalidSettingsError, KVLabError, ModelLoadError, OutOfMemoryError,
                            PromptTooLongError, UnsupportedArchitectureError)

@@ -24,6 +24,12 @@ class DecodeAttention(Protocol):
                  scale: float, window: int | None) -> torch.Tensor: ...
 
 
+# Prefill runs its per-token stages (norms, projections, RoPE, MLP) over slices of at most this many tokens,
+# so their temporaries (fp32 norms, the MLP's intermediate) stay bounded however long the batch of prompts;
+# only attention sees the whole sequence. Below it, one slice: the usual full-batch GEMMs.
+PREFILL_SLICE_TOKENS = 16384
+
+
 @torch.inference_mode()
 def prefill(adapter: DecoderAdapter, cache: KVCache | PrefixSink, token_ids: torch.Tensor, prompt_lens: torch.Tensor, *,
             all_full: bool) -> torch.Tensor:
@@ -38,16 +44,49 @@ def prefill(adapter: DecoderAdapter, cache: KVCache | PrefixSink, token_ids: tor
     hidden = adapter.embed(token_ids, positions)
     rope = adapter.rope(hidden, positions)
     lens = None if all_full else prompt_lens
+    slices = _token_slices(batch * num_tokens)
     for layer in range(spec.num_layers):
-        x = adapter.attn_input(layer, hidden)
-        q = adapter.project_q(layer, x, rope)
-        k, v = adapter.project_kv(layer, x, rope)
+        if len(slices) == 1:
+            x = adapter.attn_input(layer, hidden)
+            q = adapter.project_q(layer, x, rope)
+            k, v = adapter.project_kv(layer, x, rope)
+        else:
+            x, q, k, v = _sliced_projections(adapter, layer, hidden, rope, slices)
         cache.write_prefix(layer, k, v, x)
         attn = prefill_attention(q, k, v, lens, scale=adapter.attention_scale, window=spec.sliding_window)
-        hidden = adapter.attn_output(layer, attn, hidden)
-        hidden = adapter.mlp_block(layer, hidden)
+        del q, k, v, x
+        if len(slices) == 1:
+            hidden = adapter.mlp_block(layer, adapter.attn_output(layer, attn, hidden))
+        else:
+            flat, attn_flat = hidden.view(-1, 1, hidden.shape[-1]), attn.view(-1, 1, attn.shape[-1])
+            for part in slices:  # in place: each token's new state depends on its old one only
+                flat[part] = adapter.mlp_block(layer, adapter.attn_output(layer, attn_flat[part], flat[part]))
+        del attn
     last = hidden[torch.arange(batch, device=hidden.device), prompt_lens - 1]  # (B, hidden)
     return adapter.logits(last).float()
+
+
+def _token_slices(num_tokens: int) -> list[slice]:
+    return [slice(i, min(i + PREFILL_SLICE_TOKENS, num_tokens)) for i in range(0, num_tokens, PREFILL_SLICE_TOKENS)]
+
+
+def _sliced_projections(adapter: DecoderAdapter, layer: int, hidden: torch.Tensor, rope, slices: list[slice]):
+    """X, Q, K, V (B, T, ...) of one layer, computed over token slices (each token treated as a batch of one)."""
+    spec = adapter.spec
+    batch, num_tokens, width = hidden.shape
+    flat = hidden.view(-1, 1, width)
+    x = torch.empty_like(hidden)
+    q = hidden.new_empty(batch, num_tokens, spec.num_heads, spec.head_dim)
+    k = hidden.new_empty(batch, num_tokens, spec.num_kv_heads, spec.head_dim)
+    v = torch.empty_like(k)
+    x_f, q_f, k_f, v_f = (t.view(-1, 1, *t.shape[2:]) for t in (x, q, k, v))
+    rope_f = None if rope is None else tuple(r.reshape(-1, 1, r.shape[-1]) for r in rope)
+    for part in slices:
+        rope_part = None if rope_f is None else (rope_f[0][part], rope_f[1][part])
+        x_f[part] = adapter.attn_input(layer, flat[part])
+        q_f[part] = adapter.project_q(layer, x_f[part], rope_part)
+        k_f[part], v_f[part] = adapter.project_kv(layer, x_f[part], rope_part)
+    return x, q, k, v
 
 
 @torch.inference_mode()

@@ -86,15 +86,26 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
 
 
 def load_model(source: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               seed: int = 0) -> LoadedModel:
-    """Load `source`: 'demo', 'synthetic:<preset>', a local directory, or a Hugging Face hub id."""
+               seed: int = 0, max_positions: int | None = None) -> LoadedModel:
+    """Load `source`: 'demo', 'synthetic:<preset>', a local directory, or a Hugging Face hub id.
+
+    `max_positions` lengthens a synthetic preset's context (random weights have no trained length; offload
+    benches need sequences past e.g. Llama-2's 4096 positions). Trained models keep their own.
+    """
     if not isinstance(source, str) or not source.strip():
         raise ModelLoadError("No model given: pass a local directory, a hub id (org/name), 'demo' or 'synthetic:<preset>'.")
     source = source.strip()
+    if max_positions is not None:
+        if isinstance(max_positions, bool) or not isinstance(max_positions, int) or not 1 <= max_positions <= 1 << 22:
+            raise InvalidSettingsError(f"max_positions must be a whole number in 1..{1 << 22}, got {max_positions!r}.")
+        if not source.startswith(SYNTHETIC_PREFIX):
+            raise InvalidSettingsError(f"max_positions only applies to synthetic presets, not {source!r}: a trained "
+                                       "model's context is fixed by its weights.")
     device, dtype = resolve_device_dtype(device, dtype)
     start = time.perf_counter()
     if source.startswith(SYNTHETIC_PREFIX):
-        loaded = _load_synthetic(source[len(SYNTHETIC_PREFIX):], device=device, dtype=dtype, seed=seed)
+        loaded = _load_synthetic(source[len(SYNTHETIC_PREFIX):], device=device, dtype=dtype, seed=seed,
+                                 max_positions=max_positions)
     elif source == "demo":
         if not (DEMO_MODEL_DIR / "config.json").exists():
             raise ModelLoadError(f"The embedded demo model is missing from {DEMO_MODEL_DIR}: reinstall KV Lab from a full checkout.")
@@ -112,12 +123,15 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
     return loaded
 
 
-def _load_synthetic(name: str, *, device: torch.device, dtype: torch.dtype, seed: int) -> LoadedModel:
+def _load_synthetic(name: str, *, device: torch.device, dtype: torch.dtype, seed: int,
+                    max_positions: int | None = None) -> LoadedModel:
     if name not in presets.PRESETS:
         raise ModelLoadError(f"Unknown synthetic preset {name!r}. Presets: {', '.join(presets.PRESETS)}.")
     from transformers import AutoModelForCausalLM
 
     config = presets.preset_config(name)
+    if max_positions is not None:
+        config.max_position_embeddings = max_positions
     check_supported(config.model_type)
     # Built on the meta device and materialised directly on the target: a 13B model's random weights
     # never pass through host memory.

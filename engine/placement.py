@@ -19,10 +19,17 @@ MARGIN_BYTES = 1 << 30  # allocator slack, cuBLAS workspaces, the logits
 
 
 def prefill_working_bytes(spec: ModelSpec, *, batch: int, prompt_tokens: int) -> int:
-    """Peak bytes of one prefill layer's temporaries: hidden, X, Q/K/V, attention out, stacked K/V, MLP."""
+    """Peak bytes of one prefill layer's temporaries. Whole-batch tensors: hidden, X, Q, attention output and
+    its flattened copy, the activations' host-bound copy (6 h per token), K, V, their stacked and host-bound
+    copies (6 Hkv D). Per-token stages run over slices of PREFILL_SLICE_TOKENS (engine/forward.py): fp32 norms
+    and the MLP's three intermediates there. Half as much again for allocator fragmentation."""
+    from engine.forward import PREFILL_SLICE_TOKENS
+
     s = spec
-    per_token = 5 * s.hidden_size + 3 * s.intermediate_size + 6 * s.num_kv_heads * s.head_dim
-    return batch * prompt_tokens * per_token * s.dtype_bytes + batch * s.vocab_size * 4
+    tokens = batch * prompt_tokens
+    whole = tokens * (6 * s.hidden_size + 6 * s.num_kv_heads * s.head_dim) * s.dtype_bytes
+    per_slice = min(tokens, PREFILL_SLICE_TOKENS) * (3 * s.intermediate_size * s.dtype_bytes + 3 * s.hidden_size * 4)
+    return (whole + per_slice) * 3 // 2 + batch * s.vocab_size * 4
 
 
 def staging_bytes(spec: ModelSpec, *, batch: int, max_tokens: int) -> int:

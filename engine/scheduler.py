@@ -14,7 +14,7 @@ A100 constants, chosen once per run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.adapters import ModelSpec
 from engine.profiler import HardwareProfile
@@ -55,7 +55,7 @@ class StepPlan:
     predicted_ms: float  # the whole step, simulated
     pcie_floor_ms: float  # bytes this plan moves over PCIe / the best measured H2D bandwidth
     h2d_bytes: int  # per step, all layers
-    d2h_bytes: int  # write-back of the new tokens, all layers
+    d2h_bytes: int  # write-back of the new slot of every sequence, all layers
     reason: str
 
     @property
@@ -232,7 +232,7 @@ def plan_step(cost: CostModel, *, seq_len: int, resident: int, chunk_tokens: int
                   f"{full_ms:.1f} ms copying all K/V")
     predicted, layer = simulate_step(cost, seq_len=seq_len, resident=resident, recompute=r, chunk_tokens=chunk_tokens)
     h2d = spec.num_layers * (r * cost.act_bytes_per_slot + (offloaded - r) * cost.kv_bytes_per_slot)
-    d2h = spec.num_layers * (cost.act_bytes_per_slot + cost.kv_bytes_per_slot)  # one new slot per sequence
+    d2h = 0  # set by plan_run, which knows which slots the run keeps in host memory
     floor = h2d / (cost.profile.peak_h2d_gb_s * 1e9) * 1e3
     return StepPlan(seq_len=seq_len, resident_tokens=resident, recompute_tokens=r, chunk_tokens=chunk_tokens,
                     layer=layer, predicted_ms=predicted, pcie_floor_ms=floor, h2d_bytes=h2d, d2h_bytes=d2h,
@@ -255,6 +255,10 @@ def plan_run(spec: ModelSpec, profile: HardwareProfile, *, placement: str, batch
     kv_lo = min((p.recompute_range[1] for p in steps), default=resident)
     act_range = (resident, max(resident, act_hi))
     kv_range = (min(max(resident, kv_lo), max_tokens), max_tokens)
+    # The write-back of each step's new slot: its K/V where the run keeps K/V, its activations where it keeps them.
+    slot_kv, slot_act = spec.num_layers * cost.kv_bytes_per_slot, spec.num_layers * cost.act_bytes_per_slot
+    steps = tuple(replace(p, d2h_bytes=(slot_kv if kv_range[0] <= p.seq_len - 1 < kv_range[1] else 0)
+                          + (slot_act if act_range[0] <= p.seq_len - 1 < act_range[1] else 0)) for p in steps)
     first = steps[0]
     reason = first.reason if len(steps) == 1 or split is not None else \
         f"{first.reason} (first step; re-chosen every step as the sequences grow)"

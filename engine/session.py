@@ -1,22 +1,37 @@
-"""What the app holds between clicks: the loaded model, one job at a time, errors turned into messages.
+"""What the app holds between clicks: the loaded model, the applied settings, profiling runs, one job at a time.
 
 Panels talk to a `LabSession` only (no torch in panels). A failed load keeps the model that was loaded
-before; a failed run frees its memory and leaves the model in place for the next one.
+before; a failed run frees its memory and leaves the model in place for the next one. Work that uses the
+device (loading, chat, profiling, measuring the hardware) takes the session's lock; `live()` does not, so
+the Profile panel can poll a running profile. Files the app offers for download are written only under
+`export_dir`, a directory the session makes (the app's only allowed path).
 """
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator
 
-from engine.errors import InvalidSettingsError
+import torch
+
+from engine.errors import InvalidSettingsError, PromptTooLongError
+from engine.explorer import DEFAULT_SPLITS, ExploreResult, MeasuredPoint, explore_splits
 from engine.generator import Generator
+from engine.lab_runs import LiveRun, LiveView, ProfileUpdate, RunRecord, profile_run
 from engine.loader import LoadedModel, load_model
-from engine.settings import GenerationSettings
+from engine.profiler import HardwareProfile, hardware_profile
+from engine.run_compare import CompareTable, compare_runs, write_compare
+from engine.scheduler import gqa_note
+from engine.settings import GenerationSettings, RunShape
+from engine.telemetry import CuptiPmSampler, NvmlSampler, nvml_counters, step_counters, write_trace
 
 MAX_CHAT_CHARS = 20_000  # longer pastes are refused: the model's context is far shorter anyway
+MAX_RUNS = 100  # profiling runs kept for Compare and the explorer, oldest dropped first
 
 
 @dataclass(frozen=True)
@@ -30,22 +45,89 @@ class ChatUpdate:
     finish_reason: str | None  # None while streaming
 
 
+def model_card(model: LoadedModel) -> dict:
+    """The loader's card plus what the lab derives from the shape: the GQA note and the memory needed."""
+    spec = model.spec
+    full_context_kv = spec.kv_bytes_per_token * spec.max_positions
+    return model.card() | {"gqa_note": gqa_note(spec), "kv_bytes_full_context": full_context_kv,
+                           "memory_needed_bytes": spec.weight_bytes + full_context_kv}
+
+
 class LabSession:
-    def __init__(self) -> None:
+    def __init__(self, *, export_dir: str | Path | None = None) -> None:
         self.model: LoadedModel | None = None
         self._lock = threading.Lock()  # one GPU job at a time, whatever the UI's queue does
+        # The settings panel applies one settings object and a run shape; chat, profiling and the explorer use them.
+        self.settings = GenerationSettings()
+        self.shape = RunShape()
+        self.runs: list[RunRecord] = []  # finished profiling runs, oldest first
+        self._next_run_id = 1
+        self._live: LiveRun | None = None
+        self._profiles: dict[str, HardwareProfile] = {}
+        self._cupti: dict[str, CuptiPmSampler] = {}
+        self._export_dir = Path(export_dir) if export_dir is not None else None
 
     # -- model ---------------------------------------------------------------------------------
     def load(self, source: str, *, device: str | None = None, dtype: str | None = None) -> dict:
         """Load `source` and make it current; on failure the previous model stays loaded."""
         with self._lock:
             self.model = load_model(source, device=device, dtype=dtype)
-            return self.model.card()
+            return model_card(self.model)
+
+    def card(self) -> dict | None:
+        return model_card(self.model) if self.model is not None else None
 
     def require_model(self) -> LoadedModel:
         if self.model is None:
             raise InvalidSettingsError("No model is loaded: load one in the Model panel first.")
         return self.model
+
+    # -- settings ------------------------------------------------------------------------------
+    def apply_settings(self, settings: GenerationSettings, shape: RunShape | None = None) -> None:
+        """Make `settings` (and the profiling run's `shape`) the ones chat, profiling and the explorer use."""
+        if not isinstance(settings, GenerationSettings):
+            raise InvalidSettingsError(f"settings must be a GenerationSettings instance, got {type(settings).__name__}.")
+        if shape is not None and not isinstance(shape, RunShape):
+            raise InvalidSettingsError(f"shape must be a RunShape instance, got {type(shape).__name__}.")
+        self.settings = settings
+        if shape is not None:
+            self.shape = shape
+
+    # -- hardware ------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        if self.model is not None:
+            return self.model.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _hardware(self, device: torch.device, *, refresh: bool = False) -> HardwareProfile:
+        # Caller holds the lock: measuring uses the device.
+        key = str(device)
+        if refresh or key not in self._profiles:
+            self._profiles[key] = hardware_profile(device, refresh=refresh)
+        return self._profiles[key]
+
+    def hardware(self, *, refresh: bool = False) -> HardwareProfile:
+        """The profiler's measurements of the loaded model's device: cached, or measured now (`refresh`)."""
+        with self._lock:
+            return self._hardware(self._device(), refresh=refresh)
+
+    def _cupti_sampler(self, device: torch.device) -> CuptiPmSampler:
+        key = str(device)
+        if key not in self._cupti:
+            self._cupti[key] = CuptiPmSampler(device.index or 0)
+        return self._cupti[key]
+
+    def telemetry_sources(self) -> dict[str, str]:
+        """Whether NVML (PCIe link bytes) and CUPTI (L2 hit rate) can sample here, and why not."""
+        device = self._device()
+        if device.type != "cuda":
+            nvml = "the model runs on the CPU: no PCIe link in use"
+        else:
+            sampler = NvmlSampler(device.index or 0)
+            nvml = "available: PCIe link bytes sampled every 20 ms" if sampler.available() else sampler.why_unavailable
+            sampler.close()
+        probe = self._cupti_sampler(device).probe()
+        return {"NVML": nvml, "CUPTI": probe.reason if not probe.available else f"available: {probe.reason}"}
 
     # -- chat ----------------------------------------------------------------------------------
     def chat(self, history: list[dict], message: str, settings: GenerationSettings) -> Iterator[ChatUpdate]:
@@ -61,9 +143,12 @@ class LabSession:
         stops = tuple(dict.fromkeys((*model.chat_stop_strings, *settings.stop_strings)))
         settings = replace(settings, stop_strings=stops)
         with self._lock:
+            generator = Generator(model)
+            if settings.offload.offloaded:
+                generator.profile = self._hardware(model.device)
             start = time.perf_counter()
             reply, decode_ms, num_tokens = "", 0.0, 0
-            for event in Generator(model).stream([prompt], settings):
+            for event in generator.stream([prompt], settings):
                 reply += event.text_deltas[0]
                 if event.token_ids[0] is not None:
                     num_tokens += 1
@@ -76,6 +161,109 @@ class LabSession:
                                  finish_reason=event.finish_reasons[0] if done else None)
                 if done:
                     return
+
+    # -- profiling -----------------------------------------------------------------------------
+    def profile(self, settings: GenerationSettings, *, batch: int, prompt_tokens: int,
+                seed: int = 0) -> Iterator[ProfileUpdate]:
+        """Run `batch` seeded random prompts of `prompt_tokens` tokens under `settings` with telemetry attached.
+
+        Yields a ProfileUpdate per decode step; the last one carries the RunRecord, which is also kept in
+        `runs`. While it runs, `live()` shows what it has produced so far.
+        """
+        shape = RunShape(batch=batch, prompt_tokens=prompt_tokens, seed=seed)
+        if not isinstance(settings, GenerationSettings):
+            raise InvalidSettingsError(f"settings must be a GenerationSettings instance, got {type(settings).__name__}.")
+        model = self.require_model()
+        with self._lock:
+            hardware = self._hardware(model.device)
+            run_id, self._next_run_id = self._next_run_id, self._next_run_id + 1
+            live = self._live = LiveRun(run_id, num_steps=max(0, settings.max_new_tokens - 1))
+            status = "stopped"
+            try:
+                with closing(profile_run(model, settings, shape, run_id=run_id, hardware=hardware,
+                                         cupti=self._cupti_sampler(model.device))) as updates:
+                    for update in updates:
+                        live.add(update)
+                        if update.record is not None:
+                            self.runs = [*self.runs, update.record][-MAX_RUNS:]
+                            status = "done"
+                        yield update
+            except Exception as exc:
+                status = f"failed: {exc}"
+                raise
+            finally:
+                live.end(status)
+
+    def live(self) -> LiveView | None:
+        """The current (or last) profiling run as it stands; never waits for the device."""
+        live = self._live
+        return live.view() if live is not None else None
+
+    def run(self, run_id: int | None = None) -> RunRecord:
+        """A kept run by id (None: the latest)."""
+        if not self.runs:
+            raise InvalidSettingsError("No profiling run yet: run one in the Profile panel first.")
+        if run_id is None:
+            return self.runs[-1]
+        for record in self.runs:
+            if record.run_id == run_id:
+                return record
+        raise InvalidSettingsError(f"Run #{run_id} is not among this session's runs "
+                                   f"({', '.join(f'#{r.run_id}' for r in self.runs)}): pick one of those.")
+
+    # -- scheduler explorer ----------------------------------------------------------------------
+    def explore(self, settings: GenerationSettings, *, batch: int, prompt_tokens: int, new_tokens: int | None = None,
+                splits: tuple[float, ...] = DEFAULT_SPLITS) -> ExploreResult:
+        """Predicted step time against the split fraction for the loaded model under `settings` and this shape,
+        the auto choice, and the measured points of kept runs of the same model, placement and shape."""
+        RunShape(batch=batch, prompt_tokens=prompt_tokens)  # validates
+        new_tokens = settings.max_new_tokens if new_tokens is None else new_tokens
+        model = self.require_model()
+        if prompt_tokens + new_tokens > model.spec.max_positions:
+            raise PromptTooLongError(f"prompt_tokens={prompt_tokens} plus {new_tokens} new tokens need "
+                                     f"{prompt_tokens + new_tokens} positions, but the model's context is "
+                                     f"{model.spec.max_positions}: shorten the prompt or ask for fewer new tokens.")
+        with self._lock:
+            hardware = self._hardware(model.device)
+            result = explore_splits(model.spec, settings.offload, device=model.device, profile=hardware, batch=batch,
+                                    prompt_tokens=prompt_tokens, new_tokens=new_tokens, splits=splits)
+        offload = settings.offload
+        same = [r for r in self.runs if r.source == model.source and r.device == str(model.device)
+                and (r.batch, r.prompt_tokens, r.new_tokens) == (batch, prompt_tokens, new_tokens)
+                and r.settings["offload.placement"] == result.placement and r.split is not None
+                and r.settings["offload.chunk_tokens"] == offload.chunk_tokens
+                and r.settings["offload.gpu_kv_budget_gib"] == offload.gpu_kv_budget_gib]
+        measured = tuple(MeasuredPoint(run_id=r.run_id, split=r.split, step_ms=r.median_step_ms,
+                                       predicted_ms=r.predicted_ms, label=r.label) for r in same)
+        return replace(result, measured=measured)
+
+    # -- compare and export ----------------------------------------------------------------------
+    def compare(self, run_ids: list[int]) -> CompareTable:
+        """Kept runs side by side, the first one the baseline of the deltas."""
+        return compare_runs([self.run(run_id) for run_id in run_ids])
+
+    @property
+    def export_dir(self) -> Path:
+        """Where exports are written (made on first use): the one directory the app may serve files from."""
+        if self._export_dir is None:
+            self._export_dir = Path(tempfile.mkdtemp(prefix="kvlab-exports-"))
+        self._export_dir.mkdir(parents=True, exist_ok=True)
+        return self._export_dir
+
+    def export_compare(self, run_ids: list[int], *, fmt: str = "csv") -> Path:
+        """The comparison of `run_ids` as a .csv (the table) or .json (the table and the full records)."""
+        if fmt not in ("csv", "json"):
+            raise InvalidSettingsError(f"Export format {fmt!r} is not offered: use 'csv' or 'json'.")
+        records = [self.run(run_id) for run_id in run_ids]
+        name = "kvlab-compare-" + "-".join(str(r.run_id) for r in records) + f".{fmt}"
+        return write_compare(self.export_dir / name, records)
+
+    def export_trace(self, run_id: int | None = None) -> Path:
+        """The run's Chrome/Perfetto trace (lanes per layer, payload and link GB/s, tokens/s) under `export_dir`."""
+        record = self.run(run_id)
+        counters = step_counters(s.metrics for s in record.steps) | nvml_counters(record.link)
+        return write_trace(self.export_dir / f"kvlab-run-{record.run_id}.trace.json", record.spans, counters=counters,
+                           metadata=record.summary(with_steps=False))
 
 
 def normalise_history(history) -> list[dict]:
@@ -92,4 +280,4 @@ def normalise_history(history) -> list[dict]:
     return out
 
 
-__all__ = ["ChatUpdate", "LabSession", "normalise_history"]
+__all__ = ["ChatUpdate", "LabSession", "model_card", "normalise_history"]

@@ -133,3 +133,20 @@ class GenerationSettings:
         for name in ("cuda_graph", "ignore_eos", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidSettingsError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The shape of a profiling run: `batch` random prompts of `prompt_tokens` tokens each, drawn from `seed`.
+
+    How many tokens to generate is the settings' max_new_tokens; chat always runs one sequence.
+    """
+
+    batch: int = 2
+    prompt_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("batch", self.batch, low=1, high=4096, hint=" sequences")
+        _check_int("prompt_tokens", self.prompt_tokens, low=1, high=1_000_000, hint=" tokens per prompt")
+        _check_int("seed", self.seed, low=0, high=2**63 - 1)

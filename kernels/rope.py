@@ -6,7 +6,7 @@ The rotation is transformers' `rotate_half` convention (pairs (i, i + D/2)), wit
 position; row r uses position `r // rows_per_position` of the tables (rows are slot-major, sequences inside).
 Rounding follows torch's 16-bit arithmetic: each product and the sum round (to nearest even) to the input
 dtype, as `x * cos + rotate_half(x) * sin` does; in fp32 and fp16 the result equals torch's bit for bit
-(tests/test_rope.py).
+(tests/test_rope.py), in bf16 on the GPU (bench/results/offload.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import triton.language as tl
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_xr, stride_xh, stride_cp, num_rows, num_heads, rows_per_position,
-                 HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_16: tl.constexpr):
+                 HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_BF16: tl.constexpr,
+                 ROUND_FP16: tl.constexpr):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None, None]  # (R, 1, 1)
     offs_h = tl.arange(0, BLOCK_H)[None, :, None]  # (1, H, 1)
     offs_d = tl.arange(0, HALF)[None, None, :]  # (1, 1, HALF)
@@ -34,17 +35,29 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_xr, stride_xh, stride_cp, num_r
     s = tl.load(sin_ptr + table, mask=row_ok, other=0.0).to(tl.float32)
     dtype = x_ptr.dtype.element_ty
     a1, b1, a2, b2 = x1 * c, x2 * s, x2 * c, x1 * s
-    if ROUND_16:  # torch rounds every bf16/fp16 op's result: round the products before the sum, as it does
-        a1 = a1.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-        b1 = b1.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-        a2 = a2.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-        b2 = b2.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+    if ROUND_BF16:  # torch rounds each bf16 op's result: round the products before the sum, as it does
+        a1, b1, a2, b2 = _round_bf16(a1), _round_bf16(b1), _round_bf16(a2), _round_bf16(b2)
+    elif ROUND_FP16:
+        a1, b1 = a1.to(tl.float16).to(tl.float32), b1.to(tl.float16).to(tl.float32)
+        a2, b2 = a2.to(tl.float16).to(tl.float32), b2.to(tl.float16).to(tl.float32)
     tl.store(base, (a1 - b1).to(dtype, fp_downcast_rounding="rtne"), mask=mask)
     tl.store(base + HALF, (a2 + b2).to(dtype, fp_downcast_rounding="rtne"), mask=mask)
 
 
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> nearest-even bf16 value, kept in fp32, by integer arithmetic on the bits: a float cast pair
+    (fp32 -> bf16 -> fp32) may be folded away by the compiler, this may not."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rows_per_position: int) -> torch.Tensor:
     """Rotate x (rows, H, D) in place. cos/sin (positions, D) with rows = positions * rows_per_position.
+
+    The tables must repeat their first half in their second, as transformers builds them (cat(freqs, freqs)):
+    the kernel reads only the first half.
 
     x may have any row and head stride (the head dim must be contiguous); cos/sin rows must be contiguous.
     """
@@ -66,7 +79,8 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rows_per_pos
     _rope_kernel[(triton.cdiv(rows, block_r),)](
         x_ptr=x, cos_ptr=cos, sin_ptr=sin, stride_xr=x.stride(0), stride_xh=x.stride(1), stride_cp=cos.stride(0),
         num_rows=rows, num_heads=num_heads, rows_per_position=rows_per_position, HALF=dim // 2, BLOCK_R=block_r,
-        BLOCK_H=block_h, ROUND_16=x.element_size() == 2, num_warps=4)
+        BLOCK_H=block_h, ROUND_BF16=x.dtype == torch.bfloat16, ROUND_FP16=x.dtype == torch.float16,
+        num_warps=4)
     return x
 
 

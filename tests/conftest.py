@@ -44,7 +44,7 @@ def served_demo_app():
     session = LabSession()
     session.load("demo", device="cpu")
     demo = lab_app.build_app(session)
-    options = lab_app.launch_kwargs(lab_app.parse_args([]))
+    options = lab_app.launch_kwargs(lab_app.parse_args([]), export_dir=session.export_dir)
     demo.queue(default_concurrency_limit=1).launch(prevent_thread_lock=True, quiet=True, **options)
     yield demo, session
     demo.close()
@@ -54,6 +54,13 @@ def served_demo_app():
 def profile_cache(tmp_path_factory):
     """One quick hardware profile of this CPU in a temporary cache: offloaded runs read it, none measures again."""
     os.environ["KVLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("kvlab-cache"))
+    import torch
+
     from engine.profiler import hardware_profile
 
+    # The CPU profile is keyed by thread count too: measure it for the one-thread tests (one_thread) as well.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    hardware_profile("cpu", quick=True)
+    torch.set_num_threads(threads)
     return hardware_profile("cpu", quick=True)

@@ -21,8 +21,11 @@ it moves host-to-device per step over the best H2D bandwidth measured by the pro
 from __future__ import annotations
 
 import gc
+import json
 import statistics
 import time
+import traceback
+from dataclasses import dataclass, field
 
 import torch
 
@@ -114,184 +117,244 @@ def _row(case: str, m: dict, batch: int, *, peer: str | None = None, peer_ms: fl
                extra=extra)
 
 
+@dataclass
+class _Run:
+    """What the parts of one bench run share and fill in."""
+
+    args: object
+    device: str
+    dtype: str
+    quick: bool
+    rows: list = field(default_factory=list)
+    headlines: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+    predictions: list = field(default_factory=list)  # (case, predicted ms, measured ms)
+
+    def off(self, placement: str, split="auto", **kw) -> OffloadSettings:
+        return OffloadSettings(placement=placement, split=split, chunk_tokens=self.args.chunk_tokens, **kw)
+
+
 def run(args) -> SuiteResult:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise SystemExit(f"unknown --parts {unknown}; choose from {list(PARTS)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "bfloat16" if device == "cuda" else "float32"
+    ctx = _Run(args=args, device=device, dtype="bfloat16" if device == "cuda" else "float32",
+               quick=args.quick or device == "cpu")
     profile = hardware_profile(device, refresh=True)
-    rows: list[Row] = []
-    headlines: list[Headline] = []
-    notes = [f"H2D bandwidth measured in this run: {profile.peak_h2d_gb_s:.1f} GB/s best "
-             f"({', '.join(f'{p.rate:.1f}' for p in profile.h2d)} GB/s over "
-             f"{', '.join(str(p.size >> 10) + ' KiB' for p in profile.h2d)}); D2H {profile.d2h[-1].rate:.1f} GB/s; "
-             f"both at once {profile.bidirectional_gb_s:.1f} GB/s"]
-    details: dict = {"profile": profile.to_json()}
-    predictions: list[tuple[str, float, float]] = []  # (case, predicted, measured)
-    quick = args.quick or device == "cpu"
-    chunk = args.chunk_tokens
-
-    def off(placement: str, split="auto", **kw) -> OffloadSettings:
-        return OffloadSettings(placement=placement, split=split, chunk_tokens=chunk, **kw)
-
-    if "exact" in parts:
-        model = load_model(args.exact_model, device=device, dtype=dtype)
-        gen = torch.Generator().manual_seed(7)
-        new = 40
-        lengths = torch.randint(20, min(400, model.spec.max_positions - new), (8,), generator=gen).tolist()
-        prompts = [torch.randint(3, model.spec.vocab_size, (n,), generator=gen).tolist() for n in lengths]
-        engine = Generator(model)
-        base = GenerationSettings(max_new_tokens=new, ignore_eos=True)
-        ref = engine.generate(prompts, base).token_ids
-        kv_gib = model.spec.kv_bytes_per_token * len(prompts) * (max(lengths) + new) / 2**30
-        checks = {"cpu split 0": off("cpu", 0.0), "cpu split 0.5": off("cpu", 0.5), "cpu split 1": off("cpu", 1.0),
-                  "cpu auto": off("cpu"), "hybrid 0.4 of the KV, split 0.5": off("hybrid", 0.5,
-                                                                                   gpu_kv_budget_gib=0.4 * kv_gib)}
-        exact = {}
-        for name, offload in checks.items():
-            exact[name] = _match(engine.generate(prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True,
-                                                                             offload=offload)).token_ids, ref)
-        engine.offload_overlapped = False
-        exact["cpu split 0.5, synchronous schedule"] = _match(engine.generate(
-            prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=off("cpu", 0.5))).token_ids, ref)
-        details["exact_demo"] = {"prompt_lengths": lengths, "new_tokens": new, **exact}
-        worst = min(e["match_fraction"] for e in exact.values())
-        notes.append(f"exactness ({args.exact_model}, {dtype}, {len(prompts)} prompts of {min(lengths)}-{max(lengths)} "
-                     f"tokens, {new} greedy tokens) vs GPU-resident: " +
-                     "; ".join(f"{k}: {v['match_fraction']:.0%}" for k, v in exact.items()))
-        headlines.append(Headline("offload_exact_tokens_match", worst,
-                                  f"fraction of sequences token-identical to GPU-resident decoding, worst placement/split "
-                                  f"({args.exact_model}, {dtype}, {new} tokens)", peer="GPU-resident placement"))
-        del model, engine
+    ctx.notes.append(f"H2D bandwidth measured in this run: {profile.peak_h2d_gb_s:.1f} GB/s best "
+                     f"({', '.join(f'{p.rate:.1f}' for p in profile.h2d)} GB/s over "
+                     f"{', '.join(str(p.size >> 10) + ' KiB' for p in profile.h2d)}); D2H {profile.d2h[-1].rate:.1f} "
+                     f"GB/s; both at once {profile.bidirectional_gb_s:.1f} GB/s")
+    ctx.details["profile"] = json.loads(profile.to_json())
+    for part in parts:
+        try:
+            PART_FUNCTIONS[part](ctx)
+        except Exception as exc:  # noqa: BLE001 - one part's failure is reported; the others' results are kept
+            ctx.notes.append(f"part {part} failed: {type(exc).__name__}: {str(exc)[:400]}")
+            ctx.details.setdefault("failures", {})[part] = traceback.format_exc()[-3000:]
         _free()
-
-    if "mha" in parts:
-        batch, plen, new = (2, 256, 16) if quick else (8, 2048, 64)
-        model = load_model(args.mha_model if not quick or device == "cuda" else "synthetic:tiny-llama",
-                           device=device, dtype=dtype)
-        prompts = _prompts(model.spec.vocab_size, batch, plen)
-        engine = Generator(model)
-        shape = f"{model.source} B{batch} P{plen} N{new}"
-        mk = lambda offload: GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=offload)  # noqa: E731
-        engine.generate(prompts, GenerationSettings(max_new_tokens=4, ignore_eos=True))  # warm-up
-        resident = _measure(engine, prompts, mk(OffloadSettings()), args.repeat)
-        paper = paper_split(model.spec, batch=batch)
-        configs = {"cpu, split 0 (all K/V copied)": off("cpu", 0.0), "cpu, auto split": off("cpu"),
-                   "cpu, split 1 (all recomputed)": off("cpu", 1.0),
-                   f"cpu, paper's fixed split {paper:.2f}": off("cpu", round(paper, 4)),
-                   "hybrid 4 GiB GPU budget, auto split": off("hybrid", gpu_kv_budget_gib=4.0 if not quick else 0.002)}
-        measured = {name: _measure(engine, prompts, mk(o), args.repeat) for name, o in configs.items()}
-        engine.offload_overlapped = False
-        measured["cpu, auto split, synchronous schedule"] = _measure(engine, prompts, mk(off("cpu")), 1)
-        engine.offload_overlapped = True
-        peer_ms = None
-        if device == "cuda":
-            try:
-                peer_ms = _hf_step_ms(model.hf_model, prompts, args.peer_tokens, cache_implementation="offloaded")
-            except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-                notes.append(f"transformers offloaded cache did not run: {type(exc).__name__}: {str(exc)[:300]}")
-        rows.append(_row(f"GPU-resident KV, eager ({shape})", resident, batch))
-        full = measured["cpu, split 0 (all K/V copied)"]
-        auto = measured["cpu, auto split"]
-        for name, m in measured.items():
-            rows.append(_row(f"{name} ({shape})", m, batch, peer="transformers offloaded" if peer_ms else None,
-                             peer_ms=peer_ms))
-            if "synchronous" not in name:
-                predictions.append((name, m["predicted_ms"], m["ms"]))
-        if peer_ms:
-            rows.append(Row(case=f"transformers generate, offloaded cache ({model.source} B{batch} P{plen}, "
-                                 f"{args.peer_tokens} tokens)", ms=peer_ms, tok_s=batch / (peer_ms * 1e-3)))
-        details["mha_tokens_vs_resident"] = {name: _match(m["tokens"], resident["tokens"]) for name, m in measured.items()}
-        notes.append("7B tokens vs GPU-resident (random weights: near-flat logits, so bf16 rounding of recomputed K/V "
-                     "can flip a greedy choice): " + "; ".join(
-                         f"{k}: {v['match_fraction']:.0%}" for k, v in details["mha_tokens_vs_resident"].items()))
-        notes.append(f"auto split chose {auto['split']:.2f} of the offloaded tokens (median step): {auto['reason']}")
-        headlines.append(Headline("offload_full_pct_pcie_floor", 100 * full["floor_ms"] / full["ms"],
-                                  f"% of the PCIe floor, split 0, all KV on the CPU ({shape})",
-                                  peer="PCIe floor ms: K/V bytes per step / best measured H2D bandwidth",
-                                  peer_value=full["floor_ms"]))
-        headlines.append(Headline("kvpr_step_ratio_vs_full", auto["ms"] / full["ms"],
-                                  f"auto-split step / split-0 step ({shape}; target <= 0.60)",
-                                  peer="split 0 step ms", peer_value=full["ms"]))
-        headlines.append(Headline("offload_decode_tok_s", batch / (auto["ms"] * 1e-3),
-                                  f"tok/s, auto split, all KV on the CPU ({shape})",
-                                  peer="transformers generate, cache_implementation='offloaded', same prompts",
-                                  peer_value=batch / (peer_ms * 1e-3) if peer_ms else None))
-        del model, engine
-        _free()
-
-    if "gqa" in parts:
-        batch, plen, new = (2, 256, 8) if quick else (16, 4096, 32)
-        model = load_model(args.gqa_model if not quick or device == "cuda" else "synthetic:tiny-qwen2",
-                           device=device, dtype=dtype)
-        prompts = _prompts(model.spec.vocab_size, batch, plen)
-        engine = Generator(model)
-        shape = f"{model.source} B{batch} P{plen} N{new}"
-        m = _measure(engine, prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=off("cpu")),
-                     args.repeat)
-        rows.append(_row(f"cpu, auto split ({shape})", m, batch))
-        predictions.append((f"gqa cpu auto ({shape})", m["predicted_ms"], m["ms"]))
-        notes.append(f"GQA scheduler: split {m['split']:.2f}; reason: {m['reason']}")
-        headlines.append(Headline("gqa_offload_pct_pcie_floor", 100 * m["floor_ms"] / m["ms"],
-                                  f"% of the PCIe floor, auto split (chose {m['split']:.2f}), all KV on the CPU ({shape})",
-                                  peer="PCIe floor ms", peer_value=m["floor_ms"]))
-        del model, engine
-        _free()
-
-    if "hybrid" in parts:
-        batch, plen, new = (2, 384, 8) if quick else (16, 8192, 32)
-        model = load_model(args.mha_model if not quick or device == "cuda" else "synthetic:tiny-llama",
-                           device=device, dtype=dtype)
-        prompts = _prompts(model.spec.vocab_size, batch, plen)
-        engine = Generator(model)
-        shape = f"{model.source} B{batch} P{plen} N{new}"
-        kv_gb = model.spec.kv_bytes_per_token * batch * (plen + new) / 1e9
-        mk = lambda offload: GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=offload)  # noqa: E731
-        hybrid = _measure(engine, prompts, mk(off("hybrid")), 1)
-        cpu = _measure(engine, prompts, mk(off("cpu")), 1)
-        rows.append(_row(f"hybrid auto ({shape}, K/V {kv_gb:.1f} GB)", hybrid, batch, peer="all-CPU auto",
-                         peer_ms=cpu["ms"]))
-        rows.append(_row(f"cpu, auto split ({shape})", cpu, batch))
-        predictions += [(f"hybrid auto ({shape})", hybrid["predicted_ms"], hybrid["ms"]),
-                        (f"cpu auto ({shape})", cpu["predicted_ms"], cpu["ms"])]
-        notes.append(f"hybrid: {hybrid['budget']}; split {hybrid['split']:.2f}")
-        headlines.append(Headline("hybrid_vs_cpu_ratio", cpu["ms"] / hybrid["ms"],
-                                  f"all-CPU step / hybrid step, both auto ({shape}; target >= 1.5)",
-                                  peer="all-CPU auto step ms", peer_value=cpu["ms"]))
-        if device == "cuda":
-            try:
-                hf_ms = _hf_step_ms(model.hf_model, prompts, 3)
-                notes.append(f"transformers generate (dynamic cache) on {shape}: {hf_ms:.1f} ms/step")
-            except torch.OutOfMemoryError as exc:
-                notes.append(f"transformers generate (dynamic cache) on {shape}: out of memory "
-                             f"({str(exc).splitlines()[0][:160]})")
-        del model, engine
-        _free()
-
-    if "telemetry" in parts:
-        _telemetry(args, device=device, dtype=dtype, quick=quick, rows=rows, headlines=headlines, notes=notes,
-                   details=details, off=off)
-
-    if predictions:
-        errors = {case: 100 * abs(p - m) / m for case, p, m in predictions}
-        details["predictions"] = [{"case": c, "predicted_ms": p, "measured_ms": m, "error_pct": errors[c]}
-                                  for c, p, m in predictions]
+    if ctx.predictions:
+        errors = {case: 100 * abs(p - m) / m for case, p, m in ctx.predictions}
+        ctx.details["predictions"] = [{"case": c, "predicted_ms": p, "measured_ms": m, "error_pct": errors[c]}
+                                      for c, p, m in ctx.predictions]
         worst = max(errors, key=errors.get)
-        headlines.append(Headline("scheduler_max_pred_error_pct", errors[worst],
-                                  f"% worst |predicted - measured| / measured step time over {len(errors)} "
-                                  f"(placement, split) points (worst: {worst}; target <= 15)"))
-    if quick:  # small shapes are a smoke run: their figures never reach summary.json
-        notes.append("quick run (small shapes): headlines not recorded: " +
-                     "; ".join(f"{h.key}={h.value:.4g}" for h in headlines))
+        ctx.headlines.append(Headline("scheduler_max_pred_error_pct", errors[worst],
+                                      f"% worst |predicted - measured| / measured step time over {len(errors)} "
+                                      f"(placement, split) points (worst: {worst}; target <= 15)"))
+    headlines = ctx.headlines
+    if ctx.quick:  # small shapes are a smoke run: their figures never reach summary.json
+        ctx.notes.append("quick run (small shapes): headlines not recorded: " +
+                         "; ".join(f"{h.key}={h.value:.4g}" for h in headlines))
         headlines = []
-    suite = "offload_quick" if quick else "offload" + (f"_{args.tag}" if args.tag else "")
-    return SuiteResult(suite=suite, rows=rows, headlines=headlines,
-                       notes=notes, details=details)
+    suite = "offload_quick" if ctx.quick else "offload" + (f"_{args.tag}" if args.tag else "")
+    return SuiteResult(suite=suite, rows=ctx.rows, headlines=headlines, notes=ctx.notes, details=ctx.details)
 
 
-def _telemetry(args, *, device, dtype, quick, rows, headlines, notes, details, off) -> None:
+def _part_exact(ctx: _Run) -> None:
+    model = load_model(ctx.args.exact_model, device=ctx.device, dtype=ctx.dtype)
+    gen = torch.Generator().manual_seed(7)
+    new = 40
+    lengths = torch.randint(20, min(400, model.spec.max_positions - new), (8,), generator=gen).tolist()
+    prompts = [torch.randint(3, model.spec.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    engine = Generator(model)
+    base = GenerationSettings(max_new_tokens=new, ignore_eos=True)
+    ref = engine.generate(prompts, base).token_ids
+    kv_gib = model.spec.kv_bytes_per_token * len(prompts) * (max(lengths) + new) / 2**30
+    checks = {"cpu split 0": ctx.off("cpu", 0.0), "cpu split 0.5": ctx.off("cpu", 0.5), "cpu split 1": ctx.off("cpu", 1.0),
+              "cpu auto": ctx.off("cpu"), "hybrid 0.4 of the KV, split 0.5": ctx.off("hybrid", 0.5,
+                                                                               gpu_kv_budget_gib=0.4 * kv_gib)}
+    exact = {}
+    for name, offload in checks.items():
+        exact[name] = _match(engine.generate(prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True,
+                                                                         offload=offload)).token_ids, ref)
+    engine.offload_overlapped = False
+    exact["cpu split 0.5, synchronous schedule"] = _match(engine.generate(
+        prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=ctx.off("cpu", 0.5))).token_ids, ref)
+    ctx.details["exact_demo"] = {"prompt_lengths": lengths, "new_tokens": new, **exact}
+    ctx.details["recompute_vs_prefill"] = {model.source: _recompute_vs_prefill(model, ctx)}
+    worst = min(e["match_fraction"] for e in exact.values())
+    ctx.notes.append(f"exactness ({ctx.args.exact_model}, {ctx.dtype}, {len(prompts)} prompts of {min(lengths)}-{max(lengths)} "
+                 f"tokens, {new} greedy tokens) vs GPU-resident: " +
+                 "; ".join(f"{k}: {v['match_fraction']:.0%}" for k, v in exact.items()))
+    ctx.headlines.append(Headline("offload_exact_tokens_match", worst,
+                              f"fraction of sequences token-identical to GPU-resident decoding, worst placement/split "
+                              f"({ctx.args.exact_model}, {ctx.dtype}, {new} tokens)", peer="GPU-resident placement"))
+    del model, engine
+    _free()
+
+
+def _recompute_vs_prefill(model, ctx: _Run, *, batch: int = 4, length: int = 300) -> dict:
+    """Recomputed K/V (the runtime's fused GEMM + RoPE kernel) against the prefill's, element by element."""
+    from engine import forward
+    from engine.kv_cache import KVCache
+    from engine.offload_runtime import OffloadRuntime
+    from engine.offload_store import OffloadStore
+    from engine.placement import plan_for
+
+    spec = model.spec
+    ids = torch.randint(3, spec.vocab_size, (batch, length), generator=torch.Generator().manual_seed(3)).to(model.device)
+    lens = torch.full((batch,), length, device=model.device)
+    cache = KVCache(spec, batch=batch, max_tokens=length + 1, dtype=model.dtype, device=model.device)
+    forward.prefill(model.adapter, cache, ids, lens, all_full=True)
+    plan = plan_for(spec, ctx.off("cpu", 1.0), device=model.device, batch=batch, prompt_tokens=length, new_tokens=1)
+    store = OffloadStore(spec, plan, dtype=model.dtype, device=model.device)
+    runtime = OffloadRuntime(model.adapter, plan, store, forward.decode_attention_torch, prompt_lens=[length] * batch)
+    forward.prefill(model.adapter, runtime, ids, lens, all_full=True)
+    torch.cuda.synchronize() if model.device.type == "cuda" else None
+    differ = {"k": 0, "v": 0}
+    total, worst = 0, {"k": 0.0, "v": 0.0}
+    with torch.inference_mode():
+        for layer in range(spec.num_layers):
+            runtime.fuse_kv_weights(layer)
+            for lo, hi in plan.steps[0].chunks:
+                runtime.load_act(layer, 0, lo, hi)
+                runtime.recompute_kv(layer, 0, lo, hi)
+            got = store.stage_views(0, length)
+            want = cache.layer(layer, length)
+            for name, a, b in (("k", got[0], want[0]), ("v", got[1], want[1])):
+                differ[name] += int((a != b).sum())
+                worst[name] = max(worst[name], float((a.float() - b.float()).abs().max()))
+            total += want[0].numel()
+    runtime.release()
+    return {"elements_per_tensor": total, "k_differing": differ["k"], "v_differing": differ["v"],
+            "k_max_abs_diff": worst["k"], "v_max_abs_diff": worst["v"], "batch": batch, "length": length}
+
+
+def _part_mha(ctx: _Run) -> None:
+    batch, plen, new = (2, 256, 16) if ctx.quick else (8, 2048, 64)
+    model = load_model(ctx.args.mha_model if not ctx.quick or ctx.device == "cuda" else "synthetic:tiny-llama",
+                       device=ctx.device, dtype=ctx.dtype)
+    prompts = _prompts(model.spec.vocab_size, batch, plen)
+    engine = Generator(model)
+    shape = f"{model.source} B{batch} P{plen} N{new}"
+    mk = lambda offload: GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=offload)  # noqa: E731
+    engine.generate(prompts, GenerationSettings(max_new_tokens=4, ignore_eos=True))  # warm-up
+    resident = _measure(engine, prompts, mk(OffloadSettings()), ctx.args.repeat)
+    paper = paper_split(model.spec, batch=batch)
+    configs = {"cpu, split 0 (all K/V copied)": ctx.off("cpu", 0.0), "cpu, auto split": ctx.off("cpu"),
+               "cpu, split 1 (all recomputed)": ctx.off("cpu", 1.0),
+               f"cpu, paper's fixed split {paper:.2f}": ctx.off("cpu", round(paper, 4)),
+               "hybrid 4 GiB GPU budget, auto split": ctx.off("hybrid", gpu_kv_budget_gib=4.0 if not ctx.quick else 0.002)}
+    measured = {name: _measure(engine, prompts, mk(o), ctx.args.repeat) for name, o in configs.items()}
+    engine.offload_overlapped = False
+    measured["cpu, auto split, synchronous schedule"] = _measure(engine, prompts, mk(ctx.off("cpu")), 1)
+    engine.offload_overlapped = True
+    peer_ms = None
+    if ctx.device == "cuda":
+        try:
+            peer_ms = _hf_step_ms(model.hf_model, prompts, ctx.args.peer_tokens, cache_implementation="offloaded")
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+            ctx.notes.append(f"transformers offloaded cache did not run: {type(exc).__name__}: {str(exc)[:300]}")
+    ctx.rows.append(_row(f"GPU-resident KV, eager ({shape})", resident, batch))
+    full = measured["cpu, split 0 (all K/V copied)"]
+    auto = measured["cpu, auto split"]
+    for name, m in measured.items():
+        ctx.rows.append(_row(f"{name} ({shape})", m, batch, peer="transformers offloaded" if peer_ms else None,
+                         peer_ms=peer_ms))
+        if "synchronous" not in name:
+            ctx.predictions.append((name, m["predicted_ms"], m["ms"]))
+    if peer_ms:
+        ctx.rows.append(Row(case=f"transformers generate, offloaded cache ({model.source} B{batch} P{plen}, "
+                             f"{ctx.args.peer_tokens} tokens)", ms=peer_ms, tok_s=batch / (peer_ms * 1e-3)))
+    ctx.details["mha_tokens_vs_resident"] = {name: _match(m["tokens"], resident["tokens"]) for name, m in measured.items()}
+    ctx.details["recompute_vs_prefill"] = {**ctx.details.get("recompute_vs_prefill", {}),
+                                           model.source: _recompute_vs_prefill(model, ctx)}
+    ctx.notes.append("7B tokens vs GPU-resident (random weights: near-flat logits, so bf16 rounding of recomputed K/V "
+                 "can flip a greedy choice): " + "; ".join(
+                     f"{k}: {v['match_fraction']:.0%}" for k, v in ctx.details["mha_tokens_vs_resident"].items()))
+    ctx.notes.append(f"auto split chose {auto['split']:.2f} of the offloaded tokens (median step): {auto['reason']}")
+    ctx.headlines.append(Headline("offload_full_pct_pcie_floor", 100 * full["floor_ms"] / full["ms"],
+                              f"% of the PCIe floor, split 0, all KV on the CPU ({shape})",
+                              peer="PCIe floor ms: K/V bytes per step / best measured H2D bandwidth",
+                              peer_value=full["floor_ms"]))
+    ctx.headlines.append(Headline("kvpr_step_ratio_vs_full", auto["ms"] / full["ms"],
+                              f"auto-split step / split-0 step ({shape}; target <= 0.60)",
+                              peer="split 0 step ms", peer_value=full["ms"]))
+    ctx.headlines.append(Headline("offload_decode_tok_s", batch / (auto["ms"] * 1e-3),
+                              f"tok/s, auto split, all KV on the CPU ({shape})",
+                              peer="transformers generate, cache_implementation='offloaded', same prompts",
+                              peer_value=batch / (peer_ms * 1e-3) if peer_ms else None))
+    del model, engine
+    _free()
+
+
+def _part_gqa(ctx: _Run) -> None:
+    batch, plen, new = (2, 256, 8) if ctx.quick else (16, 4096, 32)
+    model = load_model(ctx.args.gqa_model if not ctx.quick or ctx.device == "cuda" else "synthetic:tiny-qwen2",
+                       device=ctx.device, dtype=ctx.dtype)
+    prompts = _prompts(model.spec.vocab_size, batch, plen)
+    engine = Generator(model)
+    shape = f"{model.source} B{batch} P{plen} N{new}"
+    m = _measure(engine, prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=ctx.off("cpu")),
+                 ctx.args.repeat)
+    ctx.rows.append(_row(f"cpu, auto split ({shape})", m, batch))
+    ctx.predictions.append((f"gqa cpu auto ({shape})", m["predicted_ms"], m["ms"]))
+    ctx.notes.append(f"GQA scheduler: split {m['split']:.2f}; reason: {m['reason']}")
+    ctx.headlines.append(Headline("gqa_offload_pct_pcie_floor", 100 * m["floor_ms"] / m["ms"],
+                              f"% of the PCIe floor, auto split (chose {m['split']:.2f}), all KV on the CPU ({shape})",
+                              peer="PCIe floor ms", peer_value=m["floor_ms"]))
+    del model, engine
+    _free()
+
+
+def _part_hybrid(ctx: _Run) -> None:
+    batch, plen, new = (2, 384, 8) if ctx.quick else (16, 8192, 32)
+    # Llama-2's context is 4096: random weights have no trained length, so the preset's is lengthened.
+    model = load_model(ctx.args.mha_model if not ctx.quick or ctx.device == "cuda" else "synthetic:tiny-llama",
+                       device=ctx.device, dtype=ctx.dtype, max_positions=max(4096, plen + new))
+    prompts = _prompts(model.spec.vocab_size, batch, plen)
+    engine = Generator(model)
+    shape = f"{model.source} B{batch} P{plen} N{new}"
+    kv_gb = model.spec.kv_bytes_per_token * batch * (plen + new) / 1e9
+    mk = lambda offload: GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=offload)  # noqa: E731
+    hybrid = _measure(engine, prompts, mk(ctx.off("hybrid")), 1)
+    cpu = _measure(engine, prompts, mk(ctx.off("cpu")), 1)
+    ctx.rows.append(_row(f"hybrid auto ({shape}, K/V {kv_gb:.1f} GB)", hybrid, batch, peer="all-CPU auto",
+                     peer_ms=cpu["ms"]))
+    ctx.rows.append(_row(f"cpu, auto split ({shape})", cpu, batch))
+    ctx.predictions += [(f"hybrid auto ({shape})", hybrid["predicted_ms"], hybrid["ms"]),
+                    (f"cpu auto ({shape})", cpu["predicted_ms"], cpu["ms"])]
+    ctx.notes.append(f"hybrid: {hybrid['budget']}; split {hybrid['split']:.2f}")
+    ctx.headlines.append(Headline("hybrid_vs_cpu_ratio", cpu["ms"] / hybrid["ms"],
+                              f"all-CPU step / hybrid step, both auto ({shape}; target >= 1.5)",
+                              peer="all-CPU auto step ms", peer_value=cpu["ms"]))
+    if ctx.device == "cuda":
+        try:
+            hf_ms = _hf_step_ms(model.hf_model, prompts, 3)
+            ctx.notes.append(f"transformers generate (dynamic cache) on {shape}: {hf_ms:.1f} ms/step")
+        except torch.OutOfMemoryError as exc:
+            ctx.notes.append(f"transformers generate (dynamic cache) on {shape}: out of memory "
+                         f"({str(exc).splitlines()[0][:160]})")
+    del model, engine
+    _free()
+
+
+def _part_telemetry(ctx: _Run) -> None:
+    args, device, dtype, quick = ctx.args, ctx.device, ctx.dtype, ctx.quick
+    rows, headlines, notes, details, off = ctx.rows, ctx.headlines, ctx.notes, ctx.details, ctx.off
     """Recorder overhead on the mha shape, and a trace of a short offloaded KVPR run."""
     from engine.telemetry import NvmlSampler, Recorder, step_metrics
     from engine.telemetry.export import nvml_counters, step_counters, write_trace
@@ -356,3 +419,7 @@ def _telemetry(args, *, device, dtype, quick, rows, headlines, notes, details, o
                  f"NVML {'sampled' if started else 'unavailable'}")
     del model, engine
     _free()
+
+
+PART_FUNCTIONS = {"exact": _part_exact, "mha": _part_mha, "gqa": _part_gqa, "hybrid": _part_hybrid,
+                  "telemetry": _part_telemetry}

@@ -1,0 +1,357 @@
+"""Profiling runs for the lab: a seeded decode run with telemetry attached, streamed as it goes, kept as a record.
+
+`profile_run` runs the Generator on `batch` random prompts with a Recorder attached and yields a
+`ProfileUpdate` after every decode step: the steps measured since the last update beside what the plan
+predicted for them, tokens/s, PCIe payload GB/s (the engine's own bytes over its copies' time), NVML link
+GB/s where a GPU lets it be sampled (else why not), where the L2 figure comes from, and the spans recorded
+since the last update. The last update carries the frozen `RunRecord` that Compare, the scheduler explorer
+and the trace export read. `LiveRun` holds what the Profile panel polls while a run goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import torch
+
+from engine.errors import InvalidSettingsError
+from engine.generator import Generator
+from engine.loader import LoadedModel
+from engine.placement import plan_for
+from engine.profiler import HardwareProfile
+from engine.scheduler import RunPlan
+from engine.settings import GenerationSettings, RunShape
+from engine.telemetry import NCU_FALLBACK, CuptiPmSampler, NvmlSample, NvmlSampler, Recorder, Span, StepMetrics, step_metrics
+
+NVML_PERIOD_S = 0.02  # the PCIe byte counters are 32-bit and wrap every ~78 ms at full speed
+
+
+@dataclass(frozen=True)
+class LabStep:
+    """One measured decode step beside what the run's plan predicted for it."""
+
+    metrics: StepMetrics
+    predicted_ms: float | None  # None when no plan covers the step
+    pcie_floor_ms: float | None  # the plan's H2D bytes at the best measured H2D rate; None when nothing is offloaded
+    split: float | None  # fraction of the offloaded tokens recomputed; None when nothing is offloaded
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.metrics.as_dict() | {"predicted_ms": self.predicted_ms, "pcie_floor_ms": self.pcie_floor_ms,
+                                         "split": self.split}
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished profiling run: what ran, what it measured, what the plan predicted, and its trace."""
+
+    run_id: int
+    model: str  # the model's name
+    source: str  # what it was loaded from
+    device: str
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    seed: int
+    settings: dict[str, Any]  # flat: {"offload.placement": "cpu", "kernel.prefetch": "auto", ...}
+    tokens_per_s: float  # decode tokens of all sequences over the decode steps' time
+    median_step_ms: float
+    predicted_ms: float | None  # median of the plan's per-step predictions
+    pcie_floor_ms: float | None  # median of the per-step PCIe floors; None when nothing is offloaded
+    split: float | None  # mean recomputed fraction of the offloaded tokens; None when nothing is offloaded
+    plan_reason: str
+    prefill_ms: float
+    steps: tuple[LabStep, ...]
+    spans: tuple[Span, ...]
+    link: tuple[NvmlSample, ...]  # NVML samples that carry a rate
+    link_note: str
+    l2_note: str
+    l2_hit_pct: float | None  # mean over the run where CUPTI sampled it
+    notes: tuple[str, ...]
+    created_at: str  # ISO date-time, UTC
+
+    @property
+    def pct_of_floor(self) -> float | None:
+        """How close the measured step came to the PCIe floor (100 % = as fast as the link allows)."""
+        if not self.pcie_floor_ms or not self.median_step_ms:
+            return None
+        return 100.0 * self.pcie_floor_ms / self.median_step_ms
+
+    @property
+    def label(self) -> str:
+        s = self.settings
+        where = s["offload.placement"] if s["offload.placement"] == "gpu" else \
+            f"{s['offload.placement']} split {s['offload.split']}"
+        return f"#{self.run_id} {self.model} · {where} · B{self.batch} P{self.prompt_tokens} N{self.new_tokens}"
+
+    def summary(self, *, with_steps: bool = True) -> dict[str, Any]:
+        """The record as JSON-ready values (spans left out: they go to the trace)."""
+        out = {"run_id": self.run_id, "label": self.label, "model": self.model, "source": self.source,
+               "device": self.device, "batch": self.batch, "prompt_tokens": self.prompt_tokens,
+               "new_tokens": self.new_tokens, "seed": self.seed, "settings": dict(self.settings),
+               "tokens_per_s": self.tokens_per_s, "median_step_ms": self.median_step_ms,
+               "predicted_ms": self.predicted_ms, "pcie_floor_ms": self.pcie_floor_ms,
+               "pct_of_floor": self.pct_of_floor, "split": self.split, "plan_reason": self.plan_reason,
+               "prefill_ms": self.prefill_ms, "link_note": self.link_note, "l2_note": self.l2_note,
+               "l2_hit_pct": self.l2_hit_pct, "notes": list(self.notes), "created_at": self.created_at,
+               "num_spans": len(self.spans)}
+        if with_steps:
+            out["steps"] = [step.as_dict() for step in self.steps]
+        return out
+
+
+@dataclass(frozen=True)
+class ProfileUpdate:
+    """The state of a profiling run after one more decode step (or the prefill, at step 0)."""
+
+    run_id: int
+    step: int  # decode steps measured so far
+    num_steps: int  # decode steps the run measures (new tokens - 1: the first token comes from the prefill)
+    step_ms: float | None  # the latest measured step
+    predicted_ms: float | None  # what the plan predicted for it
+    tokens_per_s: float | None  # over the steps measured so far
+    payload_gb_s: dict[str, float]  # the latest step's, per direction ("h2d", "d2h")
+    link_gb_s: dict[str, float] | None  # the latest NVML sample's ("h2d", "d2h"); None when not sampled
+    link_note: str  # what the link figure is, or why there is none
+    l2_note: str  # where the L2 figure comes from, or why there is none here
+    new_spans: tuple[Span, ...]
+    new_steps: tuple[LabStep, ...]
+    new_link: tuple[NvmlSample, ...]
+    record: RunRecord | None = None  # on the last update only
+
+
+def flat_settings(settings: GenerationSettings) -> dict[str, Any]:
+    """{"max_new_tokens": 16, "sampling.temperature": 0.0, "offload.placement": "cpu", ...}"""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(f"{prefix}{f.name}." if dataclasses.is_dataclass(getattr(value, f.name)) else f"{prefix}{f.name}",
+                     getattr(value, f.name))
+        else:
+            out[prefix] = list(value) if isinstance(value, tuple) else value
+
+    walk("", settings)
+    return out
+
+
+def random_prompts(vocab_size: int, shape: RunShape) -> list[list[int]]:
+    """`shape.batch` prompts of `shape.prompt_tokens` token ids, the same for the same seed."""
+    gen = torch.Generator().manual_seed(shape.seed)
+    return torch.randint(0, vocab_size, (shape.batch, shape.prompt_tokens), generator=gen).tolist()
+
+
+def _lab_step(metrics: StepMetrics, plan: RunPlan | None, prompt_tokens: int) -> LabStep:
+    # Recorder step k decodes over prompt_tokens + k slots (the generator numbers decode steps from 1).
+    try:
+        planned = plan.step(prompt_tokens + metrics.step) if plan is not None else None
+    except IndexError:
+        planned = None
+    if planned is None:
+        return LabStep(metrics=metrics, predicted_ms=None, pcie_floor_ms=None, split=None)
+    offloaded = planned.offloaded_tokens > 0
+    return LabStep(metrics=metrics, predicted_ms=planned.predicted_ms,
+                   pcie_floor_ms=planned.pcie_floor_ms if offloaded else None,
+                   split=planned.split if offloaded else None)
+
+
+def _start_link(device: torch.device, origin_ns: int) -> tuple[NvmlSampler | None, str]:
+    if device.type != "cuda":
+        return None, "no PCIe link in use: the model runs on the CPU (payload figures are host-memory copies)"
+    sampler = NvmlSampler(device.index or 0, period_s=NVML_PERIOD_S, time_origin_ns=origin_ns)
+    if not sampler.start():
+        return None, f"NVML link GB/s unavailable: {sampler.why_unavailable}"
+    return sampler, f"NVML link GB/s (protocol bytes included), sampled every {NVML_PERIOD_S * 1e3:.0f} ms"
+
+
+def _start_l2(cupti: CuptiPmSampler | None, device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"no GPU L2 to sample: the model runs on the CPU; L2 figures: see {NCU_FALLBACK} (Nsight Compute)"
+    if cupti is None:
+        return False, f"CUPTI not probed; L2 figures: see {NCU_FALLBACK} (Nsight Compute)"
+    probe = cupti.probe()
+    if not probe.available:
+        return False, probe.reason
+    try:
+        cupti.start()
+    except Exception as exc:  # noqa: BLE001 - counters refused at run time: the run goes on without them
+        return False, f"CUPTI PM sampling could not start ({type(exc).__name__}: {exc}); L2 figures: see {NCU_FALLBACK}"
+    return True, f"L2 hit % ({probe.l2_formula}) by CUPTI PM sampling: the run's mean is shown when it ends"
+
+
+def _stop_l2(cupti: CuptiPmSampler) -> tuple[float | None, str]:
+    try:
+        samples = cupti.stop()
+    except Exception as exc:  # noqa: BLE001
+        return None, f"CUPTI PM sampling failed ({type(exc).__name__}: {exc}); L2 figures: see {NCU_FALLBACK}"
+    values = [s.l2_hit_pct for s in samples if s.l2_hit_pct is not None]
+    if not values:
+        return None, f"CUPTI returned no L2 samples for this run ({len(samples)} samples); L2 figures: see {NCU_FALLBACK}"
+    mean = statistics.fmean(values)
+    return mean, f"L2 hit {mean:.1f} % ({cupti.l2_formula}), mean of {len(values)} CUPTI PM samples"
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShape, *, run_id: int,
+                hardware: HardwareProfile, cupti: CuptiPmSampler | None = None) -> Iterator[ProfileUpdate]:
+    """Decode `shape.batch` random prompts under `settings` with telemetry attached; one update per step."""
+    if settings.max_new_tokens < 2:
+        raise InvalidSettingsError(f"max_new_tokens={settings.max_new_tokens}: a profiling run needs at least 2 "
+                                   "new tokens (the first comes from the prefill, decode steps make the rest).")
+    spec, device = model.spec, model.device
+    run_settings = replace(settings, ignore_eos=True, stop_strings=())  # every run decodes the same steps
+    prompts = random_prompts(spec.vocab_size, shape)
+    generator = Generator(model)
+    generator.profile = hardware
+    recorder = Recorder(device)
+    generator.recorder = recorder
+    # GPU-resident runs have no offload plan; the scheduler's cost model still predicts their step time.
+    plan = None if settings.offload.offloaded else plan_for(
+        spec, settings.offload, device=device, batch=shape.batch, prompt_tokens=shape.prompt_tokens,
+        new_tokens=settings.max_new_tokens, profile=hardware)
+    link, link_note = _start_link(device, recorder.origin_ns)
+    l2_started, l2_note = _start_l2(cupti, device)
+    num_steps = settings.max_new_tokens - 1
+    all_spans: list[Span] = []
+    waiting: dict[int, list[Span]] = defaultdict(list)  # spans of steps not yet complete
+    lab_steps: list[LabStep] = []
+    link_samples: list[NvmlSample] = []
+    cursor = {"steps": 0, "spans": 0, "link": 0}
+
+    def collect() -> ProfileUpdate:
+        # Completed steps first: every span of a completed step is resolved, so reading spans after the
+        # steps never misses one of them.
+        records = recorder.steps()[cursor["steps"]:]
+        cursor["steps"] += len(records)
+        spans, cursor["spans"] = recorder.spans(cursor["spans"])
+        all_spans.extend(spans)
+        for span in spans:
+            waiting[span.step].append(span)
+        step_spans = [span for record in records for span in waiting.pop(record.step, [])]
+        new_steps = tuple(_lab_step(m, plan, shape.prompt_tokens)
+                          for m in step_metrics(records, step_spans, tokens_per_step=shape.batch))
+        lab_steps.extend(new_steps)
+        new_link: tuple[NvmlSample, ...] = ()
+        if link is not None:
+            samples, cursor["link"] = link.samples(cursor["link"])
+            new_link = tuple(s for s in samples if s.rx_gb_s is not None and s.tx_gb_s is not None)
+            link_samples.extend(new_link)
+        last = lab_steps[-1] if lab_steps else None
+        decode_ms = sum(s.metrics.step_ms for s in lab_steps)
+        return ProfileUpdate(
+            run_id=run_id, step=len(lab_steps), num_steps=num_steps,
+            step_ms=last.metrics.step_ms if last else None, predicted_ms=last.predicted_ms if last else None,
+            tokens_per_s=sum(s.metrics.tokens for s in lab_steps) / (decode_ms * 1e-3) if decode_ms > 0 else None,
+            payload_gb_s=dict(last.metrics.payload_gb_s) if last else {},
+            link_gb_s={"h2d": link_samples[-1].rx_gb_s, "d2h": link_samples[-1].tx_gb_s} if link_samples else None,
+            link_note=link_note, l2_note=l2_note, new_spans=tuple(spans), new_steps=new_steps, new_link=new_link)
+
+    prefill_ms = 0.0
+    try:
+        for event in generator.stream(prompts, run_settings, stream_text=False):
+            if event.step == 0:
+                prefill_ms = event.step_ms
+                if settings.offload.offloaded:
+                    plan = generator.plan  # made by the generator for this run before its prefill
+            yield collect()
+        recorder.flush()
+        final = collect()  # steps resolved after the last event
+        l2_pct = None
+        if l2_started:
+            l2_started = False
+            l2_pct, l2_note = _stop_l2(cupti)
+        if not lab_steps:
+            raise RuntimeError(f"the recorder resolved no decode step of run #{run_id} ({recorder.error or 'no error'})")
+        notes = [*hardware.notes]
+        if plan is not None and plan.gpu_budget_note:
+            notes.append(plan.gpu_budget_note)
+        if recorder.dropped:
+            notes.append(f"{recorder.dropped} spans fell out of the recorder's ring: the timeline misses them")
+        record = RunRecord(
+            run_id=run_id, model=model.name, source=model.source, device=str(device), batch=shape.batch,
+            prompt_tokens=shape.prompt_tokens, new_tokens=settings.max_new_tokens, seed=shape.seed,
+            settings=flat_settings(run_settings), tokens_per_s=final.tokens_per_s or 0.0,
+            median_step_ms=statistics.median(s.metrics.step_ms for s in lab_steps),
+            predicted_ms=_median([s.predicted_ms for s in lab_steps if s.predicted_ms is not None]),
+            pcie_floor_ms=_median([s.pcie_floor_ms for s in lab_steps if s.pcie_floor_ms is not None]),
+            split=statistics.fmean(v) if (v := [s.split for s in lab_steps if s.split is not None]) else None,
+            plan_reason=plan.reason if plan is not None else "no plan",
+            prefill_ms=prefill_ms, steps=tuple(lab_steps), spans=tuple(all_spans), link=tuple(link_samples),
+            link_note=link_note, l2_note=l2_note, l2_hit_pct=l2_pct, notes=tuple(notes),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        yield replace(final, l2_note=l2_note, record=record)
+    finally:
+        recorder.close()
+        if link is not None:
+            link.close()
+        if l2_started:
+            _stop_l2(cupti)
+
+
+@dataclass(frozen=True)
+class LiveView:
+    """A snapshot of the current (or last) profiling run, for a poller."""
+
+    run_id: int
+    status: str  # "running", "done", "stopped" or "failed: <message>"
+    version: int  # grows with every change, so a poller can skip what it has already drawn
+    step: int
+    num_steps: int
+    spans: tuple[Span, ...]
+    steps: tuple[LabStep, ...]
+    link: tuple[NvmlSample, ...]
+    link_note: str
+    l2_note: str
+    record: RunRecord | None
+
+
+class LiveRun:
+    """What a profiling run has produced so far: the engine's thread adds updates, pollers read views."""
+
+    def __init__(self, run_id: int, *, num_steps: int) -> None:
+        self.run_id = run_id
+        self._lock = threading.Lock()
+        self._status = "running"
+        self._version = 0
+        self._step, self._num_steps = 0, num_steps
+        self._spans: list[Span] = []
+        self._steps: list[LabStep] = []
+        self._link: list[NvmlSample] = []
+        self._link_note = self._l2_note = ""
+        self._record: RunRecord | None = None
+
+    def add(self, update: ProfileUpdate) -> None:
+        with self._lock:
+            self._spans.extend(update.new_spans)
+            self._steps.extend(update.new_steps)
+            self._link.extend(update.new_link)
+            self._step, self._num_steps = update.step, update.num_steps
+            self._link_note, self._l2_note = update.link_note, update.l2_note
+            if update.record is not None:
+                self._record = update.record
+            self._version += 1
+
+    def end(self, status: str) -> None:
+        with self._lock:
+            self._status = status
+            self._version += 1
+
+    def view(self) -> LiveView:
+        with self._lock:
+            return LiveView(run_id=self.run_id, status=self._status, version=self._version, step=self._step,
+                            num_steps=self._num_steps, spans=tuple(self._spans), steps=tuple(self._steps),
+                            link=tuple(self._link), link_note=self._link_note, l2_note=self._l2_note,
+                            record=self._record)
+
+
+__all__ = ["LabStep", "LiveRun", "LiveView", "ProfileUpdate", "RunRecord", "flat_settings", "profile_run",
+           "random_prompts"]

@@ -279,10 +279,12 @@ class Generator:
 
         model = self.model
         self.plan = plan_for(model.spec, settings.offload, device=model.device, batch=len(lens),
-                             prompt_tokens=max(lens), new_tokens=settings.max_new_tokens, profile=self.profile)
+                             prompt_tokens=max(lens), new_tokens=settings.max_new_tokens, profile=self.profile,
+                             cuda_graphs=settings.cuda_graph)
         store = OffloadStore(model.spec, self.plan, dtype=model.dtype, device=model.device)
         return OffloadRuntime(model.adapter, self.plan, store, attend, prompt_lens=lens,
-                              overlapped=self.offload_overlapped, recorder=self.recorder)
+                              overlapped=self.offload_overlapped, recorder=self.recorder,
+                              cuda_graphs=settings.cuda_graph)
 
     def _decode_loop(self, prompt_ids, settings: GenerationSettings, attend, runtime, *, stream_text: bool,
                      keep_logits: bool):

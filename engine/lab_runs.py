@@ -27,7 +27,8 @@ from engine.placement import plan_for
 from engine.profiler import HardwareProfile
 from engine.scheduler import RunPlan
 from engine.settings import GenerationSettings, RunShape
-from engine.telemetry import NCU_FALLBACK, CuptiPmSampler, NvmlSample, NvmlSampler, Recorder, Span, StepMetrics, step_metrics
+from engine.telemetry import (NCU_FALLBACK, CuptiPmSampler, NvmlSample, NvmlSampler, Recorder, Span, StepMetrics,
+                              step_metrics)
 
 NVML_PERIOD_S = 0.02  # the PCIe byte counters are 32-bit and wrap every ~78 ms at full speed
 
@@ -339,6 +340,10 @@ class LiveRun:
             if update.record is not None:
                 self._record = update.record
             self._version += 1
+
+    @property
+    def status(self) -> str:
+        return self._status
 
     def end(self, status: str) -> None:
         with self._lock:

@@ -38,7 +38,7 @@ class NullRecorder:
 
 class OffloadRuntime:
     def __init__(self, adapter: DecoderAdapter, plan: RunPlan, store: OffloadStore, attend: DecodeAttention, *,
-                 prompt_lens: list[int], overlapped: bool = True, recorder=None):
+                 prompt_lens: list[int], overlapped: bool = True, recorder=None, cuda_graphs: bool = True):
         self.adapter, self.plan, self.store, self.attend = adapter, plan, store, attend
         self.spec = adapter.spec
         self.device = store.device
@@ -46,6 +46,9 @@ class OffloadRuntime:
         self.overlapped = overlapped
         self.recorder = recorder or NullRecorder()
         cuda = self.device.type == "cuda"
+        # attend_layer and mlp_layer of each layer as CUDA graphs, captured at the first step (GPU only): an eager
+        # layer enqueues ~40 small kernels, and at PCIe speed the host must keep ahead of the copies.
+        self.use_graphs, self.graphs = cuda_graphs and cuda, None
         self.h2d = torch.cuda.Stream(self.device) if cuda else None
         self.d2h = torch.cuda.Stream(self.device) if cuda else None
         num_chunks = max((len(p.chunks) for p in plan.steps), default=0)
@@ -135,8 +138,11 @@ class OffloadRuntime:
         self.recorder.end(handle)
 
     def attend_layer(self, layer: int, slot: int, hidden: torch.Tensor, rope, positions: torch.Tensor,
-                     seq_lens: torch.Tensor, step: StepPlan, resident_rows: torch.Tensor | None) -> torch.Tensor:
-        """One layer for the new token (B, 1, h), over staging slot `slot` whose old slots are in place."""
+                     seq_lens: torch.Tensor, *, kv_len: int, resident: int,
+                     resident_rows: torch.Tensor | None) -> torch.Tensor:
+        """One layer for the new token (B, 1, h), over staging slot `slot` whose old slots are in place: slots
+        [0, resident) come from the GPU-resident K/V, attention reads [0, kv_len) masked to each sequence.
+        resident_rows (B,) bool: sequences whose new token falls inside the resident range (None: none do)."""
         adapter, store = self.adapter, self.store
         handle = self.recorder.begin("attention", layer)
         x = adapter.attn_input(layer, hidden)
@@ -147,16 +153,16 @@ class OffloadRuntime:
         new_kv[:, 1].copy_(v[:, 0])
         store.new_act[layer].copy_(x[:, 0])
         rows = torch.arange(k.shape[0], device=k.device)
-        g = min(step.resident_tokens, step.seq_len)
+        g = resident
         if g:
-            if resident_rows is not None:  # sequences whose new token falls inside the resident range
+            if resident_rows is not None:
                 pos = positions.clamp(max=g - 1)
                 resident = store.resident[layer]  # (g, B, 2, Hkv, D)
                 old = resident[pos, rows]
                 resident.index_put_((pos, rows), torch.where(resident_rows[:, None, None, None], new_kv, old))
             store.stage_kv[slot, :g].copy_(store.resident[layer, :g])
         store.stage_kv[slot].index_put_((positions, rows), new_kv)
-        k_view, v_view = store.stage_views(slot, step.seq_len)
+        k_view, v_view = store.stage_views(slot, kv_len)
         attn = self.attend(q[:, 0], k_view, v_view, seq_lens, scale=adapter.attention_scale,
                            window=self.spec.sliding_window)
         hidden = adapter.attn_output(layer, attn.flatten(1)[:, None], hidden)
@@ -200,8 +206,16 @@ class OffloadRuntime:
         hidden = self.adapter.embed(ids, pos)
         rope = self.adapter.rope(hidden, pos)
         seq_lens = (positions + 1).to(torch.int32)
+        if self.use_graphs and self.graphs is None:
+            from engine.offload_graphs import LayerGraphs
+
+            self.graphs = LayerGraphs(self)
+        if self.graphs is not None:
+            hidden = self.graphs.load(hidden, rope, positions, seq_lens)
         run = self._overlapped if self.overlapped else self._sync
         hidden = run(step, hidden, rope, positions, seq_lens, resident_rows, groups)
+        if self.graphs is not None:
+            hidden = self.graphs.hidden
         return self.adapter.logits(hidden[:, 0]).float()
 
     def _loads(self, layer: int, step: StepPlan, stream=None) -> None:
@@ -223,9 +237,20 @@ class OffloadRuntime:
             self.recompute_kv(layer, slot, lo, hi)
         _wait(self.kv_ready[slot])
         _wait(self.stored[layer])  # the previous step's write-back of new_kv[layer] has left the GPU buffer
-        hidden = self.attend_layer(layer, slot, hidden, rope, positions, seq_lens, step, resident_rows)
+        if self.graphs is not None:  # the same two verbs, captured: one launch each
+            handle = self.recorder.begin("attention", layer)
+            self.graphs.attend[layer].replay()
+            self.recorder.end(handle)
+        else:
+            hidden = self.attend_layer(layer, slot, hidden, rope, positions, seq_lens, kv_len=step.seq_len,
+                                       resident=min(step.resident_tokens, step.seq_len), resident_rows=resident_rows)
         _record(self.slot_free[slot])
         _record(self.new_ready[layer])
+        if self.graphs is not None:
+            handle = self.recorder.begin("compute", layer)
+            self.graphs.mlp[layer].replay()
+            self.recorder.end(handle)
+            return hidden
         return self.mlp_layer(layer, hidden)
 
     def _sync(self, step, hidden, rope, positions, seq_lens, resident_rows, groups) -> torch.Tensor:

@@ -74,7 +74,7 @@ def resident_tokens(spec: ModelSpec, offload: OffloadSettings, *, device: torch.
 
 
 def plan_for(spec: ModelSpec, offload: OffloadSettings, *, device: torch.device, batch: int, prompt_tokens: int,
-             new_tokens: int, profile: HardwareProfile | None = None) -> RunPlan:
+             new_tokens: int, profile: HardwareProfile | None = None, cuda_graphs: bool = True) -> RunPlan:
     """The run's plan: the resident range from the budget, the recompute/copy ranges from the scheduler."""
     if profile is None:
         profile = hardware_profile(device)
@@ -83,4 +83,4 @@ def plan_for(spec: ModelSpec, offload: OffloadSettings, *, device: torch.device,
     split = None if offload.auto_split else float(offload.split)
     return plan_run(spec, profile, placement=offload.placement, batch=batch, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, resident_tokens=resident, split=split, chunk_tokens=offload.chunk_tokens,
-                    budget_note=how)
+                    budget_note=how, cuda_graphs=cuda_graphs)

@@ -22,6 +22,8 @@ from engine.profiler import HardwareProfile
 PAPER_PCIE_GB_S = 32.0  # the paper's fixed A100 constants
 PAPER_TFLOP_S = 312.0
 EAGER_OPS_PER_LAYER = 30  # kernels an uncaptured decode layer enqueues (norms, projections, RoPE, MLP, ...)
+GRAPH_LAUNCHES_PER_LAYER = 2  # the runtime's captured attend and MLP graphs (engine/offload_graphs.py)
+GEMV_EFFICIENCY = 0.8  # decode projections read their weights at about this fraction of the copy bandwidth
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class CostModel:
     spec: ModelSpec
     profile: HardwareProfile
     batch: int
+    cuda_graphs: bool = True  # the runtime replays each layer's new-token compute as CUDA graphs
 
     @property
     def act_bytes_per_slot(self) -> int:  # one slot of every sequence, one layer
@@ -161,13 +164,14 @@ class CostModel:
 
     def other_ms(self) -> float:
         """New token's projections, output projection and MLP: weight reads, or the host's launches if slower."""
-        weights_ms = self.layer_weight_bytes / (self.profile.hbm_copy_gb_s / 2 * 1e9) * 1e3
-        return max(weights_ms, EAGER_OPS_PER_LAYER * self.profile.launch_us * 1e-3)
+        weights_ms = self.layer_weight_bytes / (GEMV_EFFICIENCY * self.profile.hbm_copy_gb_s * 1e9) * 1e3
+        launches = GRAPH_LAUNCHES_PER_LAYER if self.cuda_graphs else EAGER_OPS_PER_LAYER
+        return max(weights_ms, launches * self.profile.launch_us * 1e-3)
 
     def head_ms(self) -> float:
         """Embedding, final norm, LM head and sampling, once per step."""
         s = self.spec
-        lm_head_ms = s.vocab_size * s.hidden_size * s.dtype_bytes / (self.profile.hbm_copy_gb_s / 2 * 1e9) * 1e3
+        lm_head_ms = s.vocab_size * s.hidden_size * s.dtype_bytes / (GEMV_EFFICIENCY * self.profile.hbm_copy_gb_s * 1e9) * 1e3
         return lm_head_ms + 10 * self.profile.launch_us * 1e-3
 
 
@@ -241,12 +245,12 @@ def plan_step(cost: CostModel, *, seq_len: int, resident: int, chunk_tokens: int
 
 def plan_run(spec: ModelSpec, profile: HardwareProfile, *, placement: str, batch: int, prompt_tokens: int,
              new_tokens: int, resident_tokens: int, split: float | None, chunk_tokens: int,
-             budget_note: str = "") -> RunPlan:
+             budget_note: str = "", cuda_graphs: bool = True) -> RunPlan:
     """Plans for every decode step of a run, and the host storage they need (activations where any step
     recomputes, K/V where any step copies)."""
     if placement == "gpu":
         resident_tokens = prompt_tokens + new_tokens
-    cost = CostModel(spec=spec, profile=profile, batch=batch)
+    cost = CostModel(spec=spec, profile=profile, batch=batch, cuda_graphs=cuda_graphs and profile.device_type == "cuda")
     max_tokens = prompt_tokens + new_tokens
     resident = min(resident_tokens, max_tokens)
     steps = tuple(plan_step(cost, seq_len=s, resident=resident, chunk_tokens=chunk_tokens, split=split)

@@ -63,6 +63,7 @@ class LabSession:
         self.runs: list[RunRecord] = []  # finished profiling runs, oldest first
         self._next_run_id = 1
         self._live: LiveRun | None = None
+        self._stop_requested = threading.Event()  # set by stop_profile, read between steps
         self._profiles: dict[str, HardwareProfile] = {}
         self._cupti: dict[str, CuptiPmSampler] = {}
         self._export_dir = Path(export_dir) if export_dir is not None else None
@@ -168,7 +169,8 @@ class LabSession:
         """Run `batch` seeded random prompts of `prompt_tokens` tokens under `settings` with telemetry attached.
 
         Yields a ProfileUpdate per decode step; the last one carries the RunRecord, which is also kept in
-        `runs`. While it runs, `live()` shows what it has produced so far.
+        `runs`. While it runs, `live()` shows what it has produced so far; `stop_profile()` (from any thread),
+        or closing the iterator, ends it early without a record.
         """
         shape = RunShape(batch=batch, prompt_tokens=prompt_tokens, seed=seed)
         if not isinstance(settings, GenerationSettings):
@@ -178,6 +180,7 @@ class LabSession:
             hardware = self._hardware(model.device)
             run_id, self._next_run_id = self._next_run_id, self._next_run_id + 1
             live = self._live = LiveRun(run_id, num_steps=max(0, settings.max_new_tokens - 1))
+            self._stop_requested.clear()
             status = "stopped"
             try:
                 with closing(profile_run(model, settings, shape, run_id=run_id, hardware=hardware,
@@ -188,11 +191,21 @@ class LabSession:
                             self.runs = [*self.runs, update.record][-MAX_RUNS:]
                             status = "done"
                         yield update
+                        if self._stop_requested.is_set():
+                            break
             except Exception as exc:
                 status = f"failed: {exc}"
                 raise
             finally:
                 live.end(status)
+
+    def stop_profile(self) -> bool:
+        """Ask the running profile to end after its current step (it keeps no record); False if none runs."""
+        live = self._live
+        if live is None or live.status != "running":
+            return False
+        self._stop_requested.set()
+        return True
 
     def live(self) -> LiveView | None:
         """The current (or last) profiling run as it stands; never waits for the device."""

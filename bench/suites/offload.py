@@ -190,9 +190,12 @@ def _part_exact(ctx: _Run) -> None:
     for name, offload in checks.items():
         exact[name] = _match(engine.generate(prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True,
                                                                          offload=offload)).token_ids, ref)
+    exact["cpu split 0.5, eager (no CUDA graphs)"] = _match(engine.generate(prompts, GenerationSettings(
+        max_new_tokens=new, ignore_eos=True, cuda_graph=False, offload=ctx.off("cpu", 0.5))).token_ids, ref)
     engine.offload_overlapped = False
     exact["cpu split 0.5, synchronous schedule"] = _match(engine.generate(
         prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=ctx.off("cpu", 0.5))).token_ids, ref)
+    engine.offload_overlapped = True
     ctx.details["exact_demo"] = {"prompt_lengths": lengths, "new_tokens": new, **exact}
     ctx.details["recompute_vs_prefill"] = {model.source: _recompute_vs_prefill(model, ctx)}
     worst = min(e["match_fraction"] for e in exact.values())
@@ -262,6 +265,9 @@ def _part_mha(ctx: _Run) -> None:
     engine.offload_overlapped = False
     measured["cpu, auto split, synchronous schedule"] = _measure(engine, prompts, mk(ctx.off("cpu")), 1)
     engine.offload_overlapped = True
+    measured["cpu, auto split, eager layers (no CUDA graphs)"] = _measure(
+        engine, prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True, cuda_graph=False,
+                                            offload=ctx.off("cpu")), 1)
     peer_ms = None
     if ctx.device == "cuda":
         try:
@@ -274,7 +280,7 @@ def _part_mha(ctx: _Run) -> None:
     for name, m in measured.items():
         ctx.rows.append(_row(f"{name} ({shape})", m, batch, peer="transformers offloaded" if peer_ms else None,
                          peer_ms=peer_ms))
-        if "synchronous" not in name:
+        if "synchronous" not in name and "eager" not in name:
             ctx.predictions.append((name, m["predicted_ms"], m["ms"]))
     if peer_ms:
         ctx.rows.append(Row(case=f"transformers generate, offloaded cache ({model.source} B{batch} P{plen}, "

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+from pathlib import Path
 
 import gradio as gr
 
 from engine.session import LabSession
-from panels import chat_panel, model_panel
+from panels import chat_panel, compare_panel, explorer_panel, hardware_panel, model_panel, profile_panel, settings_panel
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -23,8 +24,18 @@ def build_app(session: LabSession) -> gr.Blocks:
         gr.Markdown("# KV Lab\nSee and speed up LLM decoding when the KV cache outgrows the GPU.")
         with gr.Tab("Model"):
             model_panel.build(session)
+        with gr.Tab("Settings"):
+            settings_panel.build(session)
         with gr.Tab("Chat"):
             chat_panel.build(session)
+        with gr.Tab("Profile"):
+            profile_panel.build(session)
+        with gr.Tab("Scheduler explorer"):
+            explorer_panel.build(session)
+        with gr.Tab("Compare"):
+            compare_panel.build(session)
+        with gr.Tab("Hardware"):
+            hardware_panel.build(session)
     return app
 
 
@@ -47,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def launch_kwargs(args: argparse.Namespace) -> dict:
-    """Security defaults: loopback, no share link, no run history, no monitoring endpoint."""
+def launch_kwargs(args: argparse.Namespace, *, export_dir: str | Path | None = None) -> dict:
+    """Security defaults: loopback, no share link, no run history, no monitoring endpoint; the only extra path
+    files may be served from is the session's export directory."""
     auth = None
     if args.auth is not None:
         user, sep, password = args.auth.partition(":")
@@ -59,7 +71,8 @@ def launch_kwargs(args: argparse.Namespace) -> dict:
         raise SystemExit(f"Refusing to bind to {args.host} without --auth: anyone who can reach it could run the "
                          "model. Add --auth user:password, or bind to 127.0.0.1.")
     return dict(server_name=args.host, server_port=args.port, auth=auth, share=False, run_history=False,
-                enable_monitoring=False, footer_links=["api", "settings"])
+                enable_monitoring=False, footer_links=["api", "settings"],
+                allowed_paths=[str(export_dir)] if export_dir is not None else [])
 
 
 def lab(model: str = "demo", **launch_options):
@@ -67,21 +80,22 @@ def lab(model: str = "demo", **launch_options):
     session = LabSession()
     session.load(model)
     app = build_app(session)
-    options = dict(share=False, run_history=False, enable_monitoring=False, inline=True) | launch_options
-    app.launch(**options)
+    options = dict(share=False, run_history=False, enable_monitoring=False, inline=True,
+                   allowed_paths=[str(session.export_dir)]) | launch_options
+    app.queue(default_concurrency_limit=1).launch(**options)
     return app
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    kwargs = launch_kwargs(args)
+    launch_kwargs(args)  # refuses an unsafe address before anything is loaded
     session = LabSession()
     try:
         card = session.load(args.model, device=args.device)
         print(f"Loaded {card['name']} on {card['device']} in {card['load_s']:.2f} s", flush=True)
     except Exception as exc:  # noqa: BLE001 - the app still opens; the Model panel can load another model
         print(f"Could not load {args.model!r}: {exc}", file=sys.stderr, flush=True)
-    build_app(session).queue(default_concurrency_limit=1).launch(**kwargs)
+    build_app(session).queue(default_concurrency_limit=1).launch(**launch_kwargs(args, export_dir=session.export_dir))
     return 0
 
 

@@ -1,8 +1,11 @@
-"""Chat panel: streamed replies under the chosen sampling settings, a stop button, tokens/s under each reply."""
+"""Chat panel: streamed replies under the applied settings (placement, kernel) with the panel's own sampling and
+reply length, a stop button, tokens/s under each reply."""
 
 from __future__ import annotations
 
 import gradio as gr
+
+from dataclasses import replace
 
 from engine.errors import InvalidSettingsError
 from engine.session import LabSession, normalise_history
@@ -10,12 +13,12 @@ from engine.settings import GenerationSettings, SamplingSettings
 from panels.errors import GPU_QUEUE, describe
 
 
-def chat_settings(max_new_tokens, temperature, top_p, top_k, seed) -> GenerationSettings:
-    """The panel's controls as one settings object; values from an API client may arrive as strings."""
+def chat_settings(base: GenerationSettings, max_new_tokens, temperature, top_p, top_k, seed) -> GenerationSettings:
+    """The applied settings with the panel's sampling and reply length; API values may arrive as strings."""
     try:
         sampling = SamplingSettings(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                                     seed=None if seed in (None, "", -1) else int(seed))
-        return GenerationSettings(max_new_tokens=int(max_new_tokens), sampling=sampling)
+        return replace(base, max_new_tokens=int(max_new_tokens), sampling=sampling)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, InvalidSettingsError):
             raise
@@ -41,13 +44,15 @@ def build(session: LabSession) -> None:
     def respond(history, text, n, temp, p, k, s):
         history = normalise_history(history)
         try:
-            settings = chat_settings(n, temp, p, k, s)
+            settings = chat_settings(session.settings, n, temp, p, k, s)
             updates = session.chat(history, text, settings)
             turn = history + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
             for update in updates:
                 turn[-1]["content"] = update.reply
                 line = (f"{update.num_tokens} tokens, {update.decode_tok_s:.1f} tok/s decode, "
                         f"{update.elapsed_s:.2f} s")
+                if settings.offload.offloaded:
+                    line += f" · KV cache: {settings.offload.placement}, split {settings.offload.split}"
                 if update.finish_reason:
                     line += f" · finished: {update.finish_reason}"
                 yield turn, "", line

@@ -7,6 +7,7 @@ import gradio as gr
 from engine.presets import PRESETS
 from engine.session import LabSession
 from panels.errors import GPU_QUEUE, describe
+from panels.plots import human_bytes
 
 SOURCES = ["demo", *(f"synthetic:{name}" for name in PRESETS)]
 
@@ -15,16 +16,20 @@ def card_markdown(card: dict | None) -> str:
     if not card:
         return "_No model loaded._"
     ratio = card["act_to_kv_ratio"]
-    gqa = (f"activations are {ratio:.1f}x the KV: recomputing KV from activations cannot save PCIe bytes"
-           if ratio >= 1 else f"activations are {ratio:.2f}x the KV: recomputation can save PCIe bytes")
+    why = ("shipping activations moves more bytes than the K/V, so recomputing K/V cannot pay and the scheduler "
+           "keeps the split at 0" if ratio >= 1 else
+           "shipping activations moves fewer bytes than the K/V, so the scheduler may recompute part of the offloaded K/V")
     rows = [
         ("model", f"{card['name']} (`{card['source']}`)"),
         ("architecture", f"{card['model_type']} ({card['family']} family), {card['num_layers']} layers, hidden "
                          f"{card['hidden_size']}, {card['num_heads']} query / {card['num_kv_heads']} KV heads of {card['head_dim']}"),
-        ("parameters", f"{card['num_params'] / 1e6:,.1f} M ({card['weight_bytes'] / 2**30:.2f} GiB in {card['dtype']})"),
+        ("parameters", f"{card['num_params'] / 1e6:,.1f} M ({human_bytes(card['weight_bytes'])} in {card['dtype']})"),
         ("device", card["device"]),
         ("KV bytes per token", f"{card['kv_bytes_per_token']:,} B (all layers)"),
-        ("activation / KV size", gqa),
+        ("activation / KV size", f"{ratio:.2f}x ({card['gqa_note']}): {why}"),
+        ("memory needed", f"weights {human_bytes(card['weight_bytes'])} + KV {human_bytes(card['kv_bytes_per_token'] * 1000)} "
+                          f"per 1,000 tokens per sequence; one sequence at the full context: "
+                          f"{human_bytes(card['memory_needed_bytes'])}"),
         ("context", f"{card['max_positions']:,} positions"),
         ("tokenizer", card["tokenizer"]),
         ("loaded in", f"{card['load_s']:.2f} s"),
@@ -43,7 +48,7 @@ def build(session: LabSession) -> dict:
         dtype = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value="auto", label="dtype", scale=1)
     load = gr.Button("Load model", variant="primary")
     status = gr.Markdown("")
-    card = gr.Markdown(card_markdown(session.model.card() if session.model else None))
+    card = gr.Markdown(card_markdown(session.card()))
 
     def on_load(source_value, device_value, dtype_value, progress=gr.Progress()):
         progress(0.1, desc=f"Loading {source_value} ...")
@@ -52,7 +57,7 @@ def build(session: LabSession) -> dict:
                                   dtype=None if dtype_value == "auto" else dtype_value)
         except Exception as exc:  # noqa: BLE001 - shown in the UI; the previous model stays loaded
             kept = f" The loaded model ({session.model.name}) is kept." if session.model else ""
-            return f"**Could not load:** {describe(exc)}{kept}", card_markdown(session.model.card() if session.model else None)
+            return f"**Could not load:** {describe(exc)}{kept}", card_markdown(session.card())
         return f"Loaded **{loaded['name']}** in {loaded['load_s']:.2f} s.", card_markdown(loaded)
 
     load.click(on_load, [source, device, dtype], [status, card], concurrency_id=GPU_QUEUE, concurrency_limit=1,

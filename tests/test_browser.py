@@ -67,3 +67,56 @@ def test_model_tab_shows_the_card_and_reports_a_bad_path(page_url):
             assert page.get_by_text("demo (Shakespeare)").first.is_visible()  # the loaded model is kept
         finally:
             browser.close()
+
+
+def test_profile_in_the_browser_draws_the_webgl_timeline(served_demo_app, profile_cache):
+    """Load the tiny model, chat with it, apply an offloaded placement, run a profile: the timeline renders."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is not installed")
+    demo, session = served_demo_app
+    # WebGL without a GPU: Chromium's software rasteriser (SwiftShader) backs Plotly's scattergl.
+    args = [*CHROMIUM_ARGS, "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page.goto(demo.local_url, wait_until="networkidle")
+                field = page.get_by_label("Model")
+                field.fill("synthetic:tiny-llama")
+                field.press("Enter")
+                page.get_by_role("button", name="Load model").click()
+                page.get_by_text("Loaded tiny-llama").wait_for(timeout=30_000)
+
+                page.get_by_role("tab", name="Chat").click()
+                page.get_by_placeholder("Say something to the model").fill("abc")
+                page.get_by_role("button", name="Send", exact=True).click()
+                page.get_by_text("finished:").wait_for(timeout=60_000)
+                assert page.locator(".message").count() >= 2 and "tok/s" in page.get_by_text("tok/s").first.inner_text()
+
+                page.get_by_role("tab", name="Settings").click()
+                page.get_by_role("radio", name="cpu").check()
+                for label, value in (("batch (profiling)", "2"), ("prompt length, tokens (profiling)", "32"),
+                                     ("new tokens", "8"), ("activation chunk (tokens)", "16")):
+                    page.get_by_label(label).fill(value)
+                page.get_by_role("button", name="Apply settings").click()
+                page.get_by_text("Applied.").wait_for(timeout=30_000)
+                assert session.settings.offload.placement == "cpu" and session.shape.prompt_tokens == 32
+
+                page.get_by_role("tab", name="Profile").click()
+                page.get_by_role("button", name="Run profile").click()
+                page.get_by_text("done:").wait_for(timeout=60_000)
+                # The timeline is a Plotly plot whose traces are WebGL line segments, drawn on a WebGL canvas.
+                page.wait_for_function("""() => [...document.querySelectorAll('.js-plotly-plot')].some(
+                    p => (p.data || []).some(t => t.type === 'scattergl') && p.querySelector('canvas'))""",
+                                       timeout=30_000)
+                lanes = page.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot')]
+                    .filter(p => (p.data || []).some(t => t.type === 'scattergl'))[0].data.map(t => t.name)""")
+                assert "H2D KV" in lanes and "attention" in lanes
+                assert page.get_by_text("predicted step (plan)").is_visible()
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "profile.png"), full_page=True)
+                assert (ARTIFACTS / "profile.png").stat().st_size > 10_000
+            finally:
+                browser.close()
+    finally:
+        session.load("demo", device="cpu")

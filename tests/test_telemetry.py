@@ -761,11 +761,10 @@ def fake_cupti(*, accepted=frozenset(), max_per_pass=7, enable_error=None, confi
         "cupti": SimpleNamespace(),
         "cupti.pm_sampling": SimpleNamespace(Collector=Collector,
                                              TriggerMode=SimpleNamespace(GPU_TIME_INTERVAL="time")),
-        "cupti.profiler_host": SimpleNamespace(ProfilerHost=ProfilerHost,
+        "cupti.profiler_host": SimpleNamespace(ProfilerHost=ProfilerHost, ProfilerType=SimpleNamespace(PM_SAMPLING="pm"),
                                                get_num_of_passes=lambda image: 1 if len(image) <= max_per_pass else 2),
-        "cupti.cupti": SimpleNamespace(Device_GetChipName_Params=ChipParams, DEVICE_GET_CHIP_NAME_PARAMS_STRUCT_SIZE=24,
-                                       device_get_chip_name=device_get_chip_name,
-                                       ProfilerType=SimpleNamespace(PM_SAMPLING="pm")),
+        "cupti.cupti": SimpleNamespace(DeviceGetChipNameParams=ChipParams, DEVICE_GET_CHIP_NAME_PARAMS_STRUCT_SIZE=24,
+                                       device_get_chip_name=device_get_chip_name),
     }
     return modules.__getitem__, calls
 

@@ -170,8 +170,8 @@ class CuptiPmSampler:
         except Exception as exc:
             return self._unavailable(f"PM sampling could not be enabled: {type(exc).__name__}: {exc}")
         try:
-            chip = self._chip_name(cupti_c)
-            metrics, formula = self._choose_on_chip(ph, cupti_c, chip)
+            chip = self._chip_name(cupti_c, collector)
+            metrics, formula = self._choose_on_chip(ph, chip)
             if not metrics:
                 return self._unavailable(f"counters refused: none of {', '.join(WANTED_METRICS)} fits one PM "
                                          f"sampling pass on {chip}", chip=chip)
@@ -190,32 +190,35 @@ class CuptiPmSampler:
                           f"{', '.join(metrics)}; L2 = {formula or 'not available'}",
                           chip=chip, metrics=metrics, l2_formula=formula, fallback=None)
 
-    def _chip_name(self, cupti_c: Any) -> str:
-        params = cupti_c.Device_GetChipName_Params()
-        params.struct_size = cupti_c.DEVICE_GET_CHIP_NAME_PARAMS_STRUCT_SIZE
-        params.device_index = self.device_index
-        cupti_c.device_get_chip_name(params.ptr)
-        name = params.p_chip_name
+    def _chip_name(self, cupti_c: Any, collector: Any = None) -> str:
+        """The chip's name ("GH100"): what an enabled collector resolved, else asked of CUPTI directly."""
+        name = getattr(collector, "_chip_name", None)
+        if not name:
+            params = cupti_c.DeviceGetChipNameParams()
+            params.struct_size = cupti_c.DEVICE_GET_CHIP_NAME_PARAMS_STRUCT_SIZE
+            params.device_index = self.device_index
+            cupti_c.device_get_chip_name(params.ptr)
+            name = params.p_chip_name
         return name.decode() if isinstance(name, bytes) else str(name)
 
     @staticmethod
-    def _choose_on_chip(ph: Any, cupti_c: Any, chip: str) -> tuple[tuple[str, ...], str | None]:
-        host = ph.ProfilerHost(chip, cupti_c.ProfilerType.PM_SAMPLING)
-        host.initialize()
+    def _choose_on_chip(ph: Any, chip: str) -> tuple[tuple[str, ...], str | None]:
         count_passes = getattr(ph, "get_num_of_passes", None)
 
         def accepts(metrics: Sequence[str]) -> bool:
+            # A fresh host per question: after CUPTI refuses one metric, the host that asked answers no more.
+            host = ph.ProfilerHost(chip, ph.ProfilerType.PM_SAMPLING)
+            host.initialize()
             try:
                 image = host.create_config_image(metrics=list(metrics))
-            except Exception:  # a metric this chip does not know
+                # Without a pass counter, configure() in the probe is what enforces a single pass.
+                return count_passes is None or count_passes(image) == 1
+            except Exception:  # a metric this chip does not know, or one PM sampling cannot collect
                 return False
-            # Without a pass counter, configure() in the probe is what enforces a single pass.
-            return count_passes is None or count_passes(image) == 1
+            finally:
+                host.deinitialize()
 
-        try:
-            return choose_metrics(accepts)
-        finally:
-            host.deinitialize()
+        return choose_metrics(accepts)
 
     # ---- sampling -----------------------------------------------------------------------------------
 

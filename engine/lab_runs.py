@@ -14,7 +14,7 @@ import dataclasses
 import statistics
 import threading
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
@@ -27,6 +27,7 @@ from engine.placement import plan_for
 from engine.profiler import HardwareProfile
 from engine.scheduler import RunPlan
 from engine.settings import GenerationSettings, RunShape
+from engine.telemetry.export import cupti_counters
 from engine.telemetry import (NCU_FALLBACK, CuptiPmSampler, NvmlSample, NvmlSampler, Recorder, Span, StepMetrics,
                               step_metrics)
 
@@ -75,6 +76,9 @@ class RunRecord:
     l2_hit_pct: float | None  # mean over the run where CUPTI sampled it
     notes: tuple[str, ...]
     created_at: str  # ISO date-time, UTC
+    # CUPTI PM-sampling series on the spans' µs axis (engine.telemetry.export.cupti_counters): PCIe and DRAM GB/s,
+    # L2 hit % where the chip samples it; empty when CUPTI did not run.
+    pm_counters: dict[str, list] = field(default_factory=dict)
 
     @property
     def pct_of_floor(self) -> float | None:
@@ -186,16 +190,21 @@ def _start_l2(cupti: CuptiPmSampler | None, device: torch.device) -> tuple[bool,
     return True, f"L2 hit % ({probe.l2_formula}) by CUPTI PM sampling: the run's mean is shown when it ends"
 
 
-def _stop_l2(cupti: CuptiPmSampler) -> tuple[float | None, str]:
+def _stop_l2(cupti: CuptiPmSampler, *, origin_wall_ns: int) -> tuple[float | None, str, dict[str, list]]:
+    """-> (mean L2 hit %, what the L2 figure is, CUPTI counter tracks on the recorder's axis)."""
     try:
         samples = cupti.stop()
     except Exception as exc:  # noqa: BLE001
-        return None, f"CUPTI PM sampling failed ({type(exc).__name__}: {exc}); L2 figures: see {NCU_FALLBACK}"
+        return None, f"CUPTI PM sampling failed ({type(exc).__name__}: {exc}); L2 figures: see {NCU_FALLBACK}", {}
+    counters = cupti_counters(samples, origin_wall_ns=origin_wall_ns)
     values = [s.l2_hit_pct for s in samples if s.l2_hit_pct is not None]
     if not values:
-        return None, f"CUPTI returned no L2 samples for this run ({len(samples)} samples); L2 figures: see {NCU_FALLBACK}"
+        why = ("the chip takes no L2 hit-rate counters in the same pass" if cupti.l2_formula is None
+               else "no L2 samples")
+        return None, (f"CUPTI PM sampled {', '.join(cupti.metrics)} ({len(samples)} samples, every "
+                      f"{cupti.interval_us} µs) but no L2 hit rate: {why}; L2 figures: see {NCU_FALLBACK}"), counters
     mean = statistics.fmean(values)
-    return mean, f"L2 hit {mean:.1f} % ({cupti.l2_formula}), mean of {len(values)} CUPTI PM samples"
+    return mean, f"L2 hit {mean:.1f} % ({cupti.l2_formula}), mean of {len(values)} CUPTI PM samples", counters
 
 
 def _median(values: list[float]) -> float | None:
@@ -266,10 +275,10 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
             yield collect()
         recorder.flush()
         final = collect()  # steps resolved after the last event
-        l2_pct = None
+        l2_pct, pm_counters = None, {}
         if l2_started:
             l2_started = False
-            l2_pct, l2_note = _stop_l2(cupti)
+            l2_pct, l2_note, pm_counters = _stop_l2(cupti, origin_wall_ns=recorder.origin_wall_ns)
         if not lab_steps:
             raise RuntimeError(f"the recorder resolved no decode step of run #{run_id} ({recorder.error or 'no error'})")
         notes = [*hardware.notes]
@@ -288,14 +297,14 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
             plan_reason=plan.reason if plan is not None else "no plan",
             prefill_ms=prefill_ms, steps=tuple(lab_steps), spans=tuple(all_spans), link=tuple(link_samples),
             link_note=link_note, l2_note=l2_note, l2_hit_pct=l2_pct, notes=tuple(notes),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), pm_counters=pm_counters)
         yield replace(final, l2_note=l2_note, record=record)
     finally:
         recorder.close()
         if link is not None:
             link.close()
         if l2_started:
-            _stop_l2(cupti)
+            _stop_l2(cupti, origin_wall_ns=recorder.origin_wall_ns)
 
 
 @dataclass(frozen=True)

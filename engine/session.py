@@ -274,7 +274,7 @@ class LabSession:
     def export_trace(self, run_id: int | None = None) -> Path:
         """The run's Chrome/Perfetto trace (lanes per layer, payload and link GB/s, tokens/s) under `export_dir`."""
         record = self.run(run_id)
-        counters = step_counters(s.metrics for s in record.steps) | nvml_counters(record.link)
+        counters = step_counters(s.metrics for s in record.steps) | nvml_counters(record.link) | record.pm_counters
         return write_trace(self.export_dir / f"kvlab-run-{record.run_id}.trace.json", record.spans, counters=counters,
                            metadata=record.summary(with_steps=False))
 

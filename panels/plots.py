@@ -17,6 +17,7 @@ from plotly.subplots import make_subplots
 from engine.explorer import ExploreResult
 from engine.lab_runs import LabStep
 from engine.telemetry import LANE_LABELS, LANES, NvmlSample, Span, downsample_segments
+from engine.telemetry.export import COUNTER_PM_PCIE
 
 MAX_SEGMENTS = 4000  # bars the browser draws per update; more spans are merged across their smallest gaps
 LANE_COLOURS = {"h2d_act": "#4c78a8", "h2d_kv": "#72b7b2", "recompute": "#f58518", "attention": "#e45756",
@@ -80,8 +81,10 @@ def timeline_figure(spans: Sequence[Span], *, run_id: int, max_segments: int = M
     return fig
 
 
-def pcie_figure(steps: Sequence[LabStep], link: Sequence[NvmlSample], *, run_id: int) -> go.Figure:
-    """Payload GB/s per step and direction (the engine's bytes over its copies' time); NVML link GB/s if sampled."""
+def pcie_figure(steps: Sequence[LabStep], link: Sequence[NvmlSample], *, run_id: int,
+                pm_counters: dict | None = None) -> go.Figure:
+    """Payload GB/s per step and direction (the engine's bytes over its copies' time); NVML link GB/s if sampled;
+    CUPTI PM-sampled PCIe GB/s (at <= 1 ms resolution) once a run that sampled it has ended."""
     title = "PCIe GB/s"
     if not steps and not link:
         return _empty(title, "No steps measured yet.", height=280)
@@ -96,6 +99,12 @@ def pcie_figure(steps: Sequence[LabStep], link: Sequence[NvmlSample], *, run_id:
                                  line=dict(dash="dot")))
         fig.add_trace(go.Scatter(x=link_xs, y=[sample.tx_gb_s for sample in link], mode="lines", name="link D2H (NVML)",
                                  line=dict(dash="dot")))
+    pm = (pm_counters or {}).get(COUNTER_PM_PCIE, [])
+    if pm:
+        pm_xs = [t_us / 1e3 for t_us, _ in pm]
+        for key, name in (("read", "PCIe read (CUPTI)"), ("write", "PCIe write (CUPTI)")):
+            fig.add_trace(go.Scattergl(x=pm_xs, y=[values[key] for _, values in pm], mode="lines", name=name,
+                                       line=dict(width=1)))
     fig.update_layout(LAYOUT, title=title, height=280, uirevision=f"pcie-{run_id}",
                       legend=dict(orientation="h", y=-0.3))
     fig.update_xaxes(title="ms since the run started")

@@ -113,7 +113,9 @@ def build(session: LabSession) -> None:
         key = f"{view.run_id}:{view.version}"
         if key == drawn_key:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), drawn_key
-        return (timeline_figure(view.spans, run_id=view.run_id), pcie_figure(view.steps, view.link, run_id=view.run_id),
+        pm = view.record.pm_counters if view.record is not None else None
+        return (timeline_figure(view.spans, run_id=view.run_id),
+                pcie_figure(view.steps, view.link, run_id=view.run_id, pm_counters=pm),
                 step_figure(view.steps, run_id=view.run_id), sources_markdown(view), summary_markdown(view), key)
 
     def on_export():

@@ -817,3 +817,42 @@ def test_l2_hit_pct_formulas():
     assert l2_hit_pct(values, L2_FORMULA_PLAIN) == 31.0
     assert l2_hit_pct({TEX_READS: 0.0}, L2_FORMULA_SERVED) is None
     assert l2_hit_pct(values, None) is None
+
+
+def test_cupti_counters_land_on_the_recorders_axis_in_gb_per_s():
+    from engine.telemetry.cupti_sampler import CuptiSample
+    from engine.telemetry.export import COUNTER_PM_DRAM, COUNTER_PM_PCIE, cupti_counters
+
+    origin = 1_795_580_768_000_000_000  # wall-clock ns, as the GPU's global timer reads
+    samples = [CuptiSample(start_ns=origin + 2_000_000, end_ns=origin + 2_500_000,
+                           values={"pcie__read_bytes.sum": 27_000_000.0, "pcie__write_bytes.sum": 500_000.0,
+                                   "dram__bytes_read.sum": 1_000_000_000.0}, l2_hit_pct=None),
+               CuptiSample(start_ns=origin + 2_500_000, end_ns=origin + 2_500_000, values={}, l2_hit_pct=None),
+               CuptiSample(start_ns=origin + 3_000_000, end_ns=origin + 4_000_000, values={"dram__bytes_read.sum": 0.0},
+                           l2_hit_pct=41.5)]
+    tracks = cupti_counters(samples, origin_wall_ns=origin)
+    (t0, pcie), = tracks[COUNTER_PM_PCIE]
+    assert t0 == 2000.0 and pcie == {"read": 54.0, "write": 1.0}  # 27 MB in 0.5 ms is 54 GB/s
+    assert tracks[COUNTER_PM_DRAM] == [(2000.0, {"read": 2000.0}), (3000.0, {"read": 0.0})]
+    assert tracks[COUNTER_L2] == [(3000.0, {"L2 hit %": 41.5})]  # the zero-length sample is skipped
+    assert cupti_counters([], origin_wall_ns=origin) == {}
+
+
+def test_recorder_wall_origin_matches_its_perf_counter_origin():
+    before = time.time_ns()
+    rec = Recorder(torch.device("cpu"))
+    after = time.time_ns()
+    assert before <= rec.origin_wall_ns <= after
+    rec.close()
+
+
+def test_choose_metrics_falls_back_to_all_source_read_hits():
+    from engine.telemetry.cupti_sampler import ALL_READ_HITS, ALL_READS, L2_FORMULA_READS
+
+    accepted = {"pcie__read_bytes.sum", "pcie__write_bytes.sum", ALL_READS, ALL_READ_HITS}
+    metrics, formula = choose_metrics(lambda ms: set(ms) <= accepted)
+    assert formula == L2_FORMULA_READS
+    assert metrics == ("pcie__read_bytes.sum", "pcie__write_bytes.sum", ALL_READS, ALL_READ_HITS)
+    assert l2_hit_pct({ALL_READS: 200.0, ALL_READ_HITS: 50.0}, L2_FORMULA_READS) == 25.0
+    assert l2_hit_pct({ALL_READS: 0.0, ALL_READ_HITS: 0.0}, L2_FORMULA_READS) is None
+    assert choose_metrics(lambda ms: False) == ((), None)

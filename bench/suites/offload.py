@@ -362,8 +362,8 @@ def _part_telemetry(ctx: _Run) -> None:
     args, device, dtype, quick = ctx.args, ctx.device, ctx.dtype, ctx.quick
     rows, headlines, notes, details, off = ctx.rows, ctx.headlines, ctx.notes, ctx.details, ctx.off
     """Recorder overhead on the mha shape, and a trace of a short offloaded KVPR run."""
-    from engine.telemetry import NvmlSampler, Recorder, step_metrics
-    from engine.telemetry.export import nvml_counters, step_counters, write_trace
+    from engine.telemetry import CuptiPmSampler, NvmlSampler, Recorder, step_metrics
+    from engine.telemetry.export import cupti_counters, nvml_counters, step_counters, write_trace
 
     batch, plen, new = (2, 256, 16) if quick else (8, 2048, 64)
     model = load_model(args.mha_model if not quick or device == "cuda" else "synthetic:tiny-llama",
@@ -400,23 +400,32 @@ def _part_telemetry(ctx: _Run) -> None:
     recorder = Recorder(model.device)
     sampler = NvmlSampler(0, time_origin_ns=recorder.origin_ns) if device == "cuda" else None
     started = sampler.start() if sampler is not None else False
+    pm = CuptiPmSampler(0)
+    pm_ok = device == "cuda" and pm.probe().available
+    notes.append(f"CUPTI PM sampling: {pm.probe().reason}")
+    if pm_ok:
+        pm.start()
     engine.recorder = recorder
     short = GenerationSettings(max_new_tokens=6, ignore_eos=True, offload=off("cpu"))
     engine.generate(prompts, short)
     engine.recorder = None
     recorder.flush()
+    pm_samples = pm.stop() if pm_ok else []
     samples = []
     if sampler is not None:
         sampler.stop()
         samples = sampler.samples()[0]
     spans, _ = recorder.spans()
     metrics = step_metrics(recorder.steps(), spans, tokens_per_step=batch)
-    counters = {**nvml_counters(samples), **step_counters(metrics)}
+    counters = {**nvml_counters(samples), **step_counters(metrics),
+                **cupti_counters(pm_samples, origin_wall_ns=recorder.origin_wall_ns)}
+    details["cupti_samples"] = len(pm_samples)
     plan = engine.plan
     path = write_trace(args.results_dir / f"{'offload_quick' if quick else 'offload'}_trace.json.gz", spans, counters=counters, metadata={
         "model": model.source, "shape": f"B{batch} P{plen}", "placement": "cpu", "split": "auto",
         "plan_reason": plan.steps[0].reason, "predicted_step_ms": plan.steps[0].predicted_ms,
-        "nvml": "sampled" if started else (sampler.why_unavailable if sampler is not None else "no GPU")})
+        "nvml": "sampled" if started else (sampler.why_unavailable if sampler is not None else "no GPU"),
+        "cupti": pm.probe().reason})
     recorder.close()
     details["trace"] = {"file": path.name, "spans": len(spans), "steps": len(metrics),
                         "nvml": "sampled" if started else "unavailable",

@@ -34,6 +34,11 @@ WANTED_METRICS: tuple[str, ...] = (SECTOR_HIT_RATE, TEX_READS, TEX_LOOKUP_HITS, 
 L2_SERVED_METRICS: tuple[str, ...] = (TEX_READS, TEX_LOOKUP_HITS, FABRIC_LOOKUP_HITS)
 L2_FORMULA_SERVED = "(tex lookup hits + ltcfabric lookup hits) / tex reads"
 L2_FORMULA_PLAIN = "lts__t_sector_hit_rate"
+# Read lookups of every source (SM and the other partition's fabric requests): a plain read hit rate, for chips
+# that take neither the served trio nor the sector hit rate in one pass.
+ALL_READS = "lts__t_sectors_op_read.sum"
+ALL_READ_HITS = "lts__t_sectors_op_read_lookup_hit.sum"
+L2_FORMULA_READS = "lts read lookup hits / lts reads (all sources)"
 NCU_FALLBACK = "bench/results/decode_attention_ncu.md"
 MAX_INTERVAL_US = 1000
 INSTALL_HINT = "pip install 'cupti-python>=13.3' nvidia-cuda-cupti"
@@ -54,6 +59,9 @@ def choose_metrics(accepts: Callable[[Sequence[str]], bool]) -> tuple[tuple[str,
     if formula is None and accepts([*chosen, SECTOR_HIT_RATE]):
         chosen.append(SECTOR_HIT_RATE)
         formula = L2_FORMULA_PLAIN
+    if formula is None and accepts([*chosen, ALL_READS, ALL_READ_HITS]):
+        chosen += [ALL_READS, ALL_READ_HITS]
+        formula = L2_FORMULA_READS
     return tuple(chosen), formula
 
 
@@ -66,6 +74,9 @@ def l2_hit_pct(values: Mapping[str, float], formula: str | None) -> float | None
         return 100.0 * (values.get(TEX_LOOKUP_HITS, 0.0) + values.get(FABRIC_LOOKUP_HITS, 0.0)) / reads
     if formula == L2_FORMULA_PLAIN:
         return values.get(SECTOR_HIT_RATE)
+    if formula == L2_FORMULA_READS:
+        reads = values.get(ALL_READS, 0.0)
+        return 100.0 * values.get(ALL_READ_HITS, 0.0) / reads if reads > 0 else None
     return None
 
 

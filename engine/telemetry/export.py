@@ -63,6 +63,31 @@ def l2_counters(points: Iterable[tuple[float, float]], *,
     return {COUNTER_L2: track} if track else {}
 
 
+COUNTER_PM_PCIE = "PCIe GB/s (CUPTI PM sampling)"
+COUNTER_PM_DRAM = "DRAM read GB/s (CUPTI PM sampling)"
+
+
+def cupti_counters(samples: Iterable[Any], *, origin_wall_ns: int) -> dict[str, list[tuple[float, dict[str, float]]]]:
+    """CUPTI PM samples (GPU global-timer ns, on the host's wall clock) as counter tracks on the recorder's µs
+    axis: PCIe read/write and DRAM read GB/s over each sample's interval, and the L2 hit % where sampled."""
+    pcie, dram, l2 = [], [], []
+    for sample in samples:
+        dur_ns = sample.end_ns - sample.start_ns
+        if dur_ns <= 0:
+            continue
+        t_us = (sample.start_ns - origin_wall_ns) / 1000.0
+        values = sample.values
+        if "pcie__read_bytes.sum" in values or "pcie__write_bytes.sum" in values:
+            pcie.append((t_us, {"read": values.get("pcie__read_bytes.sum", 0.0) / dur_ns,
+                                "write": values.get("pcie__write_bytes.sum", 0.0) / dur_ns}))
+        if "dram__bytes_read.sum" in values:
+            dram.append((t_us, {"read": values["dram__bytes_read.sum"] / dur_ns}))
+        if sample.l2_hit_pct is not None:
+            l2.append((t_us, {"L2 hit %": sample.l2_hit_pct}))
+    tracks = {COUNTER_PM_PCIE: pcie, COUNTER_PM_DRAM: dram, COUNTER_L2: l2}
+    return {name: track for name, track in tracks.items() if track}
+
+
 # ---- trace ------------------------------------------------------------------------------------------
 
 def _assign_tracks(lane_spans: list[Span]) -> list[int]:

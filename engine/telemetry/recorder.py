@@ -110,7 +110,7 @@ class Recorder:
     def __init__(self, device: torch.device | str, *, capacity_spans: int = 200_000,
                  capacity_steps: int = 100_000, pool_events: int = 256,
                  event_factory: Callable[[], TimingEvent] | None = None,
-                 device_synchronize: Callable[[], None] | None = None, poll_interval_s: float = 0.001) -> None:
+                 device_synchronize: Callable[[], None] | None = None, poll_interval_s: float = 0.005) -> None:
         self.device = torch.device(device)
         origin_stream: Any = None
         if capacity_spans < 1 or capacity_steps < 1:
@@ -142,6 +142,7 @@ class Recorder:
 
         if not self.uses_events:
             self.origin_ns = time.perf_counter_ns()
+            self.origin_wall_ns = time.time_ns()
             return
         # CUDA: one origin event that every time is measured from. The device is idle when it is
         # recorded, so the event fires almost at once; perf_counter is read either side of it and the
@@ -155,6 +156,9 @@ class Recorder:
         self._origin.record(origin_stream)
         self._origin.synchronize()
         self.origin_ns = (before_ns + time.perf_counter_ns()) // 2
+        # The same instant on the wall clock: CUPTI's PM samples carry the GPU's global timer, which the driver
+        # keeps on the host's wall clock (ns since the epoch), so they map onto this axis by subtraction.
+        self.origin_wall_ns = time.time_ns() - (time.perf_counter_ns() - self.origin_ns)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._resolve_loop, name="kvlab-recorder", daemon=True)
         self._thread.start()
@@ -292,10 +296,14 @@ class Recorder:
 
     def _resolve_until_stopped(self) -> None:
         pending, origin = self._pending, self._origin
+        resolved = 0
         while not self._stop.is_set():
             if not pending:
                 time.sleep(self._poll_interval_s)
                 continue
+            resolved += 1
+            if resolved % 32 == 0:  # hand the GIL back often: the engine thread enqueues the next step meanwhile
+                time.sleep(0)
             item = pending[0]
             # Resolve strictly in recording order: the head decides. An event on a slow stream holds
             # back later ones, which only delays their display.

@@ -19,6 +19,10 @@ from panels import chat_panel, compare_panel, explorer_panel, hardware_panel, mo
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+# Uploads are exported traces (the Profile panel's import): a long run's gzipped trace is a few MB.
+MAX_UPLOAD = "64mb"
+
+
 def build_app(session: LabSession) -> gr.Blocks:
     with gr.Blocks(title="KV Lab") as app:
         gr.Markdown("# KV Lab\nSee and speed up LLM decoding when the KV cache outgrows the GPU.")
@@ -71,7 +75,7 @@ def launch_kwargs(args: argparse.Namespace, *, export_dir: str | Path | None = N
         raise SystemExit(f"Refusing to bind to {args.host} without --auth: anyone who can reach it could run the "
                          "model. Add --auth user:password, or bind to 127.0.0.1.")
     return dict(server_name=args.host, server_port=args.port, auth=auth, share=False, run_history=False,
-                enable_monitoring=False, footer_links=["api", "settings"],
+                enable_monitoring=False, footer_links=["api", "settings"], max_file_size=MAX_UPLOAD,
                 allowed_paths=[str(export_dir)] if export_dir is not None else [])
 
 
@@ -80,7 +84,7 @@ def lab(model: str = "demo", **launch_options):
     session = LabSession()
     session.load(model)
     app = build_app(session)
-    options = dict(share=False, run_history=False, enable_monitoring=False, inline=True,
+    options = dict(share=False, run_history=False, enable_monitoring=False, inline=True, max_file_size=MAX_UPLOAD,
                    allowed_paths=[str(session.export_dir)]) | launch_options
     app.queue(default_concurrency_limit=1).launch(**options)
     return app

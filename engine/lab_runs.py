@@ -27,7 +27,8 @@ from engine.placement import plan_for
 from engine.profiler import HardwareProfile
 from engine.scheduler import RunPlan
 from engine.settings import GenerationSettings, RunShape
-from engine.telemetry.export import cupti_counters
+from engine.telemetry.export import (COUNTER_L2, COUNTER_LINK, COUNTER_PM_DRAM, COUNTER_PM_PCIE, cupti_counters,
+                                     spans_from_trace)
 from engine.telemetry import (NCU_FALLBACK, CuptiPmSampler, NvmlSample, NvmlSampler, Recorder, Span, StepMetrics,
                               step_metrics)
 
@@ -307,6 +308,37 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
             _stop_l2(cupti, origin_wall_ns=recorder.origin_wall_ns)
 
 
+def record_from_trace(trace: dict[str, Any], *, run_id: int, note: str = "") -> RunRecord:
+    """A RunRecord back from an exported trace (LabSession.export_trace): its metadata holds the summary and the
+    steps, its events the spans and the counters. For runs measured elsewhere (another machine, an earlier
+    session) to sit beside this session's in Compare, Profile and the explorer."""
+    meta = trace.get("metadata", {})
+    missing = [key for key in ("model", "settings", "steps", "median_step_ms", "batch") if key not in meta]
+    if missing:
+        raise InvalidSettingsError(f"This trace holds no KV Lab run record (metadata lacks {', '.join(missing)}): "
+                                   "import a trace exported from the Profile panel.")
+    counters: dict[str, list] = defaultdict(list)
+    for event in trace["traceEvents"]:
+        if event.get("ph") == "C":
+            counters[event["name"]].append((float(event["ts"]), dict(event["args"])))
+    link = tuple(NvmlSample(t_us=t, tx_bytes=0, rx_bytes=0, tx_gb_s=a.get("tx"), rx_gb_s=a.get("rx"), gpu_util_pct=None,
+                            mem_util_pct=None, mem_used_bytes=None, sm_clock_mhz=None)
+                 for t, a in counters.get(COUNTER_LINK, ()))
+    steps = tuple(LabStep(metrics=StepMetrics.from_dict(row), predicted_ms=row.get("predicted_ms"),
+                          pcie_floor_ms=row.get("pcie_floor_ms"), split=row.get("split")) for row in meta["steps"])
+    pm = {name: counters[name] for name in (COUNTER_PM_PCIE, COUNTER_PM_DRAM, COUNTER_L2) if counters.get(name)}
+    notes = tuple(meta.get("notes", ())) + ((note,) if note else ())
+    return RunRecord(
+        run_id=run_id, model=meta["model"], source=meta.get("source", meta["model"]), device=meta.get("device", "?"),
+        batch=int(meta["batch"]), prompt_tokens=int(meta["prompt_tokens"]), new_tokens=int(meta["new_tokens"]),
+        seed=int(meta.get("seed", 0)), settings=dict(meta["settings"]), tokens_per_s=float(meta["tokens_per_s"]),
+        median_step_ms=float(meta["median_step_ms"]), predicted_ms=meta.get("predicted_ms"),
+        pcie_floor_ms=meta.get("pcie_floor_ms"), split=meta.get("split"), plan_reason=meta.get("plan_reason", ""),
+        prefill_ms=float(meta.get("prefill_ms", 0.0)), steps=steps, spans=tuple(spans_from_trace(trace)), link=link,
+        link_note=meta.get("link_note", ""), l2_note=meta.get("l2_note", ""), l2_hit_pct=meta.get("l2_hit_pct"),
+        notes=notes, created_at=meta.get("created_at", ""), pm_counters=pm)
+
+
 @dataclass(frozen=True)
 class LiveView:
     """A snapshot of the current (or last) profiling run, for a poller."""
@@ -368,4 +400,4 @@ class LiveRun:
 
 
 __all__ = ["LabStep", "LiveRun", "LiveView", "ProfileUpdate", "RunRecord", "flat_settings", "profile_run",
-           "random_prompts"]
+           "random_prompts", "record_from_trace"]

@@ -22,13 +22,14 @@ import torch
 from engine.errors import InvalidSettingsError, PromptTooLongError
 from engine.explorer import DEFAULT_SPLITS, ExploreResult, MeasuredPoint, explore_splits
 from engine.generator import Generator
-from engine.lab_runs import LiveRun, LiveView, ProfileUpdate, RunRecord, profile_run
+from engine.lab_runs import LiveRun, LiveView, ProfileUpdate, RunRecord, profile_run, record_from_trace
 from engine.loader import LoadedModel, load_model
 from engine.profiler import HardwareProfile, hardware_profile
 from engine.run_compare import CompareTable, compare_runs, write_compare
 from engine.scheduler import gqa_note
 from engine.settings import GenerationSettings, RunShape
 from engine.telemetry import CuptiPmSampler, NvmlSampler, nvml_counters, step_counters, write_trace
+from engine.telemetry.export import read_trace
 
 MAX_CHAT_CHARS = 20_000  # longer pastes are refused: the model's context is far shorter anyway
 MAX_RUNS = 100  # profiling runs kept for Compare and the explorer, oldest dropped first
@@ -276,7 +277,30 @@ class LabSession:
         record = self.run(run_id)
         counters = step_counters(s.metrics for s in record.steps) | nvml_counters(record.link) | record.pm_counters
         return write_trace(self.export_dir / f"kvlab-run-{record.run_id}.trace.json", record.spans, counters=counters,
-                           metadata=record.summary(with_steps=False))
+                           metadata=record.summary(with_steps=True))
+
+    def import_run(self, path: str | Path, *, note: str = "") -> RunRecord:
+        """A run exported by export_trace (here or on another machine) kept beside this session's runs and shown
+        as the Profile panel's current run. `note` says where it was measured."""
+        path = Path(path)
+        try:
+            trace = read_trace(path)
+        except (OSError, ValueError) as exc:
+            raise InvalidSettingsError(f"Could not read a trace from {path.name}: {exc}. Import a .trace.json(.gz) "
+                                       "written by the Profile panel's Export.") from exc
+        with self._lock:
+            record = record_from_trace(trace, run_id=self._next_run_id, note=note)
+            self._next_run_id += 1
+            self.runs = [*self.runs, record][-MAX_RUNS:]
+            live = LiveRun(record.run_id, num_steps=len(record.steps))
+            live.add(ProfileUpdate(run_id=record.run_id, step=len(record.steps), num_steps=len(record.steps),
+                                   step_ms=record.median_step_ms, predicted_ms=record.predicted_ms,
+                                   tokens_per_s=record.tokens_per_s, payload_gb_s={}, link_gb_s=None,
+                                   link_note=record.link_note, l2_note=record.l2_note, new_spans=record.spans,
+                                   new_steps=record.steps, new_link=record.link, record=record))
+            live.end("imported")
+            self._live = live
+        return record
 
 
 def normalise_history(history) -> list[dict]:

@@ -9,6 +9,8 @@ not tick faster than the eye needs. Every figure keeps the user's zoom across re
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from engine.lab_runs import LiveView, ProfileUpdate
@@ -67,6 +69,8 @@ def build(session: LabSession) -> None:
         run = gr.Button("Run profile", variant="primary")
         stop = gr.Button("Stop")
         export = gr.Button("Download trace (Perfetto)")
+        show = gr.Button("Show last run")
+        upload = gr.UploadButton("Import a run (exported trace)", file_types=[".json", ".gz"], file_count="single")
     progress = gr.Markdown("")
     timeline = gr.Plot(label="Timeline", show_label=False)
     with gr.Row():
@@ -118,6 +122,17 @@ def build(session: LabSession) -> None:
                 pcie_figure(view.steps, view.link, run_id=view.run_id, pm_counters=pm),
                 step_figure(view.steps, run_id=view.run_id), sources_markdown(view), summary_markdown(view), key)
 
+    def on_import(file):
+        path = getattr(file, "name", file)
+        if not path:
+            return "No file was uploaded: choose a .trace.json(.gz) exported by this panel.", ""
+        try:
+            record = session.import_run(path, note=f"imported from {Path(path).name}")
+        except Exception as exc:  # noqa: BLE001 - shown in the panel
+            return f"**Error:** {describe(exc)}", ""
+        return (f"Imported run #{record.run_id}: {record.label}, measured on {record.device} at {record.created_at}, "
+                f"{record.tokens_per_s:,.1f} tok/s."), ""
+
     def on_export():
         try:
             return str(session.export_trace()), ""
@@ -129,6 +144,9 @@ def build(session: LabSession) -> None:
     job.then(on_view, drawn, view_outputs, api_name=False, show_progress="hidden")
     timer.tick(on_view, drawn, view_outputs, concurrency_id="telemetry", concurrency_limit=1, trigger_mode="once",
                show_progress="hidden", api_name="profile_view")
+    show.click(lambda: on_view(""), None, view_outputs, queue=False, api_name="profile_show")
+    upload.upload(on_import, upload, [progress, drawn], queue=False, api_name="profile_import").then(
+        on_view, drawn, view_outputs, api_name=False, show_progress="hidden")
     # The session stops the run between steps (an API client's stop reaches it too); `cancels` ends the stream.
     stop.click(on_stop, None, [progress, timer], cancels=[job], queue=False,
                api_name="stop_profile").then(on_view, drawn, view_outputs, api_name=False, show_progress="hidden")

@@ -179,3 +179,34 @@ def test_flat_settings_names_every_field_by_its_path():
     flat = flat_settings(_settings(split=0.25))
     assert flat["offload.split"] == 0.25 and flat["kernel.prefetch"] == "auto" and flat["sampling.temperature"] == 0.0
     assert flat["max_new_tokens"] == NEW_TOKENS and flat["stop_strings"] == []
+
+
+def test_an_exported_run_imports_into_another_session_unchanged(session, auto_run, tmp_path):
+    _, auto_run = auto_run
+    path = session.export_trace(auto_run.run_id)
+    other = LabSession(export_dir=tmp_path)
+    imported = other.import_run(path, note="measured elsewhere")
+    assert imported.run_id == 1 and other.runs == [imported]
+    for name in ("model", "source", "batch", "prompt_tokens", "new_tokens", "settings", "median_step_ms",
+                 "predicted_ms", "pcie_floor_ms", "split", "plan_reason", "tokens_per_s"):
+        assert getattr(imported, name) == getattr(auto_run, name), name
+    assert imported.spans == auto_run.spans
+    assert [s.metrics for s in imported.steps] == [s.metrics for s in auto_run.steps]
+    assert [s.predicted_ms for s in imported.steps] == [s.predicted_ms for s in auto_run.steps]
+    assert imported.notes[-1] == "measured elsewhere"
+    view = other.live()
+    assert view.status == "imported" and view.record is imported and len(view.spans) == len(auto_run.spans)
+    assert other.compare([1]).rows  # it takes part in Compare like a run of this session
+
+
+def test_importing_something_that_is_not_a_run_says_so(tmp_path):
+    other = LabSession(export_dir=tmp_path)
+    junk = tmp_path / "junk.json"
+    junk.write_text("{not json")
+    with pytest.raises(InvalidSettingsError, match="Could not read a trace from junk.json"):
+        other.import_run(junk)
+    plain = tmp_path / "plain.trace.json"
+    plain.write_text(json.dumps({"traceEvents": [], "metadata": {}}))
+    with pytest.raises(InvalidSettingsError, match="holds no KV Lab run record"):
+        other.import_run(plain)
+    assert other.runs == [] and other.live() is None

@@ -1,0 +1,65 @@
+"""Screenshot the app's Profile panel showing an imported run (e.g. one measured on an H100).
+
+    python bench/screenshot_app.py bench/results/runs/h100_session_profile_run.trace.json.gz assets/profile_h100.png \
+        --note "measured on an NVIDIA H100 80GB HBM3, 2026-11-25"
+
+Starts the app on this machine (loopback, demo model), opens the Profile tab in Debian's chromium (headless,
+Playwright), imports the run with the panel's "Import a run" button, and saves the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import app as lab_app  # noqa: E402
+from engine.session import LabSession  # noqa: E402
+
+CHROMIUM_ARGS = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trace", type=Path)
+    parser.add_argument("png", type=Path)
+    parser.add_argument("--tab", default="Profile")
+    args = parser.parse_args(argv)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise SystemExit("Debian's chromium is needed (apt-get install chromium)")
+    session = LabSession()
+    session.load("demo", device="cpu")
+    demo = lab_app.build_app(session)
+    options = lab_app.launch_kwargs(lab_app.parse_args([]), export_dir=session.export_dir)
+    demo.queue(default_concurrency_limit=1).launch(prevent_thread_lock=True, quiet=True, **options)
+    try:
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(demo.local_url, wait_until="networkidle")
+            page.get_by_role("tab", name=args.tab).click()
+            # Import through the panel's own upload button, as a user would.
+            with page.expect_file_chooser() as chooser:
+                page.get_by_role("button", name="Import a run (exported trace)").click()
+            chooser.value.set_files(str(args.trace))
+            page.get_by_text("Imported run #").wait_for(timeout=60_000)
+            page.wait_for_function("""() => [...document.querySelectorAll('.js-plotly-plot')].some(
+                p => (p.data || []).some(t => t.type === 'scattergl') && p.querySelector('canvas'))""", timeout=60_000)
+            page.wait_for_timeout(2000)
+            args.png.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(args.png), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+    record = session.run()
+    print(f"wrote {args.png}: run #{record.run_id} {record.label}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

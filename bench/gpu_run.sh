@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU runs behind bench/results/: `bash bench/gpu_run.sh OUT_DIR` (about 12 minutes on an H100).
+# The GPU runs behind bench/results/: `bash bench/gpu_run.sh OUT_DIR` (about 25 minutes on an H100; CUPTI counters need the optional
+# cupti-python and nvidia-cuda-cupti wheels).
 # Each step is bounded so one failure leaves the others' results; logs go beside the results.
 set -u
 out=${1:?usage: bash bench/gpu_run.sh OUT_DIR}
@@ -21,3 +22,7 @@ step ncu 240 python3 bench/ncu_decode_attention.py --results-dir "$out"
 step demo_chat 90 python3 -m bench demo_chat --results-dir "$out"
 step gpu_oom 120 python3 -m bench gpu_oom --results-dir "$out"
 step profile 120 python3 bench/profile_decode.py
+# KV offload: placements, splits, predictions, transformers' offloaded cache, telemetry overhead and trace.
+step offload 590 python3 -m bench offload --repeat 1 --results-dir "$out"
+step offload_telemetry 400 python3 -m bench offload --parts telemetry --tag telemetry --repeat 1 --results-dir "$out"
+step profile_session 200 python3 bench/profile_session.py --out "$out"

@@ -173,6 +173,14 @@ def run(args) -> SuiteResult:
     return SuiteResult(suite=suite, rows=ctx.rows, headlines=headlines, notes=ctx.notes, details=ctx.details)
 
 
+def _setup(ctx: _Run, source: str, tiny_source: str, batch: int, plen: int, new: int, **load_options):
+    """-> (model, prompts, generator, shape label); without a GPU the tiny preset of the family stands in."""
+    model = load_model(source if not ctx.quick or ctx.device == "cuda" else tiny_source, device=ctx.device,
+                       dtype=ctx.dtype, **load_options)
+    return model, _prompts(model.spec.vocab_size, batch, plen), Generator(model), \
+        f"{model.source} B{batch} P{plen} N{new}"
+
+
 def _part_exact(ctx: _Run) -> None:
     model = load_model(ctx.args.exact_model, device=ctx.device, dtype=ctx.dtype)
     gen = torch.Generator().manual_seed(7)
@@ -248,11 +256,7 @@ def _recompute_vs_prefill(model, ctx: _Run, *, batch: int = 4, length: int = 300
 
 def _part_mha(ctx: _Run) -> None:
     batch, plen, new = (2, 256, 16) if ctx.quick else (8, 2048, 64)
-    model = load_model(ctx.args.mha_model if not ctx.quick or ctx.device == "cuda" else "synthetic:tiny-llama",
-                       device=ctx.device, dtype=ctx.dtype)
-    prompts = _prompts(model.spec.vocab_size, batch, plen)
-    engine = Generator(model)
-    shape = f"{model.source} B{batch} P{plen} N{new}"
+    model, prompts, engine, shape = _setup(ctx, ctx.args.mha_model, "synthetic:tiny-llama", batch, plen, new)
     mk = lambda offload: GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=offload)  # noqa: E731
     engine.generate(prompts, GenerationSettings(max_new_tokens=4, ignore_eos=True))  # warm-up
     resident = _measure(engine, prompts, mk(OffloadSettings()), ctx.args.repeat)
@@ -309,11 +313,7 @@ def _part_mha(ctx: _Run) -> None:
 
 def _part_gqa(ctx: _Run) -> None:
     batch, plen, new = (2, 256, 8) if ctx.quick else (16, 4096, 32)
-    model = load_model(ctx.args.gqa_model if not ctx.quick or ctx.device == "cuda" else "synthetic:tiny-qwen2",
-                       device=ctx.device, dtype=ctx.dtype)
-    prompts = _prompts(model.spec.vocab_size, batch, plen)
-    engine = Generator(model)
-    shape = f"{model.source} B{batch} P{plen} N{new}"
+    model, prompts, engine, shape = _setup(ctx, ctx.args.gqa_model, "synthetic:tiny-qwen2", batch, plen, new)
     m = _measure(engine, prompts, GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=ctx.off("cpu")),
                  ctx.args.repeat)
     ctx.rows.append(_row(f"cpu, auto split ({shape})", m, batch))
@@ -329,11 +329,8 @@ def _part_gqa(ctx: _Run) -> None:
 def _part_hybrid(ctx: _Run) -> None:
     batch, plen, new = (2, 384, 8) if ctx.quick else (16, 8192, 32)
     # Llama-2's context is 4096: random weights have no trained length, so the preset's is lengthened.
-    model = load_model(ctx.args.mha_model if not ctx.quick or ctx.device == "cuda" else "synthetic:tiny-llama",
-                       device=ctx.device, dtype=ctx.dtype, max_positions=max(4096, plen + new))
-    prompts = _prompts(model.spec.vocab_size, batch, plen)
-    engine = Generator(model)
-    shape = f"{model.source} B{batch} P{plen} N{new}"
+    model, prompts, engine, shape = _setup(ctx, ctx.args.mha_model, "synthetic:tiny-llama", batch, plen, new,
+                                           max_positions=max(4096, plen + new))
     kv_gb = model.spec.kv_bytes_per_token * batch * (plen + new) / 1e9
     mk = lambda offload: GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=offload)  # noqa: E731
     hybrid = _measure(engine, prompts, mk(ctx.off("hybrid")), 1)
@@ -366,11 +363,7 @@ def _part_telemetry(ctx: _Run) -> None:
     from engine.telemetry.export import cupti_counters, nvml_counters, step_counters, write_trace
 
     batch, plen, new = (2, 256, 16) if quick else (8, 2048, 64)
-    model = load_model(args.mha_model if not quick or device == "cuda" else "synthetic:tiny-llama",
-                       device=device, dtype=dtype)
-    prompts = _prompts(model.spec.vocab_size, batch, plen)
-    engine = Generator(model)
-    shape = f"{model.source} B{batch} P{plen} N{new}"
+    model, prompts, engine, shape = _setup(ctx, ctx.args.mha_model, "synthetic:tiny-llama", batch, plen, new)
     settings = {"cpu auto": GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=off("cpu")),
                 "GPU-resident": GenerationSettings(max_new_tokens=new, ignore_eos=True)}
     ratios = {}

@@ -67,3 +67,22 @@ def test_update_summary_overwrites_a_key_and_keeps_the_rest(tmp_path):
     assert summary["a"] == {"value": 3.0, "unit": "x", "peer": "p", "peer_value": 4.0, "device": "d2", "date": "t2",
                             "command": "c2"}
     assert summary["b"]["device"] == "d1"
+
+
+def test_offload_suite_runs_every_part_on_cpu_and_keeps_its_smoke_figures_out_of_the_summary(tmp_path, capsys,
+                                                                                              profile_cache):
+    (tmp_path / "summary.json").write_text(json.dumps({"kept_key": {"value": 1.0, "unit": "x"}}))
+    assert main(["offload", "--parts", "exact,mha,gqa,telemetry", "--exact-model", "synthetic:tiny-llama",
+                 "--results-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "cpu, split 0 (all K/V copied)" in printed and "recorder on" in printed
+    payload = json.loads((tmp_path / "offload_quick.json").read_text())
+    details = payload["details"]
+    assert "failures" not in details, details.get("failures")
+    # fp32 on CPU: every placement, split and schedule gives the GPU-resident tokens, recompute is bit-exact
+    assert all(v["match_fraction"] == 1.0 for k, v in details["exact_demo"].items()
+               if isinstance(v, dict) and "match_fraction" in v)
+    assert all(v["k_differing"] == 0 == v["v_differing"] for v in details["recompute_vs_prefill"].values())
+    assert {p["case"] for p in details["predictions"]} >= {"cpu, split 0 (all K/V copied)", "cpu, auto split"}
+    assert (tmp_path / "offload_quick_trace.json.gz").exists()
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"kept_key": {"value": 1.0, "unit": "x"}}

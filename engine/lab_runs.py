@@ -180,7 +180,7 @@ def _start_l2(cupti: CuptiPmSampler | None, device: torch.device) -> tuple[bool,
     if device.type != "cuda":
         return False, f"no GPU L2 to sample: the model runs on the CPU; L2 figures: see {NCU_FALLBACK} (Nsight Compute)"
     if cupti is None:
-        return False, f"CUPTI not probed; L2 figures: see {NCU_FALLBACK} (Nsight Compute)"
+        return False, f"GPU counters (CUPTI) off for this run; L2 figures: see {NCU_FALLBACK} (Nsight Compute)"
     probe = cupti.probe()
     if not probe.available:
         return False, probe.reason

@@ -166,12 +166,13 @@ class LabSession:
 
     # -- profiling -----------------------------------------------------------------------------
     def profile(self, settings: GenerationSettings, *, batch: int, prompt_tokens: int,
-                seed: int = 0) -> Iterator[ProfileUpdate]:
+                seed: int = 0, gpu_counters: bool = True) -> Iterator[ProfileUpdate]:
         """Run `batch` seeded random prompts of `prompt_tokens` tokens under `settings` with telemetry attached.
 
         Yields a ProfileUpdate per decode step; the last one carries the RunRecord, which is also kept in
         `runs`. While it runs, `live()` shows what it has produced so far; `stop_profile()` (from any thread),
-        or closing the iterator, ends it early without a record.
+        or closing the iterator, ends it early without a record. `gpu_counters`: sample PCIe/DRAM/L2 counters with
+        CUPTI where available (on an H100 sampling every millisecond slowed an offloaded step by about a fifth).
         """
         shape = RunShape(batch=batch, prompt_tokens=prompt_tokens, seed=seed)
         if not isinstance(settings, GenerationSettings):
@@ -185,7 +186,8 @@ class LabSession:
             status = "stopped"
             try:
                 with closing(profile_run(model, settings, shape, run_id=run_id, hardware=hardware,
-                                         cupti=self._cupti_sampler(model.device))) as updates:
+                                         cupti=self._cupti_sampler(model.device) if gpu_counters else None)) \
+                        as updates:
                     for update in updates:
                         live.add(update)
                         if update.record is not None:

@@ -29,6 +29,8 @@ def _rss_gib() -> float:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="synthetic:llama-2-7b")
+    # GQA: its K/V are small beside its prefill activations, so the check's headroom cannot hold the prefill.
+    parser.add_argument("--gqa-model", default="synthetic:llama-3-8b")
 
 
 def _attempt(engine: Generator, prompts, settings) -> dict:
@@ -62,11 +64,13 @@ def run(args) -> SuiteResult:
              ([[7] * 100] * big_batch, GenerationSettings(max_new_tokens=tokens - 100, ignore_eos=True))}
     # (2) a prefill that runs out of memory inside torch: a ballast tensor (standing for other work on the GPU)
     # leaves just enough for the KV cache to pass the check, not for the prefill's activations beside it.
-    # Prefill runs its per-token stages in slices (engine/forward.py), so its peak is modest: the batch must be
-    # large for it to outgrow the check's 10 % headroom.
+    # Prefill runs its per-token stages in slices (engine/forward.py), so its peak is modest; a GQA model's K/V
+    # are a quarter of an MHA model's, so the check's 10 % headroom over them cannot hold its prefill.
+    gqa = load_model(args.gqa_model, device="cuda", dtype="bfloat16")
+    gqa_engine = Generator(gqa)
     batch, prompt_len = 16, 4000
-    kv_bytes = batch * (prompt_len + 2) * kv_per_token
-    cases[f"prefill of {batch} x {prompt_len} tokens beside a ballast (out of memory inside torch)"] = (
+    kv_bytes = batch * (prompt_len + 2) * gqa.spec.kv_bytes_per_token
+    cases[f"{gqa.source} prefill of {batch} x {prompt_len} tokens beside a ballast (out of memory inside torch)"] = (
         [[7] * prompt_len] * batch, GenerationSettings(max_new_tokens=2, ignore_eos=True))
     # (3) an offloaded store far larger than host memory: refused before anything is pinned
     host_tokens = 4000
@@ -88,7 +92,7 @@ def run(args) -> SuiteResult:
             else:
                 leave = int(kv_bytes / 0.9) + (128 << 20)
             ballast = torch.empty(torch.cuda.mem_get_info()[0] - leave, dtype=torch.uint8, device="cuda")
-        result = _attempt(engine, prompts, settings)
+        result = _attempt(gqa_engine if name.startswith(gqa.source) else engine, prompts, settings)
         del ballast
         after_ok = _attempt(engine, [[7] * 64] * 4, GenerationSettings(max_new_tokens=16, ignore_eos=True))
         after_off = _attempt(engine, [[7] * 64] * 4, GenerationSettings(

@@ -278,7 +278,7 @@ def _part_mha(ctx: _Run) -> None:
             peer_ms = _hf_step_ms(model.hf_model, prompts, ctx.args.peer_tokens, cache_implementation="offloaded")
         except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
             ctx.notes.append(f"transformers offloaded cache did not run: {type(exc).__name__}: {str(exc)[:300]}")
-    ctx.rows.append(_row(f"GPU-resident KV, eager ({shape})", resident, batch))
+    ctx.rows.append(_row(f"GPU-resident KV, CUDA graph ({shape})", resident, batch))
     full = measured["cpu, split 0 (all K/V copied)"]
     auto = measured["cpu, auto split"]
     for name, m in measured.items():

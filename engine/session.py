@@ -9,6 +9,7 @@ the Profile panel can poll a running profile. Files the app offers for download 
 
 from __future__ import annotations
 
+import re
 import tempfile
 import threading
 import time
@@ -305,8 +306,17 @@ class LabSession:
         return record
 
 
+# The figures the Chat panel writes under each finished reply; not part of what the model said.
+REPLY_FOOTER = re.compile(r"\n\n_\d+ tokens · [0-9.,]+ tok/s[^_\n]*_$")
+
+
+def reply_footer(num_tokens: int, decode_tok_s: float, note: str = "") -> str:
+    return f"\n\n_{num_tokens} tokens · {decode_tok_s:.1f} tok/s{note}_"
+
+
 def normalise_history(history) -> list[dict]:
-    """Chat history as [{role, content: str}]. Browsers send content as blocks, API clients as strings."""
+    """Chat history as [{role, content: str}], the panel's reply footers removed. Browsers send content as
+    blocks, API clients as strings."""
     out = []
     for turn in history or []:
         if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant"):
@@ -315,8 +325,10 @@ def normalise_history(history) -> list[dict]:
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             content = "".join(b.get("text", "") for b in content if isinstance(b, dict))
         if isinstance(content, str):
+            if turn["role"] == "assistant":
+                content = REPLY_FOOTER.sub("", content)
             out.append({"role": turn["role"], "content": content})
     return out
 
 
-__all__ = ["ChatUpdate", "LabSession", "model_card", "normalise_history"]
+__all__ = ["ChatUpdate", "LabSession", "model_card", "normalise_history", "reply_footer"]

@@ -8,7 +8,7 @@ import gradio as gr
 from dataclasses import replace
 
 from engine.errors import InvalidSettingsError
-from engine.session import LabSession, normalise_history
+from engine.session import LabSession, normalise_history, reply_footer
 from engine.settings import GenerationSettings, SamplingSettings
 from panels.errors import GPU_QUEUE, describe
 
@@ -42,11 +42,11 @@ def build(session: LabSession) -> None:
     clear = gr.Button("Clear chat")
 
     def respond(history, text, n, temp, p, k, s):
-        history = normalise_history(history)
+        shown = list(history or [])  # as displayed, earlier replies' figures included
         try:
             settings = chat_settings(session.settings, n, temp, p, k, s)
-            updates = session.chat(history, text, settings)
-            turn = history + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+            updates = session.chat(normalise_history(shown), text, settings)
+            turn = shown + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
             for update in updates:
                 turn[-1]["content"] = update.reply
                 line = (f"{update.num_tokens} tokens, {update.decode_tok_s:.1f} tok/s decode, "
@@ -55,9 +55,12 @@ def build(session: LabSession) -> None:
                     line += f" · KV cache: {settings.offload.placement}, split {settings.offload.split}"
                 if update.finish_reason:
                     line += f" · finished: {update.finish_reason}"
+                    # The figures stay under this reply (the history sent back to the model drops them).
+                    where = f" · KV {settings.offload.placement}" if settings.offload.offloaded else ""
+                    turn[-1]["content"] = update.reply + reply_footer(update.num_tokens, update.decode_tok_s, where)
                 yield turn, "", line
         except Exception as exc:  # noqa: BLE001 - shown under the chat; history and model are kept
-            yield history, text, f"**Error:** {describe(exc)}"
+            yield shown, text, f"**Error:** {describe(exc)}"
 
     inputs = [chatbot, message, max_new_tokens, temperature, top_p, top_k, seed]
     outputs = [chatbot, message, stats]

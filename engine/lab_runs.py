@@ -80,6 +80,7 @@ class RunRecord:
     # CUPTI PM-sampling series on the spans' µs axis (engine.telemetry.export.cupti_counters): PCIe and DRAM GB/s,
     # L2 hit % where the chip samples it; empty when CUPTI did not run.
     pm_counters: dict[str, list] = field(default_factory=dict)
+    device_name: str = ""  # the GPU's (or CPU's) name, e.g. "NVIDIA H100 80GB HBM3"
 
     @property
     def pct_of_floor(self) -> float | None:
@@ -98,7 +99,8 @@ class RunRecord:
     def summary(self, *, with_steps: bool = True) -> dict[str, Any]:
         """The record as JSON-ready values (spans left out: they go to the trace)."""
         out = {"run_id": self.run_id, "label": self.label, "model": self.model, "source": self.source,
-               "device": self.device, "batch": self.batch, "prompt_tokens": self.prompt_tokens,
+               "device": self.device, "device_name": self.device_name, "batch": self.batch,
+               "prompt_tokens": self.prompt_tokens,
                "new_tokens": self.new_tokens, "seed": self.seed, "settings": dict(self.settings),
                "tokens_per_s": self.tokens_per_s, "median_step_ms": self.median_step_ms,
                "predicted_ms": self.predicted_ms, "pcie_floor_ms": self.pcie_floor_ms,
@@ -298,7 +300,8 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
             plan_reason=plan.reason if plan is not None else "no plan",
             prefill_ms=prefill_ms, steps=tuple(lab_steps), spans=tuple(all_spans), link=tuple(link_samples),
             link_note=link_note, l2_note=l2_note, l2_hit_pct=l2_pct, notes=tuple(notes),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), pm_counters=pm_counters)
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), pm_counters=pm_counters,
+            device_name=hardware.device_name)
         yield replace(final, l2_note=l2_note, record=record)
     finally:
         recorder.close()
@@ -336,7 +339,7 @@ def record_from_trace(trace: dict[str, Any], *, run_id: int, note: str = "") -> 
         pcie_floor_ms=meta.get("pcie_floor_ms"), split=meta.get("split"), plan_reason=meta.get("plan_reason", ""),
         prefill_ms=float(meta.get("prefill_ms", 0.0)), steps=steps, spans=tuple(spans_from_trace(trace)), link=link,
         link_note=meta.get("link_note", ""), l2_note=meta.get("l2_note", ""), l2_hit_pct=meta.get("l2_hit_pct"),
-        notes=notes, created_at=meta.get("created_at", ""), pm_counters=pm)
+        notes=notes, created_at=meta.get("created_at", ""), pm_counters=pm, device_name=meta.get("device_name", ""))
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def summary_markdown(view: LiveView) -> str:
              if record.predicted_ms else "")
     floor = (f"{_ms(record.pcie_floor_ms)}, measured step at {record.pct_of_floor:.1f} % of the floor's speed"
              if record.pct_of_floor is not None else "nothing offloaded")
-    rows = [("model", f"{record.model} on {record.device}"),
+    rows = [("model", f"{record.model} on {record.device_name or record.device}"),
             ("shape", f"batch {record.batch} × prompt {record.prompt_tokens}, {record.new_tokens} new tokens, "
                       f"seed {record.seed}"),
             ("tokens/s (decode)", f"{record.tokens_per_s:,.1f}"),
@@ -132,7 +132,7 @@ def build(session: LabSession) -> None:
             record = session.import_run(path, note=f"imported from {Path(path).name}")
         except Exception as exc:  # noqa: BLE001 - shown in the panel
             return f"**Error:** {describe(exc)}", ""
-        return (f"Imported run #{record.run_id}: {record.label}, measured on {record.device} at {record.created_at}, "
+        return (f"Imported run #{record.run_id}: {record.label}, measured on {record.device_name or record.device} at {record.created_at}, "
                 f"{record.tokens_per_s:,.1f} tok/s."), ""
 
     def on_export():

@@ -49,6 +49,7 @@ class OffloadRuntime:
         # attend_layer and mlp_layer of each layer as CUDA graphs, captured at the first step (GPU only): an eager
         # layer enqueues ~40 small kernels, and at PCIe speed the host must keep ahead of the copies.
         self.use_graphs, self.graphs = cuda_graphs and cuda, None
+        self.graphs_why = "eager layers" + ("" if cuda else " (no GPU)")
         self.h2d = torch.cuda.Stream(self.device) if cuda else None
         self.d2h = torch.cuda.Stream(self.device) if cuda else None
         num_chunks = max((len(p.chunks) for p in plan.steps), default=0)
@@ -207,9 +208,7 @@ class OffloadRuntime:
         rope = self.adapter.rope(hidden, pos)
         seq_lens = (positions + 1).to(torch.int32)
         if self.use_graphs and self.graphs is None:
-            from engine.offload_graphs import LayerGraphs
-
-            self.graphs = LayerGraphs(self)
+            self._capture_graphs()
         if self.graphs is not None:
             hidden = self.graphs.load(hidden, rope, positions, seq_lens)
         run = self._overlapped if self.overlapped else self._sync
@@ -217,6 +216,18 @@ class OffloadRuntime:
         if self.graphs is not None:
             hidden = self.graphs.hidden
         return self.adapter.logits(hidden[:, 0]).float()
+
+    def _capture_graphs(self) -> None:
+        """Capture the per-layer graphs at the first step; a family whose ops cannot be captured runs eagerly."""
+        from engine.offload_graphs import LayerGraphs
+
+        try:
+            self.graphs = LayerGraphs(self)
+            self.graphs_why = f"per-layer compute replayed as CUDA graphs ({2 * self.spec.num_layers} graphs)"
+        except RuntimeError as exc:
+            self.use_graphs, self.graphs = False, None
+            self.graphs_why = f"eager layers: CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]})"
+            torch.cuda.synchronize(self.device)
 
     def _loads(self, layer: int, step: StepPlan, stream=None) -> None:
         slot = layer % 2

@@ -109,6 +109,7 @@ class Generator:
         self.profile = None
         self.plan = None
         self.offload_overlapped = True
+        self.offload_layers_why = ""  # how the last offloaded run executed each layer's compute (graphs or eager)
         self.recorder = None
 
     def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
@@ -270,6 +271,7 @@ class Generator:
                                          keep_logits=keep_logits)
         finally:
             if runtime is not None:
+                self.offload_layers_why = runtime.graphs_why  # captured at the first step, or why not
                 runtime.release()
 
     def _offload_runtime(self, settings: GenerationSettings, attend, lens: list[int]):

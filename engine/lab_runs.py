@@ -287,6 +287,8 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
         notes = [*hardware.notes]
         if plan is not None and plan.gpu_budget_note:
             notes.append(plan.gpu_budget_note)
+        if settings.offload.offloaded:
+            notes.append(generator.offload_layers_why)
         if recorder.dropped:
             notes.append(f"{recorder.dropped} spans fell out of the recorder's ring: the timeline misses them")
         record = RunRecord(

@@ -6,7 +6,7 @@ A decode step is built from five verbs per layer, each a few tensor operations:
     recompute_kv(layer, chunk)  K, V = project_kv(X) with bias, k-norm and RoPE at the slots' positions
     attend(layer)            the new token: projections, resident K/V, attention, output projection, MLP
     store(layer)             D2H: the new token's K/V and activations, written back for later steps
-`decode_sync` runs them in order on one stream; `decode_overlapped` puts the copies on an H2D and a D2H
+`_sync` runs them in order on one stream; `_overlapped` puts the copies on an H2D and a D2H
 stream, two layers of staging in flight, with events where one verb needs another's result. Both give the
 same tokens (tests/test_offload.py). The runtime decides nothing: ranges and chunks come from the plan.
 """
@@ -154,14 +154,13 @@ class OffloadRuntime:
         new_kv[:, 1].copy_(v[:, 0])
         store.new_act[layer].copy_(x[:, 0])
         rows = torch.arange(k.shape[0], device=k.device)
-        g = resident
-        if g:
+        if resident:
             if resident_rows is not None:
-                pos = positions.clamp(max=g - 1)
-                resident = store.resident[layer]  # (g, B, 2, Hkv, D)
-                old = resident[pos, rows]
-                resident.index_put_((pos, rows), torch.where(resident_rows[:, None, None, None], new_kv, old))
-            store.stage_kv[slot, :g].copy_(store.resident[layer, :g])
+                pos = positions.clamp(max=resident - 1)
+                on_gpu = store.resident[layer]  # (g, B, 2, Hkv, D)
+                old = on_gpu[pos, rows]
+                on_gpu.index_put_((pos, rows), torch.where(resident_rows[:, None, None, None], new_kv, old))
+            store.stage_kv[slot, :resident].copy_(store.resident[layer, :resident])
         store.stage_kv[slot].index_put_((positions, rows), new_kv)
         k_view, v_view = store.stage_views(slot, kv_len)
         attn = self.attend(q[:, 0], k_view, v_view, seq_lens, scale=adapter.attention_scale,

@@ -110,6 +110,7 @@ def test_many_steps_with_ranges_growing(models):
     engine = Generator(model)
     result = engine.generate(prompts, _settings(OffloadSettings(placement="cpu", split=0.5, chunk_tokens=6), 60))
     assert result.token_ids == resident.token_ids
+    assert engine.offload_layers_why == "eager layers (no GPU)"  # CUDA graphs only where there is a GPU
     recompute = [p.recompute_tokens for p in engine.plan.steps]
     assert recompute[0] < recompute[-1] and recompute == sorted(recompute)
     assert engine.plan.kv_range[0] == min(p.recompute_range[1] for p in engine.plan.steps)

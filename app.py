@@ -7,20 +7,21 @@ lab()` builds the app and shows it inline.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 from pathlib import Path
 
 import gradio as gr
 
+from engine.access import is_loopback
+from engine.errors import KVLabError
 from engine.session import LabSession
 from panels import chat_panel, compare_panel, explorer_panel, hardware_panel, model_panel, profile_panel, settings_panel
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 # Uploads are exported traces (the Profile panel's import): a long run's gzipped trace is a few MB.
 MAX_UPLOAD = "64mb"
+# Pinned, not left to Gradio's defaults (which environment variables such as GRADIO_MCP_SERVER can change).
+SAFE_DEFAULTS = dict(share=False, run_history=False, enable_monitoring=False, mcp_server=False,
+                     max_file_size=MAX_UPLOAD)
 
 
 def build_app(session: LabSession) -> gr.Blocks:
@@ -43,15 +44,6 @@ def build_app(session: LabSession) -> gr.Blocks:
     return app
 
 
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="KV Lab: an interactive lab for LLM decoding with offloaded KV caches.")
     parser.add_argument("--model", default="demo", help="demo (default), synthetic:<preset>, a local directory or a hub id")
@@ -59,12 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     parser.add_argument("--auth", default=None, help="user:password; required when --host is not a loopback address")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when a GPU is visible)")
+    parser.add_argument("--models-dir", default=None,
+                        help="the directory clients on other machines may load models from (by folder name); "
+                             "without it they may load only demo, synthetic presets and hub ids")
     return parser.parse_args(argv)
 
 
-def launch_kwargs(args: argparse.Namespace, *, export_dir: str | Path | None = None) -> dict:
-    """Security defaults: loopback, no share link, no run history, no monitoring endpoint; the only extra path
-    files may be served from is the session's export directory."""
+def checked_auth(args: argparse.Namespace) -> tuple[str, str] | None:
+    """--auth as (user, password); SystemExit for a malformed one, or for a non-loopback --host without it."""
     auth = None
     if args.auth is not None:
         user, sep, password = args.auth.partition(":")
@@ -74,26 +68,47 @@ def launch_kwargs(args: argparse.Namespace, *, export_dir: str | Path | None = N
     if not is_loopback(args.host) and auth is None:
         raise SystemExit(f"Refusing to bind to {args.host} without --auth: anyone who can reach it could run the "
                          "model. Add --auth user:password, or bind to 127.0.0.1.")
-    return dict(server_name=args.host, server_port=args.port, auth=auth, share=False, run_history=False,
-                enable_monitoring=False, footer_links=["api", "settings"], max_file_size=MAX_UPLOAD,
-                allowed_paths=[str(export_dir)] if export_dir is not None else [])
+    return auth
 
 
-def lab(model: str = "demo", **launch_options):
-    """Build the app in a notebook and show it inline (loopback, same defaults as the command line)."""
-    session = LabSession()
+def launch_kwargs(args: argparse.Namespace, *, export_dir: str | Path) -> dict:
+    """Security defaults: loopback, no share link, no run history, no monitoring endpoint, no MCP server; the only
+    extra path files may be served from is the session's export directory."""
+    auth = checked_auth(args)
+    return dict(server_name=args.host, server_port=args.port, auth=auth, **SAFE_DEFAULTS,
+                footer_links=["api", "settings"], allowed_paths=_allowed_paths(export_dir))
+
+
+
+def _allowed_paths(export_dir: str | Path | None) -> list[str]:
+    # Never an empty list: Gradio reads an empty one as "unset" and takes GRADIO_ALLOWED_PATHS from the environment.
+    if not str(export_dir):
+        raise ValueError("the app serves files from its export directory only: pass one")
+    return [str(export_dir)]
+
+
+def lab(model: str = "demo", *, models_dir: str | None = None, **launch_options):
+    """Build the app in a notebook and show it inline (loopback, same defaults as the command line; an outward
+    `server_name` needs `auth=(user, password)`, as `--host` needs `--auth`)."""
+    host = launch_options.setdefault("server_name", "127.0.0.1")  # not GRADIO_SERVER_NAME from the environment
+    if not is_loopback(host) and not launch_options.get("auth"):
+        raise ValueError(f"Refusing to serve on {host} without auth: anyone who can reach it could run the model. "
+                         "Pass auth=(user, password), or keep the default 127.0.0.1.")
+    session = LabSession(models_dir=models_dir)
     session.load(model)
     app = build_app(session)
-    options = dict(share=False, run_history=False, enable_monitoring=False, inline=True, max_file_size=MAX_UPLOAD,
-                   allowed_paths=[str(session.export_dir)]) | launch_options
+    options = SAFE_DEFAULTS | dict(inline=True, allowed_paths=_allowed_paths(session.export_dir)) | launch_options
     app.queue(default_concurrency_limit=1).launch(**options)
     return app
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    launch_kwargs(args)  # refuses an unsafe address before anything is loaded
-    session = LabSession()
+    checked_auth(args)  # refuses an unsafe address before anything is loaded
+    try:
+        session = LabSession(models_dir=args.models_dir)
+    except KVLabError as exc:
+        raise SystemExit(str(exc)) from None
     try:
         card = session.load(args.model, device=args.device)
         print(f"Loaded {card['name']} on {card['device']} in {card['load_s']:.2f} s", flush=True)

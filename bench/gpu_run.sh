@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU runs behind bench/results/: `bash bench/gpu_run.sh OUT_DIR` (about 25 minutes on an H100; CUPTI counters need the optional
+# The GPU runs behind bench/results/: `bash bench/gpu_run.sh OUT_DIR` (about 45 minutes on an H100; CUPTI counters need the optional
 # cupti-python and nvidia-cuda-cupti wheels).
 # Each step is bounded so one failure leaves the others' results; logs go beside the results.
 set -u
@@ -26,3 +26,9 @@ step profile 120 python3 bench/profile_decode.py
 step offload 590 python3 -m bench offload --repeat 1 --results-dir "$out"
 step offload_telemetry 400 python3 -m bench offload --parts telemetry --tag telemetry --repeat 1 --results-dir "$out"
 step profile_session 200 python3 bench/profile_session.py --out "$out"
+# Reliability: faults inside runs (each reported, memory given back, next run unchanged) and 4 API clients x 50 turns
+# through the served app (needs the gradio wheels), GPU-resident and offloaded; the engine's memory alone beside them.
+step reliability_faults 200 python3 -m bench reliability --parts faults --tag faults --results-dir "$out"
+step reliability_load_gpu 330 python3 -m bench reliability --parts load --placements gpu --tag load_gpu --results-dir "$out"
+step reliability_load_cpu 330 python3 -m bench reliability --parts load --placements cpu --tag load_cpu --results-dir "$out"
+step engine_memory 200 python3 -m bench.engine_memory --model demo --chats 150 --results-dir "$out"

@@ -31,3 +31,11 @@ class OutOfMemoryError(KVLabError, MemoryError):
 
 class CompileError(KVLabError, RuntimeError):
     """torch.compile could not compile the decode step (settings.compile); the run's buffers were released."""
+
+
+class BusyError(KVLabError, RuntimeError):
+    """The session is running a job (a chat reply, a profile) that the request would disturb."""
+
+
+class RunFailedError(KVLabError, RuntimeError):
+    """A run failed inside the engine (a kernel launch, a library call); its memory was released."""

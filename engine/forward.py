@@ -13,6 +13,7 @@ import torch
 from engine.adapters import DecoderAdapter
 from engine.attention import decode_attention_torch, prefill_attention
 from engine.kv_cache import KVCache
+from engine.streams import side_stream
 
 
 class PrefixSink(Protocol):
@@ -136,7 +137,7 @@ class GraphedDecode:
         # any attention reads it (a step writes its own position first, then reads keys up to it).
         self.token_ids = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.full((batch,), scratch_position, dtype=torch.long, device=device)
-        stream = torch.cuda.Stream(device)
+        stream = side_stream(device, "warm-up")
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(warmup):  # cuBLAS handles and autotuning happen outside the capture

@@ -8,6 +8,7 @@ before the host looks at the current step's tokens (EOS, stop strings, text).
 from __future__ import annotations
 
 import gc
+import logging
 import time
 import traceback
 from collections import OrderedDict
@@ -18,12 +19,15 @@ import torch
 
 from engine import forward
 from engine.decode_backend import choose_decode_attention
-from engine.errors import CompileError, InvalidSettingsError, OutOfMemoryError, PromptTooLongError
+from engine.errors import (CompileError, InvalidSettingsError, KVLabError, OutOfMemoryError, PromptTooLongError,
+                           RunFailedError)
 from engine.kv_cache import KVCache
 from engine.loader import LoadedModel
-from engine.memory import check_fits
+from engine.memory import check_fits, release_run_memory
 from engine.sampling import make_generator, sample
 from engine.settings import GenerationSettings
+
+logger = logging.getLogger("kvlab")
 
 # Compiled decode steps a Generator keeps (one per attention function and cache shape), most recent last.
 MAX_COMPILED_STEPS = 4
@@ -101,6 +105,7 @@ class Generator:
         self.model = model
         self.attend = attend  # None: chosen per run from the settings (engine/decode_backend.py)
         self.attention_why = ""
+        self.stage = ""  # what the current run is doing ("prefill", "decode step 3"), for its failure message
         # settings.compile: compiled steps kept across runs, so repeated runs of one shape compile once.
         self._compiled: OrderedDict[tuple, object] = OrderedDict()
         self.compile_why = ""  # what the last run did about compiling, for benches and the UI
@@ -187,24 +192,39 @@ class Generator:
                 f"The longest prompt has {longest} tokens; with max_new_tokens={new_tokens} that needs "
                 f"{longest + new_tokens} positions, but the model's context is {spec.max_positions}: "
                 "shorten the prompt or ask for fewer new tokens.")
+        self.stage = "setting up the run"
+        failure = None
         try:
             yield from self._run(prompt_ids, settings, stream_text=stream_text, keep_logits=keep_logits)
         except torch.OutOfMemoryError as exc:
             # The traceback holds _run's frames and so its KV cache: drop it before freeing memory.
-            detail = str(exc).splitlines()[0][:200]
+            failure = ("oom", str(exc).splitlines()[0][:200])
             exc.__traceback__ = None
             del exc
-            out_of_memory = True
-        else:
-            out_of_memory = False
-        if out_of_memory:
-            _release_memory(model.device)
+        except KVLabError:
+            raise  # already names the problem and the fix; the run's buffers were released where it was raised
+        except Exception as exc:  # a kernel launch, a library call: report it with the stage, free the run
+            # The server's log keeps the traceback as text: a record holding exc_info would keep the run's frames
+            # (and its KV cache) alive in whatever handler stores records.
+            logger.error("run failed during %s:\n%s", self.stage, "".join(traceback.format_exception(exc)))
+            failure = ("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            exc.__traceback__ = None
+            del exc
+        if failure is None:
+            return
+        _release_memory(model.device)
+        kind, detail = failure
+        if kind == "oom":
             need = KVCache.bytes_needed(spec, batch=batch, max_tokens=longest + new_tokens,
                                         dtype_bytes=model.dtype.itemsize)
             raise OutOfMemoryError(
-                f"Out of memory on {model.device} for batch {batch}, prompts up to {longest} tokens and "
-                f"{new_tokens} new tokens (KV cache {need / 2**30:.2f} GiB): lower the batch, the prompt "
-                f"length or max_new_tokens. The memory of this run was released. ({detail})")
+                f"Out of memory on {model.device} during {self.stage} for batch {batch}, prompts up to {longest} "
+                f"tokens and {new_tokens} new tokens (KV cache {need / 2**30:.2f} GiB): lower the batch, the prompt "
+                f"length or max_new_tokens, or offload the KV cache. The memory of this run was released. ({detail})")
+        hint = (" The run used the Triton decode-attention kernel: decode attention 'torch' in Settings runs without it."
+                if self.attention_why.startswith("Triton") else "")
+        raise RunFailedError(f"The run failed during {self.stage} ({detail}): its memory was released and the model "
+                             f"is kept; run again, or change the settings that led here.{hint}")
 
     def _decoder(self, settings: GenerationSettings, attend: forward.DecodeAttention, cache: KVCache, *,
                  use_graph: bool):
@@ -284,9 +304,15 @@ class Generator:
                              prompt_tokens=max(lens), new_tokens=settings.max_new_tokens, profile=self.profile,
                              cuda_graphs=settings.cuda_graph)
         store = OffloadStore(model.spec, self.plan, dtype=model.dtype, device=model.device)
-        return OffloadRuntime(model.adapter, self.plan, store, attend, prompt_lens=lens,
-                              overlapped=self.offload_overlapped, recorder=self.recorder,
-                              cuda_graphs=settings.cuda_graph)
+        try:
+            return OffloadRuntime(model.adapter, self.plan, store, attend, prompt_lens=lens,
+                                  overlapped=self.offload_overlapped, recorder=self.recorder,
+                                  cuda_graphs=settings.cuda_graph)
+        except BaseException:
+            # Unpin before the store's memory goes back to the allocator: a freed range that stays registered
+            # makes a later registration of the same addresses fail (cudaErrorHostMemoryAlreadyRegistered).
+            store.release()
+            raise
 
     def _decode_loop(self, prompt_ids, settings: GenerationSettings, attend, runtime, *, stream_text: bool,
                      keep_logits: bool):
@@ -303,6 +329,7 @@ class Generator:
             padded[b, : len(ids)] = torch.tensor(ids)
         prompt_lens = torch.tensor(lens, device=device)
         gen = make_generator(settings.sampling, device)
+        self.stage = "prefill"
         logits = forward.prefill(adapter, cache, padded.to(device), prompt_lens, all_full=len(set(lens)) == 1)
         pending = sample(logits, settings.sampling, gen)
         positions = prompt_lens.clone()  # where each sequence's pending token's K/V goes
@@ -319,6 +346,7 @@ class Generator:
                 self.compile_why = "off: an offloaded step is planned per length and runs eagerly" \
                     if settings.compile else "off"
             else:
+                self.stage = "capturing the decode step in a CUDA graph" if use_graph else "setting up the decode step"
                 step, decode = self._decoder(settings, attend, cache, use_graph=use_graph)
         except CompileError as exc:
             # Free this run's memory before the error leaves: the failed call's finished frames (kept by the
@@ -341,6 +369,7 @@ class Generator:
             if ready is not None:
                 ready.record()
             if step_index + 1 < new_tokens:  # launch the next step now; its result is read next turn
+                self.stage = f"decode step {step_index + 1}"
                 kv_len = max_tokens if use_graph else longest + step_index + 1
                 if self.recorder is not None:  # step markers on the compute stream; lanes come from the runtime
                     self.recorder.begin_step(step_index + 1)
@@ -383,6 +412,7 @@ class Generator:
 
 
 def _release_memory(device: torch.device) -> None:
-    gc.collect()
+    gc.collect()  # a failed run's frames and graphs may sit in reference cycles
+    release_run_memory(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
-from engine.errors import InvalidSettingsError
+from engine.errors import InvalidSettingsError, RunFailedError
 from engine.generator import Generator
 from engine.loader import LoadedModel
 from engine.placement import plan_for
@@ -283,8 +283,18 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
             l2_started = False
             l2_pct, l2_note, pm_counters = _stop_l2(cupti, origin_wall_ns=recorder.origin_wall_ns)
         if not lab_steps:
-            raise RuntimeError(f"the recorder resolved no decode step of run #{run_id} ({recorder.error or 'no error'})")
+            raise RunFailedError(f"Telemetry failed: the span recorder timed no decode step of run #{run_id} "
+                                 f"({recorder.error or 'no error reported'}); the run is not kept and its memory was "
+                                 "released: run the profile again.")
         notes = [*hardware.notes]
+        if link is not None and link.status.startswith("failed"):
+            # A sampler that stops mid-run (driver reset, GPU lost) ends the link series, not the run.
+            link_note = (f"{link_note}; the NVML sampler {link.status} after {len(link_samples)} samples: the "
+                         "link figures end there")
+            notes.append(f"PCIe link sampling {link.status}")
+        if recorder.error is not None:
+            notes.append(f"the span recorder failed mid-run ({recorder.error}): later steps are missing from the "
+                         "timeline")
         if plan is not None and plan.gpu_budget_note:
             notes.append(plan.gpu_budget_note)
         if settings.offload.offloaded:
@@ -304,7 +314,7 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
             link_note=link_note, l2_note=l2_note, l2_hit_pct=l2_pct, notes=tuple(notes),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), pm_counters=pm_counters,
             device_name=hardware.device_name)
-        yield replace(final, l2_note=l2_note, record=record)
+        yield replace(final, l2_note=l2_note, link_note=link_note, record=record)
     finally:
         recorder.close()
         if link is not None:
@@ -317,11 +327,23 @@ def record_from_trace(trace: dict[str, Any], *, run_id: int, note: str = "") -> 
     """A RunRecord back from an exported trace (LabSession.export_trace): its metadata holds the summary and the
     steps, its events the spans and the counters. For runs measured elsewhere (another machine, an earlier
     session) to sit beside this session's in Compare, Profile and the explorer."""
+    if not isinstance(trace, dict) or not isinstance(trace.get("metadata", {}), dict):
+        raise InvalidSettingsError(f"This file holds JSON but not a trace (a {type(trace).__name__} at the top): "
+                                   "import a trace exported from the Profile panel.")
     meta = trace.get("metadata", {})
     missing = [key for key in ("model", "settings", "steps", "median_step_ms", "batch") if key not in meta]
     if missing:
         raise InvalidSettingsError(f"This trace holds no KV Lab run record (metadata lacks {', '.join(missing)}): "
                                    "import a trace exported from the Profile panel.")
+    try:
+        return _record(trace, meta, run_id=run_id, note=note)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a record cut short or edited by hand
+        what = f"missing {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise InvalidSettingsError(f"This trace's run record is damaged ({what}): import a trace exported from the "
+                                   "Profile panel, unedited.") from None
+
+
+def _record(trace: dict[str, Any], meta: dict[str, Any], *, run_id: int, note: str) -> RunRecord:
     counters: dict[str, list] = defaultdict(list)
     for event in trace["traceEvents"]:
         if event.get("ph") == "C":

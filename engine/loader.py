@@ -85,6 +85,11 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
     return device, dtype
 
 
+def is_hub_id(source: str) -> bool:
+    """'org/name' as the Hugging Face hub spells ids; a path (absolute, relative or home-based) is not one."""
+    return not source.startswith(("/", ".", "~")) and _HUB_ID.match(source) is not None
+
+
 def load_model(source: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                seed: int = 0, max_positions: int | None = None) -> LoadedModel:
     """Load `source`: 'demo', 'synthetic:<preset>', a local directory, or a Hugging Face hub id.
@@ -115,7 +120,7 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
         path = Path(source).expanduser()
         if path.exists():
             loaded = _load_directory(path, device=device, dtype=dtype, source=source)
-        elif source.startswith(("/", ".", "~")) or not _HUB_ID.match(source):
+        elif not is_hub_id(source):
             raise ModelLoadError(f"Model path {source!r} does not exist: check the path, or give a hub id like 'org/name'.")
         else:
             loaded = _load_directory(_hub_snapshot(source), device=device, dtype=dtype, source=source)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from engine.offload_runtime import NullRecorder
+from engine.streams import side_stream
 
 
 class LayerGraphs:
@@ -42,7 +43,7 @@ class LayerGraphs:
             self.hidden.copy_(runtime.mlp_layer(layer, self.mid))
 
         try:
-            side = torch.cuda.Stream(device)
+            side = side_stream(device, "warm-up")
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # cuBLAS handles, Triton compiles: outside the capture
                 for layer in range(spec.num_layers):

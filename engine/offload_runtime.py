@@ -23,6 +23,7 @@ from engine.adapters import DecoderAdapter
 from engine.forward import DecodeAttention
 from engine.offload_store import OffloadStore
 from engine.scheduler import RunPlan, StepPlan
+from engine.streams import side_stream
 from kernels.rope import rope_, rope_reference
 
 
@@ -50,8 +51,8 @@ class OffloadRuntime:
         # layer enqueues ~40 small kernels, and at PCIe speed the host must keep ahead of the copies.
         self.use_graphs, self.graphs = cuda_graphs and cuda, None
         self.graphs_why = "eager layers" + ("" if cuda else " (no GPU)")
-        self.h2d = torch.cuda.Stream(self.device) if cuda else None
-        self.d2h = torch.cuda.Stream(self.device) if cuda else None
+        self.h2d = side_stream(self.device, "h2d") if cuda else None
+        self.d2h = side_stream(self.device, "d2h") if cuda else None
         num_chunks = max((len(p.chunks) for p in plan.steps), default=0)
         new_event = (lambda: torch.cuda.Event()) if cuda else (lambda: None)
         # One pool of events for the run: reused every step (a wait binds to the record made before it).

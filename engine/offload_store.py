@@ -20,12 +20,27 @@ cached after the run. `release()` unregisters and frees everything; runs call it
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from engine.adapters import ModelSpec
 from engine.errors import OutOfMemoryError
 from engine.memory import check_fits
 from engine.scheduler import RunPlan
+
+
+_pinned_now = 0  # bytes page-locked by stores and not yet released, all stores together
+
+
+def pinned_bytes() -> int:
+    """Host bytes page-locked by offload stores right now: 0 between runs, or a run leaked its store."""
+    return _pinned_now
+
+
+def pins_host_memory(device: torch.device) -> bool:
+    """Whether a store for `device` page-locks its host buffers: only copies to a GPU need (and can use) DMA."""
+    return device.type == "cuda"
 
 
 def _pin(tensor: torch.Tensor) -> torch.Tensor:
@@ -39,12 +54,21 @@ def _pin(tensor: torch.Tensor) -> torch.Tensor:
         raise OutOfMemoryError(f"Could not page-lock {num_bytes / 2**30:.2f} GiB of host memory for the offloaded "
                                f"KV store (CUDA error {code}): lower the batch or the sequence length, use "
                                "placement 'hybrid' to keep part of the cache on the GPU, or free host memory.")
+    global _pinned_now
+    _pinned_now += num_bytes
     return tensor
 
 
 def _unpin(tensor: torch.Tensor) -> None:
+    global _pinned_now
     if tensor.numel():
-        torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+        error = torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+        code = getattr(error, "value", error)
+        if code != 0:  # the range stays registered: say so rather than leave a later registration to fail
+            logging.getLogger("kvlab").error("cudaHostUnregister of %d bytes failed with CUDA error %s",
+                                             tensor.numel() * tensor.element_size(), code)
+            return
+        _pinned_now -= tensor.numel() * tensor.element_size()
 
 
 class OffloadStore:
@@ -64,7 +88,7 @@ class OffloadStore:
                    fix="lower the batch or the sequence length, or use placement 'hybrid' with a larger GPU budget.")
         check_fits(gpu_bytes, device, what="the GPU-resident K/V and the staging buffers of an offloaded run",
                    fix="lower the GPU KV budget (placement 'hybrid'), the batch or the sequence length.")
-        self.pinned = device.type == "cuda"
+        self.pinned = pins_host_memory(device)
         self._pinned_tensors: list[torch.Tensor] = []
         try:
             self.host_kv = self._host((layers, kv_slots, batch, 2, kv_heads, dim), dtype)

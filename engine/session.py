@@ -13,18 +13,20 @@ import re
 import tempfile
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from engine.errors import InvalidSettingsError, PromptTooLongError
+from engine.access import SourcePolicy
+from engine.errors import BusyError, InvalidSettingsError, PromptTooLongError
 from engine.explorer import DEFAULT_SPLITS, ExploreResult, MeasuredPoint, explore_splits
 from engine.generator import Generator
 from engine.lab_runs import LiveRun, LiveView, ProfileUpdate, RunRecord, profile_run, record_from_trace
 from engine.loader import LoadedModel, load_model
+from engine.memory import release_run_memory
 from engine.profiler import HardwareProfile, hardware_profile
 from engine.run_compare import CompareTable, compare_runs, write_compare
 from engine.scheduler import gqa_note
@@ -45,6 +47,8 @@ class ChatUpdate:
     decode_tok_s: float
     elapsed_s: float
     finish_reason: str | None  # None while streaming
+    dropped_turns: int = 0  # oldest history turns left out so the prompt fits the context
+    capped_at: int | None = None  # the reply's length limit when the context left less than asked for
 
 
 def model_card(model: LoadedModel) -> dict:
@@ -56,9 +60,11 @@ def model_card(model: LoadedModel) -> dict:
 
 
 class LabSession:
-    def __init__(self, *, export_dir: str | Path | None = None) -> None:
+    def __init__(self, *, export_dir: str | Path | None = None, models_dir: str | Path | None = None) -> None:
         self.model: LoadedModel | None = None
+        self.policy = SourcePolicy(models_dir)  # what clients on other machines may load
         self._lock = threading.Lock()  # one GPU job at a time, whatever the UI's queue does
+        self._job: str | None = None  # what holds the lock, for the message a refused load shows
         # The settings panel applies one settings object and a run shape; chat, profiling and the explorer use them.
         self.settings = GenerationSettings()
         self.shape = RunShape()
@@ -66,16 +72,47 @@ class LabSession:
         self._next_run_id = 1
         self._live: LiveRun | None = None
         self._stop_requested = threading.Event()  # set by stop_profile, read between steps
+        self._chat_stop = threading.Event()  # set by stop_chat, read between tokens
+        self._chat_owner: str | None = None  # who asked for the running reply (a browser tab, an API client)
         self._profiles: dict[str, HardwareProfile] = {}
         self._cupti: dict[str, CuptiPmSampler] = {}
         self._export_dir = Path(export_dir) if export_dir is not None else None
 
     # -- model ---------------------------------------------------------------------------------
-    def load(self, source: str, *, device: str | None = None, dtype: str | None = None) -> dict:
-        """Load `source` and make it current; on failure the previous model stays loaded."""
-        with self._lock:
+    def load(self, source: str, *, device: str | None = None, dtype: str | None = None, remote: bool = False) -> dict:
+        """Load `source` and make it current; on failure the previous model stays loaded.
+
+        Refused (BusyError) while a chat reply or a profile runs: swapping the model under a running job would
+        end it with a confusing error, and waiting silently behind a long profile looks like a hang. `remote`:
+        the request comes from another machine, so filesystem paths must lie in the allowed models directory."""
+        source = self.policy.resolve(source, remote=remote)
+        if not self._lock.acquire(blocking=False):
+            kept = f" The loaded model ({self.model.name}) is kept." if self.model is not None else ""
+            raise BusyError(f"Cannot load a model while {self._job or 'another job'} is running: press Stop or "
+                            f"wait for it to finish, then load again.{kept}")
+        try:
+            self._job = f"loading {source}"
             self.model = load_model(source, device=device, dtype=dtype)
             return model_card(self.model)
+        finally:
+            self._job = None
+            self._lock.release()
+
+    @contextmanager
+    def _device_job(self, what: str):
+        """Hold the session's lock for `what` ("a chat reply", ...), named for the message a refused load shows."""
+        with self._lock:
+            self._job = what
+            try:
+                yield
+            finally:
+                self._job = None
+                if self.model is not None:
+                    release_run_memory(self.model.device)  # a server's many threads would each keep cuBLAS memory
+
+    def busy(self) -> str | None:
+        """What is running now (e.g. "a chat reply"), or None."""
+        return self._job
 
     def card(self) -> dict | None:
         return model_card(self.model) if self.model is not None else None
@@ -111,7 +148,7 @@ class LabSession:
 
     def hardware(self, *, refresh: bool = False) -> HardwareProfile:
         """The profiler's measurements of the loaded model's device: cached, or measured now (`refresh`)."""
-        with self._lock:
+        with self._device_job("measuring the hardware"):
             return self._hardware(self._device(), refresh=refresh)
 
     def _cupti_sampler(self, device: torch.device) -> CuptiPmSampler:
@@ -133,19 +170,29 @@ class LabSession:
         return {"NVML": nvml, "CUPTI": probe.reason if not probe.available else f"available: {probe.reason}"}
 
     # -- chat ----------------------------------------------------------------------------------
-    def chat(self, history: list[dict], message: str, settings: GenerationSettings) -> Iterator[ChatUpdate]:
-        """Stream the model's reply to `message` after `history` ([{role, content}, ...])."""
-        if not isinstance(message, str) or not message.strip():
-            raise InvalidSettingsError("The message is empty: type something to send.")
-        if len(message) > MAX_CHAT_CHARS:
-            raise InvalidSettingsError(f"The message has {len(message)} characters; the limit is {MAX_CHAT_CHARS}: "
-                                       "send a shorter text.")
+    def chat(self, history: list[dict], message: str, settings: GenerationSettings, *,
+             owner: str | None = None) -> Iterator[ChatUpdate]:
+        """Stream the model's reply to `message` after `history` ([{role, content}, ...]). `owner` names who asked
+        (a browser tab, an API client): `stop_chat(owner)` stops only that one's reply.
+
+        A conversation longer than the model's context keeps its newest turns: the oldest are dropped (and
+        counted in the updates) until the prompt plus `max_new_tokens` fits; if the message alone leaves too
+        little room, the reply is capped at what is left; a message that fills the context is refused."""
+        check_message(message)
         model = self.require_model()
-        messages = [*normalise_history(history), {"role": "user", "content": message}]
-        prompt = model.tokenizer.chat_prompt(messages)
+        turns = normalise_history(history)
+        context = model.spec.max_positions
+        prompt, prompt_len, dropped = self._fit_prompt(model, turns, message, settings.max_new_tokens)
+        room = context - prompt_len
+        if room < 1:
+            raise PromptTooLongError(f"The message is {prompt_len} tokens as a prompt and the model's context is "
+                                     f"{context} positions, leaving no room for a reply: send a shorter message.")
+        capped = room < settings.max_new_tokens
         stops = tuple(dict.fromkeys((*model.chat_stop_strings, *settings.stop_strings)))
-        settings = replace(settings, stop_strings=stops)
-        with self._lock:
+        settings = replace(settings, stop_strings=stops, max_new_tokens=min(room, settings.max_new_tokens))
+        with self._device_job("a chat reply"):
+            self._chat_stop.clear()
+            self._chat_owner = owner
             generator = Generator(model)
             if settings.offload.offloaded:
                 generator.profile = self._hardware(model.device)
@@ -161,9 +208,37 @@ class LabSession:
                 yield ChatUpdate(reply=reply, num_tokens=num_tokens,
                                  decode_tok_s=(num_tokens - 1) / (decode_ms * 1e-3) if decode_ms else 0.0,
                                  elapsed_s=time.perf_counter() - start,
-                                 finish_reason=event.finish_reasons[0] if done else None)
+                                 finish_reason=event.finish_reasons[0] if done else None,
+                                 dropped_turns=dropped, capped_at=settings.max_new_tokens if capped else None)
                 if done:
                     return
+                if self._chat_stop.is_set():
+                    yield ChatUpdate(reply=reply, num_tokens=num_tokens,
+                                     decode_tok_s=(num_tokens - 1) / (decode_ms * 1e-3) if decode_ms else 0.0,
+                                     elapsed_s=time.perf_counter() - start, finish_reason="stopped",
+                                     dropped_turns=dropped, capped_at=settings.max_new_tokens if capped else None)
+                    return
+
+    def stop_chat(self, owner: str | None = None) -> bool:
+        """End the streaming reply after its current token (only `owner`'s, when given); False if none runs."""
+        if self._job != "a chat reply" or (owner is not None and self._chat_owner not in (None, owner)):
+            return False
+        self._chat_stop.set()
+        return True
+
+    @staticmethod
+    def _fit_prompt(model: LoadedModel, turns: list[dict], message: str, new_tokens: int) -> tuple[str, int, int]:
+        """(prompt, its length in tokens, oldest turns dropped) for the newest history that leaves room for
+        `new_tokens`; with no history left, the message alone (the caller caps the reply)."""
+        context = model.spec.max_positions
+        dropped = 0
+        while True:
+            prompt = model.tokenizer.chat_prompt([*turns[dropped:], {"role": "user", "content": message}])
+            length = len(model.tokenizer.encode(prompt))
+            if length + new_tokens <= context or dropped >= len(turns):
+                return prompt, length, dropped
+            # Drop a user turn with the reply that followed it, so the transcript still alternates.
+            dropped += 2 if dropped + 1 < len(turns) and turns[dropped + 1]["role"] == "assistant" else 1
 
     # -- profiling -----------------------------------------------------------------------------
     def profile(self, settings: GenerationSettings, *, batch: int, prompt_tokens: int,
@@ -179,7 +254,7 @@ class LabSession:
         if not isinstance(settings, GenerationSettings):
             raise InvalidSettingsError(f"settings must be a GenerationSettings instance, got {type(settings).__name__}.")
         model = self.require_model()
-        with self._lock:
+        with self._device_job(f"profile run #{self._next_run_id}"):
             hardware = self._hardware(model.device)
             run_id, self._next_run_id = self._next_run_id, self._next_run_id + 1
             live = self._live = LiveRun(run_id, num_steps=max(0, settings.max_new_tokens - 1))
@@ -240,7 +315,7 @@ class LabSession:
             raise PromptTooLongError(f"prompt_tokens={prompt_tokens} plus {new_tokens} new tokens need "
                                      f"{prompt_tokens + new_tokens} positions, but the model's context is "
                                      f"{model.spec.max_positions}: shorten the prompt or ask for fewer new tokens.")
-        with self._lock:
+        with self._device_job("the scheduler explorer"):
             hardware = self._hardware(model.device)
             result = explore_splits(model.spec, settings.offload, device=model.device, profile=hardware, batch=batch,
                                     prompt_tokens=prompt_tokens, new_tokens=new_tokens, splits=splits)
@@ -288,10 +363,11 @@ class LabSession:
         path = Path(path)
         try:
             trace = read_trace(path)
-        except (OSError, ValueError) as exc:
-            raise InvalidSettingsError(f"Could not read a trace from {path.name}: {exc}. Import a .trace.json(.gz) "
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: a gzip file cut short
+            raise InvalidSettingsError(f"Could not read a trace from {path.name}: {exc or type(exc).__name__}. "
+                                       "Import a .trace.json(.gz) "
                                        "written by the Profile panel's Export.") from exc
-        with self._lock:
+        with self._device_job("a run import"):
             record = record_from_trace(trace, run_id=self._next_run_id, note=note)
             self._next_run_id += 1
             self.runs = [*self.runs, record][-MAX_RUNS:]
@@ -306,8 +382,27 @@ class LabSession:
         return record
 
 
+def check_message(message) -> None:
+    """A chat message the model can read, or InvalidSettingsError naming what is wrong with it."""
+    if not isinstance(message, str) or not message.strip():
+        raise InvalidSettingsError("The message is empty: type something to send.")
+    if len(message) > MAX_CHAT_CHARS:
+        raise InvalidSettingsError(f"The message has {len(message):,} characters; the limit is {MAX_CHAT_CHARS:,}: "
+                                   "send a shorter text.")
+    surrogate = next((i for i, c in enumerate(message) if 0xD800 <= ord(c) <= 0xDFFF), None)
+    if surrogate is not None:
+        raise InvalidSettingsError(
+            f"The message holds a lone surrogate (U+{ord(message[surrogate]):04X} at character {surrogate + 1}), "
+            "which is not valid Unicode text and cannot be encoded: paste the text again from its source.")
+
+
+def _valid_text(text: str) -> str:
+    """Earlier turns as the tokenizer can encode them: a lone surrogate (API clients can send one) becomes U+FFFD."""
+    return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+
+
 # The figures the Chat panel writes under each finished reply; not part of what the model said.
-REPLY_FOOTER = re.compile(r"\n\n_\d+ tokens · [0-9.,]+ tok/s[^_\n]*_$")
+REPLY_FOOTER = re.compile(r"(?:\n\n|^)_\d+ tokens · [0-9.,]+ tok/s[^_\n]*_$")  # alone: a blank reply, trimmed by the display
 
 
 def reply_footer(num_tokens: int, decode_tok_s: float, note: str = "") -> str:
@@ -327,8 +422,8 @@ def normalise_history(history) -> list[dict]:
         if isinstance(content, str):
             if turn["role"] == "assistant":
                 content = REPLY_FOOTER.sub("", content)
-            out.append({"role": turn["role"], "content": content})
+            out.append({"role": turn["role"], "content": _valid_text(content)})
     return out
 
 
-__all__ = ["ChatUpdate", "LabSession", "model_card", "normalise_history", "reply_footer"]
+__all__ = ["ChatUpdate", "LabSession", "check_message", "model_card", "normalise_history", "reply_footer"]

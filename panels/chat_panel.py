@@ -10,6 +10,7 @@ from dataclasses import replace
 from engine.errors import InvalidSettingsError
 from engine.session import LabSession, normalise_history, reply_footer
 from engine.settings import GenerationSettings, SamplingSettings
+from panels.controls import ChatHistory, NumberBox, SliderBox
 from panels.errors import GPU_QUEUE, describe
 
 
@@ -25,8 +26,13 @@ def chat_settings(base: GenerationSettings, max_new_tokens, temperature, top_p, 
         raise InvalidSettingsError(f"A chat setting is not a number ({exc}): enter numbers only.") from exc
 
 
+def _owner(request: gr.Request | None) -> str | None:
+    """Who is asking: Gradio's session of the browser tab or API client (None when called directly)."""
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
 def build(session: LabSession) -> None:
-    chatbot = gr.Chatbot(label="Chat", height=420)
+    chatbot = ChatHistory(label="Chat", height=420)
     with gr.Row():
         message = gr.Textbox(placeholder="Say something to the model", show_label=False, scale=5, max_lines=6)
         send = gr.Button("Send", variant="primary", scale=1)
@@ -34,18 +40,20 @@ def build(session: LabSession) -> None:
     stats = gr.Markdown("")
     with gr.Accordion("Sampling", open=False):
         with gr.Row():
-            max_new_tokens = gr.Slider(1, 1024, value=100, step=1, label="max new tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.01, label="top-p")
-            top_k = gr.Number(0, precision=0, label="top-k (0 = off)")
-            seed = gr.Number(-1, precision=0, label="seed (-1 = random)")
+            max_new_tokens = SliderBox.named("max new tokens", minimum=1, maximum=1024, value=100, step=1,
+                                             label="max new tokens")
+            temperature = SliderBox.named("temperature", minimum=0.0, maximum=2.0, value=0.8, step=0.05,
+                                          label="temperature (0 = greedy)")
+            top_p = SliderBox.named("top_p", minimum=0.05, maximum=1.0, value=0.95, step=0.01, label="top-p")
+            top_k = NumberBox.named("top_k", value=0, precision=0, label="top-k (0 = off)")
+            seed = NumberBox.named("seed", value=-1, precision=0, label="seed (-1 = random)")
     clear = gr.Button("Clear chat")
 
-    def respond(history, text, n, temp, p, k, s):
+    def respond(history, text, n, temp, p, k, s, request: gr.Request):
         shown = list(history or [])  # as displayed, earlier replies' figures included
         try:
             settings = chat_settings(session.settings, n, temp, p, k, s)
-            updates = session.chat(normalise_history(shown), text, settings)
+            updates = session.chat(normalise_history(shown), text, settings, owner=_owner(request))
             turn = shown + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
             for update in updates:
                 turn[-1]["content"] = update.reply
@@ -53,6 +61,11 @@ def build(session: LabSession) -> None:
                         f"{update.elapsed_s:.2f} s")
                 if settings.offload.offloaded:
                     line += f" · KV cache: {settings.offload.placement}, split {settings.offload.split}"
+                if update.dropped_turns:
+                    line += (f" · the {update.dropped_turns} oldest turns were left out to fit the model's "
+                             "context (Clear chat to start afresh)")
+                if update.capped_at is not None:
+                    line += f" · reply capped at {update.capped_at} tokens by the context"
                 if update.finish_reason:
                     line += f" · finished: {update.finish_reason}"
                     # The figures stay under this reply (the history sent back to the model drops them).
@@ -67,5 +80,11 @@ def build(session: LabSession) -> None:
     sent = send.click(respond, inputs, outputs, concurrency_id=GPU_QUEUE, concurrency_limit=1, api_name="chat")
     submitted = message.submit(respond, inputs, outputs, concurrency_id=GPU_QUEUE, concurrency_limit=1,
                                api_name=False)
-    stop.click(lambda: "Stopped.", None, stats, cancels=[sent, submitted], api_name="stop", queue=False)
+    def on_stop(request: gr.Request):
+        # The browser's click also cancels the stream (`cancels`); an API client's /stop reaches only this.
+        if session.stop_chat(owner=_owner(request)):
+            return "Stopping the reply after the current token."
+        return "No reply of yours is running."
+
+    stop.click(on_stop, None, stats, cancels=[sent, submitted], api_name="stop", queue=False)
     clear.click(lambda: ([], ""), None, [chatbot, stats], api_name=False, queue=False)

@@ -6,10 +6,11 @@ import gradio as gr
 
 from engine.presets import PRESETS
 from engine.session import LabSession
-from panels.errors import GPU_QUEUE, describe
+from engine.access import is_loopback
+from panels.errors import describe
 from panels.plots import human_bytes
 
-SOURCES = ["demo", *(f"synthetic:{name}" for name in PRESETS)]
+BUILT_IN = ["demo", *(f"synthetic:{name}" for name in PRESETS)]
 
 
 def card_markdown(card: dict | None) -> str:
@@ -38,28 +39,38 @@ def card_markdown(card: dict | None) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]) + notes
 
 
+def is_remote(request: gr.Request | None) -> bool:
+    """Whether the request comes from another machine (a direct call from Python has no request: local)."""
+    client = getattr(request, "client", None)
+    return request is not None and not is_loopback(getattr(client, "host", None))
+
+
 def build(session: LabSession) -> dict:
     """The Model tab. Returns the components other panels may listen to."""
     with gr.Row():
-        source = gr.Dropdown(SOURCES, value=session.model.source if session.model else "demo", label="Model",
+        where = (f"; the models in {session.policy.models_dir} by name" if session.policy.models_dir else "")
+        source = gr.Dropdown([*BUILT_IN, *session.policy.models()],
+                             value=session.model.source if session.model else "demo", label="Model",
                              allow_custom_value=True, scale=3,
-                             info="demo, synthetic:<preset>, a local Hugging Face directory, or a cached hub id")
+                             info=f"demo, synthetic:<preset>, a local Hugging Face directory, or a cached hub id{where}")
         device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device", scale=1)
         dtype = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value="auto", label="dtype", scale=1)
     load = gr.Button("Load model", variant="primary")
     status = gr.Markdown("")
     card = gr.Markdown(card_markdown(session.card()))
 
-    def on_load(source_value, device_value, dtype_value, progress=gr.Progress()):
+    def on_load(source_value, device_value, dtype_value, request: gr.Request, progress=gr.Progress()):
         progress(0.1, desc=f"Loading {source_value} ...")
         try:
             loaded = session.load(source_value or "", device=None if device_value == "auto" else device_value,
-                                  dtype=None if dtype_value == "auto" else dtype_value)
+                                  dtype=None if dtype_value == "auto" else dtype_value, remote=is_remote(request))
         except Exception as exc:  # noqa: BLE001 - shown in the UI; the previous model stays loaded
             kept = f" The loaded model ({session.model.name}) is kept." if session.model else ""
             return f"**Could not load:** {describe(exc)}{kept}", card_markdown(session.card())
         return f"Loaded **{loaded['name']}** in {loaded['load_s']:.2f} s.", card_markdown(loaded)
 
-    load.click(on_load, [source, device, dtype], [status, card], concurrency_id=GPU_QUEUE, concurrency_limit=1,
+    # Not in the GPU queue: a load pressed while a reply streams or a profile runs is answered at once (the
+    # session refuses it and says why) instead of waiting silently behind the running job.
+    load.click(on_load, [source, device, dtype], [status, card], concurrency_id="load", concurrency_limit=1,
                api_name="load_model")
     return {"card": card, "status": status}

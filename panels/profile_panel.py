@@ -115,7 +115,7 @@ def build(session: LabSession) -> None:
     def on_view(drawn_key: str):
         view = session.live()
         if view is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), "_No profiling run yet._", drawn_key
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), "_No profiling run yet: press Run profile, or import a run exported earlier._", drawn_key
         key = f"{view.run_id}:{view.version}"
         if key == drawn_key:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), drawn_key

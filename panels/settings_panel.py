@@ -8,6 +8,8 @@ explorer use.
 
 from __future__ import annotations
 
+import math
+
 import gradio as gr
 
 from engine.errors import InvalidSettingsError
@@ -15,6 +17,7 @@ from engine.session import LabSession
 from engine.settings import (ATTENTION_BACKENDS, PLACEMENTS, GenerationSettings, OffloadSettings, RunShape,
                              SamplingSettings)
 from kernels.config import DecodeAttentionConfig
+from panels.controls import NumberBox, SliderBox
 from panels.errors import describe
 
 
@@ -37,6 +40,9 @@ def build_settings(*, placement, gpu_kv_budget_gib, split_mode, split, chunk_tok
                    attention, max_new_tokens, temperature, top_p, top_k, sampling_seed) -> GenerationSettings:
     """The controls as one settings object; raises InvalidSettingsError with the engine's message."""
     budget = _number("GPU KV budget", gpu_kv_budget_gib, whole=False)
+    if isinstance(budget, float) and not math.isfinite(budget):  # refused whatever the placement, not dropped
+        raise InvalidSettingsError(f"gpu_kv_budget_gib must be a finite number, got {budget}: enter a number of GiB "
+                                   "or auto.")
     offload = OffloadSettings(placement=placement, gpu_kv_budget_gib=budget if placement == "hybrid" else None,
                               split="auto" if split_mode == "auto" else _number("split", split, whole=False),
                               chunk_tokens=_number("chunk_tokens", chunk_tokens, whole=True))
@@ -91,26 +97,30 @@ def build(session: LabSession) -> None:
     with gr.Row():
         split_mode = gr.Radio(["auto", "manual"], value="auto" if current.offload.auto_split else "manual",
                               label="Recompute split", info="auto: the scheduler chooses per step")
-        split = gr.Slider(0.0, 1.0, value=0.5 if current.offload.auto_split else current.offload.split, step=0.05,
-                          label="manual split (fraction of offloaded tokens recomputed)")
-        chunk = gr.Number(value=current.offload.chunk_tokens, precision=0, label="activation chunk (tokens)")
+        split = SliderBox.named("split", minimum=0.0, maximum=1.0, step=0.05,
+                                value=0.5 if current.offload.auto_split else current.offload.split,
+                                label="manual split (fraction of offloaded tokens recomputed)")
+        chunk = NumberBox.named("chunk_tokens", value=current.offload.chunk_tokens, precision=0,
+                                label="activation chunk (tokens)")
     with gr.Row():
         prefetch = gr.Radio(["off", "on", "auto"], value=current.kernel.prefetch, label="L2 prefetch",
                             info="auto gates it by occupancy")
         distance = gr.Radio([1, 2], value=current.kernel.prefetch_distance, label="prefetch distance (tiles)")
         attention = gr.Dropdown(list(ATTENTION_BACKENDS), value=current.attention, label="decode attention")
     with gr.Row():
-        batch = gr.Number(value=shape.batch, precision=0, label="batch (profiling)")
-        prompt_tokens = gr.Number(value=shape.prompt_tokens, precision=0, label="prompt length, tokens (profiling)")
-        new_tokens = gr.Number(value=current.max_new_tokens, precision=0, label="new tokens")
-        prompt_seed = gr.Number(value=shape.seed, precision=0, label="prompt seed")
+        batch = NumberBox.named("batch", value=shape.batch, precision=0, label="batch (profiling)")
+        prompt_tokens = NumberBox.named("prompt_tokens", value=shape.prompt_tokens, precision=0,
+                                        label="prompt length, tokens (profiling)")
+        new_tokens = NumberBox.named("max_new_tokens", value=current.max_new_tokens, precision=0, label="new tokens")
+        prompt_seed = NumberBox.named("prompt seed", value=shape.seed, precision=0, label="prompt seed")
     with gr.Accordion("Sampling (profiling runs)", open=False):
         with gr.Row():
-            temperature = gr.Number(value=current.sampling.temperature, label="temperature (0 = greedy)")
-            top_p = gr.Number(value=current.sampling.top_p, label="top-p")
-            top_k = gr.Number(value=current.sampling.top_k, precision=0, label="top-k (0 = off)")
-            sampling_seed = gr.Number(value=-1 if current.sampling.seed is None else current.sampling.seed,
-                                      precision=0, label="sampling seed (-1 = random)")
+            temperature = NumberBox.named("temperature", value=current.sampling.temperature,
+                                          label="temperature (0 = greedy)")
+            top_p = NumberBox.named("top_p", value=current.sampling.top_p, label="top-p")
+            top_k = NumberBox.named("top_k", value=current.sampling.top_k, precision=0, label="top-k (0 = off)")
+            sampling_seed = NumberBox.named("sampling seed", precision=0, label="sampling seed (-1 = random)",
+                                            value=-1 if current.sampling.seed is None else current.sampling.seed)
     apply = gr.Button("Apply settings", variant="primary")
     status = gr.Markdown(describe_settings(current, shape))
 

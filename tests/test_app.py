@@ -11,6 +11,7 @@ import re
 import pytest
 
 import app as lab_app
+from engine.access import is_loopback
 from engine.session import normalise_history
 
 
@@ -98,14 +99,15 @@ def test_load_errors_keep_the_model_and_a_good_load_switches(client):
 
 def test_non_loopback_needs_auth():
     with pytest.raises(SystemExit, match="without --auth"):
-        lab_app.launch_kwargs(lab_app.parse_args(["--host", "0.0.0.0"]))
+        lab_app.checked_auth(lab_app.parse_args(["--host", "0.0.0.0"]))
     with pytest.raises(SystemExit, match="user:password"):
-        lab_app.launch_kwargs(lab_app.parse_args(["--host", "0.0.0.0", "--auth", "nopassword"]))
-    kwargs = lab_app.launch_kwargs(lab_app.parse_args(["--host", "10.1.2.3", "--auth", "a:b"]))
+        lab_app.checked_auth(lab_app.parse_args(["--host", "0.0.0.0", "--auth", "nopassword"]))
+    kwargs = lab_app.launch_kwargs(lab_app.parse_args(["--host", "10.1.2.3", "--auth", "a:b"]), export_dir="exports")
     assert kwargs["auth"] == ("a", "b")
-    defaults = lab_app.launch_kwargs(argparse.Namespace(host="127.0.0.1", port=None, auth=None))
+    defaults = lab_app.launch_kwargs(argparse.Namespace(host="127.0.0.1", port=None, auth=None), export_dir="exports")
     assert defaults["share"] is False and defaults["run_history"] is False and defaults["enable_monitoring"] is False
-    assert lab_app.is_loopback("::1") and lab_app.is_loopback("127.0.0.5") and not lab_app.is_loopback("0.0.0.0")
+    assert defaults["mcp_server"] is False and defaults["allowed_paths"] == ["exports"]
+    assert is_loopback("::1") and is_loopback("127.0.0.5") and not is_loopback("0.0.0.0") and not is_loopback(None)
 
 
 def test_a_model_too_big_for_memory_is_refused_and_the_loaded_one_kept(client, monkeypatch):

@@ -1,0 +1,99 @@
+"""Number, slider and chat components that answer a bad value from an API client with a message, not a crash.
+
+A browser cannot type "abc" into a number box; a script calling the API can send anything. Gradio's own
+components then fail inside their preprocessing (comparing a string with a bound, rounding a string) and the
+client only learns that the app "raised an exception". These subclasses parse what arrives and refuse what is
+not a number, not finite or out of range with `gr.Error` naming the control, the value and what to enter.
+Values they accept are what Gradio's components would pass on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gradio as gr
+from gradio.components.chatbot import ChatbotDataMessages
+from pydantic import ValidationError
+
+
+def _parse(name: str, payload, *, whole: bool, low: float | None, high: float | None):
+    """`payload` as a number for `name`, or gr.Error. NaN and infinities pass only through unbounded decimal
+    controls (the settings refuse them with their own message, which names the valid range); whole-number and
+    bounded controls cannot hold them."""
+    span = f" between {low:g} and {high:g}" if low is not None and high is not None else ""
+    if isinstance(payload, str):
+        try:
+            payload = float(payload.strip())
+        except ValueError:
+            raise gr.Error(f"{name} must be a number, got {payload!r}: enter a number{span}.") from None
+    if isinstance(payload, bool) or not isinstance(payload, (int, float)):
+        raise gr.Error(f"{name} must be a number, got {payload!r}: enter a number{span}.")
+    if not math.isfinite(payload) and (whole or low is not None or high is not None):
+        kind = "whole number" if whole else "number"
+        raise gr.Error(f"{name} must be a finite {kind}, got {payload}: enter a {kind}{span}.")
+    if low is not None and payload < low:
+        raise gr.Error(f"{name}: value {payload:g} is less than minimum value {low:g}: enter a number{span}.")
+    if high is not None and payload > high:
+        raise gr.Error(f"{name}: value {payload:g} is greater than maximum value {high:g}: enter a number{span}.")
+    return payload
+
+
+class _Named:
+    """A Gradio component subclass drawn by its parent's Svelte component, naming itself in its messages. Listed
+    after the Gradio class in the bases: `is_template` makes Gradio take the first base's browser component."""
+
+    is_template = True
+    field_name = "value"
+
+    @classmethod
+    def named(cls, field_name: str, **kwargs):
+        """The component, naming itself `field_name` in its messages. Not an __init__ parameter: Gradio builds a
+        component's browser config from its __init__ signature, so a subclass keeps its parent's."""
+        box = cls(**kwargs)
+        box.field_name = field_name
+        return box
+
+
+class NumberBox(gr.Number, _Named):
+    """gr.Number that refuses text, infinities (and NaN where it must be whole) with a message naming `field_name`."""
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        value = _parse(self.field_name, payload, whole=self.precision == 0, low=self.minimum, high=self.maximum)
+        if isinstance(value, float) and not math.isfinite(value):
+            return value  # unbounded and decimal: the settings' own check names it and the valid range
+        return super().preprocess(value)
+
+
+class SliderBox(gr.Slider, _Named):
+    """gr.Slider that refuses text, NaN, infinities and out-of-range values with a message naming `field_name`."""
+
+    def preprocess(self, payload):
+        return super().preprocess(_parse(self.field_name, payload, whole=False, low=self.minimum, high=self.maximum))
+
+
+class _CheckedMessages(ChatbotDataMessages):
+    """The chat history as Gradio validates it, with a message for the client when it is malformed."""
+
+    @classmethod
+    def model_validate(cls, obj, *args, **kwargs):
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise gr.Error(f"The chat history is not a list of {{role, content}} messages ({first.get('msg')} at "
+                           f"{where or 'the top'}): send [] or the history the app returned, or press Clear chat."
+                           ) from None
+
+
+class ChatHistory(gr.Chatbot):
+    """gr.Chatbot whose history, sent by an API client, is checked with a message instead of a crash."""
+
+    is_template = True  # drawn in the browser by the parent's Svelte component
+
+    data_model = _CheckedMessages
+
+
+__all__ = ["ChatHistory", "NumberBox", "SliderBox"]

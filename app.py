@@ -79,8 +79,7 @@ def launch_kwargs(args: argparse.Namespace, *, export_dir: str | Path) -> dict:
                 footer_links=["api", "settings"], allowed_paths=_allowed_paths(export_dir))
 
 
-
-def _allowed_paths(export_dir: str | Path | None) -> list[str]:
+def _allowed_paths(export_dir: str | Path) -> list[str]:
     # Never an empty list: Gradio reads an empty one as "unset" and takes GRADIO_ALLOWED_PATHS from the environment.
     if not str(export_dir):
         raise ValueError("the app serves files from its export directory only: pass one")

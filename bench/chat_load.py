@@ -134,10 +134,6 @@ class LoadReport:
                 "max": values[-1]}
 
 
-def _text(content) -> str:
-    return content if isinstance(content, str) else "".join(b.get("text", "") for b in content or [] if isinstance(b, dict))
-
-
 def _client_turns(url: str, client: int, turns: int, max_new_tokens: int, auth, transcript: Transcript,
                   start: threading.Barrier, warm: threading.Barrier | None) -> None:
     from gradio_client import Client

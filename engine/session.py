@@ -86,29 +86,26 @@ class LabSession:
         end it with a confusing error, and waiting silently behind a long profile looks like a hang. `remote`:
         the request comes from another machine, so filesystem paths must lie in the allowed models directory."""
         source = self.policy.resolve(source, remote=remote)
-        if not self._lock.acquire(blocking=False):
+        with self._device_job(f"loading {source}", wait=False):
+            self.model = load_model(source, device=device, dtype=dtype)
+            return model_card(self.model)
+
+    @contextmanager
+    def _device_job(self, what: str, *, wait: bool = True):
+        """Hold the session's lock for `what` ("a chat reply", ...), named for the message a refused load shows.
+        `wait=False`: refuse with BusyError, naming the running job, rather than wait for it."""
+        if not self._lock.acquire(blocking=wait):
             kept = f" The loaded model ({self.model.name}) is kept." if self.model is not None else ""
             raise BusyError(f"Cannot load a model while {self._job or 'another job'} is running: press Stop or "
                             f"wait for it to finish, then load again.{kept}")
+        self._job = what
         try:
-            self._job = f"loading {source}"
-            self.model = load_model(source, device=device, dtype=dtype)
-            return model_card(self.model)
+            yield
         finally:
             self._job = None
+            if self.model is not None:
+                release_run_memory(self.model.device)  # a server's many threads would each keep cuBLAS memory
             self._lock.release()
-
-    @contextmanager
-    def _device_job(self, what: str):
-        """Hold the session's lock for `what` ("a chat reply", ...), named for the message a refused load shows."""
-        with self._lock:
-            self._job = what
-            try:
-                yield
-            finally:
-                self._job = None
-                if self.model is not None:
-                    release_run_memory(self.model.device)  # a server's many threads would each keep cuBLAS memory
 
     def busy(self) -> str | None:
         """What is running now (e.g. "a chat reply"), or None."""
@@ -205,18 +202,12 @@ class LabSession:
                 if event.step > 0:
                     decode_ms += event.step_ms
                 done = event.finished[0]
+                reason = event.finish_reasons[0] if done else "stopped" if self._chat_stop.is_set() else None
                 yield ChatUpdate(reply=reply, num_tokens=num_tokens,
                                  decode_tok_s=(num_tokens - 1) / (decode_ms * 1e-3) if decode_ms else 0.0,
-                                 elapsed_s=time.perf_counter() - start,
-                                 finish_reason=event.finish_reasons[0] if done else None,
+                                 elapsed_s=time.perf_counter() - start, finish_reason=reason,
                                  dropped_turns=dropped, capped_at=settings.max_new_tokens if capped else None)
-                if done:
-                    return
-                if self._chat_stop.is_set():
-                    yield ChatUpdate(reply=reply, num_tokens=num_tokens,
-                                     decode_tok_s=(num_tokens - 1) / (decode_ms * 1e-3) if decode_ms else 0.0,
-                                     elapsed_s=time.perf_counter() - start, finish_reason="stopped",
-                                     dropped_turns=dropped, capped_at=settings.max_new_tokens if capped else None)
+                if reason is not None:
                     return
 
     def stop_chat(self, owner: str | None = None) -> bool:
@@ -389,16 +380,21 @@ def check_message(message) -> None:
     if len(message) > MAX_CHAT_CHARS:
         raise InvalidSettingsError(f"The message has {len(message):,} characters; the limit is {MAX_CHAT_CHARS:,}: "
                                    "send a shorter text.")
-    surrogate = next((i for i, c in enumerate(message) if 0xD800 <= ord(c) <= 0xDFFF), None)
+    surrogate = next((i for i, c in enumerate(message) if _is_surrogate(c)), None)
     if surrogate is not None:
         raise InvalidSettingsError(
             f"The message holds a lone surrogate (U+{ord(message[surrogate]):04X} at character {surrogate + 1}), "
             "which is not valid Unicode text and cannot be encoded: paste the text again from its source.")
 
 
+def _is_surrogate(char: str) -> bool:
+    """Half of a UTF-16 pair, alone: JSON can carry one, UTF-8 cannot encode it."""
+    return 0xD800 <= ord(char) <= 0xDFFF
+
+
 def _valid_text(text: str) -> str:
     """Earlier turns as the tokenizer can encode them: a lone surrogate (API clients can send one) becomes U+FFFD."""
-    return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+    return "".join("\ufffd" if _is_surrogate(c) else c for c in text)
 
 
 # The figures the Chat panel writes under each finished reply; not part of what the model said.

@@ -26,3 +26,14 @@ class DecodeAttentionConfig:
             raise ValueError(f"num_splits must be None or an int in 1..{MAX_SPLITS}, got {self.num_splits!r}")
         if self.block_n is not None and self.block_n not in (16, 32, 64, 128):
             raise ValueError(f"block_n must be None or one of 16, 32, 64, 128, got {self.block_n!r}")
+
+
+MAX_HEAD_DIM = 256  # 256-wide heads run 32-key tiles 3 stages deep in ~96 KiB of shared memory (bf16)
+
+
+def unsupported_head_dim(head_dim: int) -> str | None:
+    """Why the decode-attention kernel cannot run heads of `head_dim` (None: it can; widths that are not a power of
+    two >= 16 are padded to one inside the kernel, and masked)."""
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        return f"head dim {head_dim} (the kernel runs head dims up to {MAX_HEAD_DIM})"
+    return None

@@ -1,30 +1,40 @@
-"""Split-KV (flash-decoding) attention for one query token per sequence, with optional L2 prefetch.
+"""Split-KV (flash-decoding) attention for one query token per sequence over K/V segments, with optional L2 prefetch.
 
-Layout (the engine's): q (B, Hq, D); k_cache, v_cache (B, Hkv, S_max, D) with D contiguous;
-seq_lens int32 (B,), each in 1..S_max. Query head h reads KV head h // (Hq // Hkv).
+Layout (the engine's): q (B, Hq, D); each segment (kernels/segments.py) k, v (B, Hkv, S, D) views with D contiguous
+and any other strides, slot j holding the token at position start + j; seq_lens int32 (B,). Sequence b's query
+(position seq_lens[b] - 1) sees position p iff p < seq_lens[b] and, with a window W, p >= seq_lens[b] - W. Query
+head h reads KV head h // (Hq // Hkv). Any head dim 1..256: tiles are padded to a power of two >= 16, masked.
 
-One program handles one (sequence, KV head, split): the Hq/Hkv query heads that share a KV head are
-packed as the rows of a small matrix, so each K/V tile is read from memory once. Splits are merged
-by log-sum-exp in a second small kernel (skipped when there is one split). `PREFETCH` adds one
-`cp.async.bulk.prefetch.L2` per K and V tile `DISTANCE` tiles ahead, issued by one thread; `auto`
-gates it by programs per SM (DESIGN.md). Measured here, the kernel's own 3-stage cp.async pipeline
-already requests the next 2 tiles, so a prefetch 1-2 tiles ahead mostly races it (ncu: L2 hits rise,
-demand reads still miss) and moved times from 7 % slower to 1.5 % faster; it gained 10-30 % only on
-an unpipelined variant. Decisions are pure Python (`choose_launch`) and testable on CPU.
+One program handles one (sequence, KV head, split) of one segment: the Hq/Hkv query heads that share a KV head are
+packed as the rows of a small matrix, so each K/V tile is read from memory once. Every segment's splits write
+one partial/LSE buffer, merged by log-sum-exp in a second small kernel (skipped for one segment in one split). A
+split that sees no key (the sequence ends before it, or the window starts after it) leaves LSE -inf: weight 0.
+Every element offset is 64-bit: a staged segment's key rows are B*2*Hkv*D elements apart, so key * stride
+passes 2^31 at B*S ~ 262K tokens of a 7B model.
+
+`PREFETCH` adds one `cp.async.bulk.prefetch.L2` per K and V tile `DISTANCE` tiles ahead, issued by one thread; it
+needs contiguous, 16-byte aligned key rows, so segments with strided rows run without it. `auto` gates it by
+programs per SM (DESIGN.md). Measured here, the kernel's own 3-stage cp.async pipeline already requests the next
+2 tiles, so a prefetch 1-2 tiles ahead mostly races it (ncu: L2 hits rise, demand reads still miss) and moved
+times from 7 % slower to 1.5 % faster; it gained 10-30 % only on an unpipelined variant. Decisions are pure
+Python (`choose_launch`, `plan_segments`) and testable on CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from kernels.config import MAX_SPLITS, DecodeAttentionConfig
+from kernels.config import MAX_HEAD_DIM, MAX_SPLITS, DecodeAttentionConfig
+from kernels.segments import KVSegment, visible_keys
 
 # Measured on an H100 (bench/results/decode_attention*.md) unless said otherwise.
 # auto: prefetch only on grids with fewer programs per SM than this. With the 3-stage cp.async pipeline,
@@ -37,16 +47,24 @@ AUTO_PREFETCH_MAX_PROGRAMS_PER_SM = 0.5
 # 0.057 ms at 3.9/SM); keep >= MIN_TILES_PER_SPLIT tiles in a split so the pipeline fills.
 TARGET_PROGRAMS_PER_SM = 1.0
 MIN_TILES_PER_SPLIT = 4
-# 32 KiB tiles (BLOCK_N 128 at D=128, 16-bit) leave room for one program per SM but keep twice the bytes
-# in flight: 6 % faster on grids of 7.8 waves of them (B64/B128 GQA); the 3-wave floor is a guess that
-# keeps the last wave's tail small.
+# 16 KiB tiles at 16-bit (BLOCK_N x BLOCK_D = 8K elements: 64 keys of 128 dims, 128 of 64) were the measured
+# default; 32 KiB tiles keep twice the bytes in flight: 6 % faster on grids of 7.8 waves (B64/B128 GQA, D=128);
+# the 3-wave floor is a guess that keeps the last wave's tail small.
+TILE_ELEMENTS = 8192
 BIG_TILE_MIN_WAVES = 3.0
+# Hopper's shared memory per block (opt-in): 227 KiB. Triton's pipeline holds num_stages - 1 K and V tiles in
+# flight (fp32: at least two tiles, for the fp32 dot's operand layouts) plus up to 16 KiB of layout-conversion
+# scratch and the q tile: what tests/test_decode_attention_ptx.py compiles for sm_90 stays under this estimate.
+HOPPER_SHARED_MEMORY_BYTES = 227 * 1024
+_SCRATCH_BYTES = 16 * 1024
 _CPU_NUM_SMS = 8  # stand-in SM count for the interpreter, so CPU plans are deterministic
+_LOG2E = math.log2(math.e)
 
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """How one call is launched; no tensors. `why` says how prefetch and the splits were decided."""
+    """How one segment's split kernel is launched; no tensors. `why` says how prefetch, tiles and splits were
+    decided."""
 
     num_splits: int
     tiles_per_split: int
@@ -58,34 +76,61 @@ class LaunchPlan:
     num_programs: int  # grid size of the split kernel
     programs_per_sm: float
     why: str
+    segment: int = 0  # index of the segment this plan launches over
+    shared_memory_bytes: int = 0  # estimated shared memory of one program
+
+
+def block_d_for(head_dim: int) -> int:
+    """The padded head dim of the kernel's tiles: a power of two >= 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def shared_memory_estimate(block_n: int, head_dim: int, num_stages: int, *, element_bytes: int) -> int:
+    """Bytes of shared memory one program of the split kernel needs at this tile and pipeline depth (an upper
+    bound of what Triton 3.9 allocates for sm_90, checked by tests/test_decode_attention_ptx.py)."""
+    block_d = block_d_for(head_dim)
+    tile_bytes = block_n * block_d * element_bytes
+    in_flight = max(2 * (num_stages - 1), 2 if element_bytes == 4 else 1) * tile_bytes
+    return in_flight + _SCRATCH_BYTES + 16 * block_d * 4
 
 
 def choose_launch(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, num_sms: int,
                   config: DecodeAttentionConfig = DecodeAttentionConfig(), *, element_bytes: int = 2,
-                  interpret: bool = False) -> LaunchPlan:
-    """Plan splits, tile size and prefetch for a (batch, KV heads, S_max, D) decode step on `num_sms` SMs.
+                  interpret: bool = False, prefetch_refused: str | None = None,
+                  shared_memory_bytes: int = HOPPER_SHARED_MEMORY_BYTES) -> LaunchPlan:
+    """Plan splits, tile size, pipeline depth and prefetch for (batch, KV heads, S, D) keys on `num_sms` SMs.
 
-    `element_bytes` is the cache's element size (2 for bf16/fp16, 4 for fp32); `interpret` forces
-    prefetch off (the interpreter cannot run inline PTX).
+    `max_seq_len` is the most keys one sequence can see in the segment (its slots, or the window if shorter).
+    `element_bytes` is the cache's element size (2 for bf16/fp16, 4 for fp32); `interpret` forces prefetch off
+    (the interpreter cannot run inline PTX), and so does `prefetch_refused`, the reason the segment's layout
+    cannot take a bulk prefetch.
     """
     for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads), ("max_seq_len", max_seq_len), ("num_sms", num_sms)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if element_bytes not in (2, 4):
         raise ValueError(f"element_bytes must be 2 or 4, got {element_bytes!r}")
-    if head_dim not in (64, 128):
-        raise ValueError(f"head_dim must be 64 or 128, got {head_dim!r}")
+    if not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be an int in 1..{MAX_HEAD_DIM}, got {head_dim!r}")
     if not isinstance(config, DecodeAttentionConfig):
         raise ValueError(f"config must be a DecodeAttentionConfig, got {type(config).__name__}")
     rows = batch * num_kv_heads
+    block_d = block_d_for(head_dim)
     if config.block_n is not None:
         block_n = config.block_n
-    elif head_dim == 128 and element_bytes == 2 and rows >= BIG_TILE_MIN_WAVES * num_sms:
-        block_n = 128
     else:
-        block_n = 64 if head_dim == 128 else 128  # 16 KiB tiles at 16-bit
-    tile_bytes = block_n * head_dim * element_bytes
-    num_stages = 3 if tile_bytes <= 32 * 1024 else 2  # K and V tiles in flight must fit in shared memory
+        block_n = min(128, max(16, TILE_ELEMENTS // block_d))
+        if element_bytes == 2 and block_d >= 128 and rows >= BIG_TILE_MIN_WAVES * num_sms:
+            block_n = min(128, 2 * block_n)
+    tile_why = ""
+    while block_n > 16 and shared_memory_estimate(block_n, head_dim, 1, element_bytes=element_bytes) > shared_memory_bytes:
+        block_n //= 2  # only an asked tile can be this large: say so
+        tile_why = (f" (block_n {config.block_n} asked: its tiles of head dim {head_dim} overflow "
+                    f"{shared_memory_bytes >> 10} KiB of shared memory)")
+    num_stages = 3 if block_n * block_d * element_bytes <= 32 * 1024 else 2
+    while num_stages > 1 and shared_memory_estimate(block_n, head_dim, num_stages, element_bytes=element_bytes) > shared_memory_bytes:
+        num_stages -= 1  # K and V tiles in flight must fit in shared memory
+    smem = shared_memory_estimate(block_n, head_dim, num_stages, element_bytes=element_bytes)
     num_tiles = triton.cdiv(max_seq_len, block_n)
     if config.num_splits is not None:
         wanted, split_why = config.num_splits, f"{config.num_splits} splits asked"
@@ -93,11 +138,13 @@ def choose_launch(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int
         wanted = min(max(1, int(TARGET_PROGRAMS_PER_SM * num_sms // rows)), max(1, num_tiles // MIN_TILES_PER_SPLIT))
         split_why = f"{rows} (seq, KV head) rows on {num_sms} SMs, aim {TARGET_PROGRAMS_PER_SM:g} program/SM"
     tiles_per_split = triton.cdiv(num_tiles, max(1, min(wanted, num_tiles, MAX_SPLITS)))
-    num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no split is empty at S_max
+    num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no split is empty at max_seq_len keys
     num_programs = rows * num_splits
     per_sm = num_programs / num_sms
     if interpret:
         prefetch, why = False, "prefetch off: TRITON_INTERPRET cannot run inline PTX"
+    elif prefetch_refused is not None:
+        prefetch, why = False, f"prefetch off: {prefetch_refused}"
     elif config.prefetch == "off":
         prefetch, why = False, "prefetch off (asked)"
     elif config.prefetch == "on":
@@ -106,10 +153,55 @@ def choose_launch(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int
         prefetch = per_sm < AUTO_PREFETCH_MAX_PROGRAMS_PER_SM
         why = (f"auto: {per_sm:.2f} programs/SM {'<' if prefetch else '>='} {AUTO_PREFETCH_MAX_PROGRAMS_PER_SM:g}"
                f" -> prefetch {'on' if prefetch else 'off'}")
+    if prefetch:
+        why += f" d={config.prefetch_distance}"
     return LaunchPlan(num_splits=num_splits, tiles_per_split=tiles_per_split, block_n=block_n, num_warps=4,
                       num_stages=num_stages, prefetch=prefetch, prefetch_distance=config.prefetch_distance,
-                      num_programs=num_programs, programs_per_sm=per_sm,
-                      why=f"{why}; {num_splits} splits x {tiles_per_split} tiles of {block_n} ({split_why})")
+                      num_programs=num_programs, programs_per_sm=per_sm, shared_memory_bytes=smem,
+                      why=f"{why}; {num_splits} splits x {tiles_per_split} tiles of {block_n} keys{tile_why} ({split_why}); "
+                          f"{num_stages} stages, ~{smem >> 10} KiB shared memory")
+
+
+def prefetch_refusal(k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why a bulk L2 prefetch cannot read this segment's key rows (None: it can): it reads one contiguous,
+    16-byte aligned run of rows. Reads only shapes, strides and addresses."""
+    head_dim, element_bytes = k.shape[3], k.element_size()
+    for name, t in (("key", k), ("value", v)):
+        if t.shape[2] > 1 and t.stride(2) != head_dim:
+            return (f"{name} rows of this segment are strided (row stride {t.stride(2)} elements), a bulk prefetch "
+                    "needs contiguous rows")
+        starts = (t.data_ptr(), t.stride(0) * element_bytes, t.stride(1) * element_bytes, head_dim * element_bytes)
+        if any(s % 16 for s in starts):
+            return f"{name} rows of this segment are not 16-byte aligned, a bulk prefetch needs aligned rows"
+    return None
+
+
+def plan_segments(segments: Sequence[KVSegment], *, window: int | None = None,
+                  config: DecodeAttentionConfig = DecodeAttentionConfig(), num_sms: int | None = None,
+                  interpret: bool | None = None) -> tuple[LaunchPlan, ...]:
+    """One plan per segment that holds slots, in order (`segment` is its index): how decode_attention_segments
+    launches them. Pure Python over shapes and strides (no device work, no sync). `num_sms` None: the segments'
+    device's; `interpret` None: whether this process runs the Triton interpreter."""
+    if not segments:
+        raise ValueError("decode attention needs at least one K/V segment")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or a positive int, got {window!r}")
+    interpret = _interpreting() if interpret is None else interpret
+    num_sms = _num_sms(segments[0].k.device) if num_sms is None else num_sms
+    plans = []
+    for index, seg in enumerate(segments):
+        batch, num_kv_heads, num_slots, head_dim = seg.k.shape
+        if num_slots == 0:
+            continue
+        keys = num_slots if window is None else min(num_slots, window)  # the most keys one sequence sees here
+        plan = choose_launch(batch, num_kv_heads, keys, head_dim, num_sms, config,
+                             element_bytes=seg.k.element_size(), interpret=interpret,
+                             prefetch_refused=prefetch_refusal(seg.k, seg.v))
+        where = f"segment {index} (slots {seg.start}..{seg.end - 1}, {keys} keys planned)"
+        plans.append(dataclasses.replace(plan, segment=index, why=f"{where}: {plan.why}"))
+    if not plans:
+        raise ValueError("every K/V segment is empty: decode attention has no key to read")
+    return tuple(plans)
 
 
 @triton.jit
@@ -130,51 +222,80 @@ def _prefetch_l2(ptr, num_bytes):
 
 
 @triton.jit
-def _kernel(q_ptr, k_ptr, v_ptr, seq_lens_ptr, o_ptr, lse_ptr, qk_scale,
+def _tanh(x):
+    # tanh from exp2, odd-symmetric so exp2 never overflows (triton has no tanh the interpreter also runs)
+    t = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _kernel(q_ptr, k_ptr, v_ptr, seq_lens_ptr, o_ptr, lse_ptr, qk_scale, softcap_log2,
             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-            stride_ob, stride_oh, stride_os, num_kv_heads, tiles_per_split,
-            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-            SPLIT: tl.constexpr, PREFETCH: tl.constexpr, DISTANCE: tl.constexpr, DOT_FP32: tl.constexpr):
-    # grid (num_splits, B * Hkv). Writes (B, Hq, num_splits, D) fp32 partials + log2-domain LSE when
-    # SPLIT, else the normalised output straight into o_ptr (B, Hq, D).
+            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, split_offset, key_start, num_slots, window,
+            num_kv_heads, tiles_per_split,
+            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr, DISTANCE: tl.constexpr,
+            DOT_FP32: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr):
+    # grid (num_splits, B * Hkv) over one segment. Writes fp32 partials (B, Hq, splits of all segments, D) at
+    # column split_offset + split and their log2-domain LSE when SPLIT, else the normalised output into o_ptr.
+    # Scores are in the log2 domain: qk_scale = sm_scale * log2(e), or sm_scale / softcap with SOFTCAP
+    # (then s = softcap * tanh(q.k * sm_scale / softcap), times log2(e) = softcap_log2 * tanh(...)).
     split = tl.program_id(0)
     b = tl.program_id(1) // num_kv_heads
     kv_head = tl.program_id(1) % num_kv_heads
     seq_len = tl.load(seq_lens_ptr + b)
-    start = split * tiles_per_split * BLOCK_N
-    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+    # This sequence's visible slots of the segment are [lo, hi); split s reads its tiles_per_split tiles from lo.
+    hi = tl.minimum(seq_len - key_start, num_slots)
+    if WINDOW:
+        lo = tl.maximum(seq_len - window - key_start, 0)
+    else:
+        lo = 0
+    start = lo + split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, hi)
+    b64 = tl.cast(b, tl.int64)
+    kv64 = tl.cast(kv_head, tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    head = kv_head * GROUP + offs_m  # (BLOCK_M,) query heads of this KV head (rows >= GROUP are padding)
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
-                mask=offs_m[:, None] < GROUP, other=0.0)
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < GROUP
+    head = kv64 * GROUP + offs_m  # (BLOCK_M,) int64 query heads of this KV head (rows >= GROUP are padding)
+    q = tl.load(q_ptr + b64 * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = k_ptr + b64 * stride_kb + kv64 * stride_kh
+    v_base = v_ptr + b64 * stride_vb + kv64 * stride_vh
+    k_tile = offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D) offsets in a tile
+    v_tile = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     ROW_BYTES = HEAD_DIM * (k_ptr.dtype.element_ty.primitive_bitwidth // 8)
     if PREFETCH:
         for j in tl.static_range(1, DISTANCE):  # tiles the loop's first iterations would not prefetch
             rows = tl.minimum(tl.maximum(end - (start + j * BLOCK_N), 0), BLOCK_N)
-            _prefetch_l2(k_base + (start + j * BLOCK_N) * stride_kn, rows * ROW_BYTES)
-            _prefetch_l2(v_base + (start + j * BLOCK_N) * stride_vn, rows * ROW_BYTES)
+            _prefetch_l2(k_base + tl.cast(start + j * BLOCK_N, tl.int64) * stride_kn, rows * ROW_BYTES)
+            _prefetch_l2(v_base + tl.cast(start + j * BLOCK_N, tl.int64) * stride_vn, rows * ROW_BYTES)
     for n0 in range(start, end, BLOCK_N):
+        n64 = tl.cast(n0, tl.int64)
         if PREFETCH:
             ahead = n0 + DISTANCE * BLOCK_N
             rows = tl.minimum(tl.maximum(end - ahead, 0), BLOCK_N)
-            _prefetch_l2(k_base + ahead * stride_kn, rows * ROW_BYTES)
-            _prefetch_l2(v_base + ahead * stride_vn, rows * ROW_BYTES)
-        keys = n0 + offs_n
-        valid = keys < end
-        k = tl.load(k_base + keys[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+            _prefetch_l2(k_base + tl.cast(ahead, tl.int64) * stride_kn, rows * ROW_BYTES)
+            _prefetch_l2(v_base + tl.cast(ahead, tl.int64) * stride_vn, rows * ROW_BYTES)
+        valid = n0 + offs_n < end
+        kv_mask = valid[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n64 * stride_kn + k_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n64 * stride_vn + v_tile, mask=kv_mask, other=0.0)
         if DOT_FP32:
             qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
+        if SOFTCAP:
+            qk = _tanh(qk * qk_scale) * softcap_log2
+        else:
+            qk = qk * qk_scale
+        qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
@@ -185,38 +306,47 @@ def _kernel(q_ptr, k_ptr, v_ptr, seq_lens_ptr, o_ptr, lse_ptr, qk_scale,
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split (past seq_len) leaves 0 and LSE -inf
-    row_mask = offs_m[:, None] < GROUP
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a split with no visible key leaves 0 and LSE -inf
+    o_mask = m_ok[:, None] & d_ok[None, :]
     if SPLIT:
-        o_rows = o_ptr + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + split * stride_os
-        tl.store(o_rows + offs_d[None, :], out, mask=row_mask)
+        column = tl.cast(split_offset + split, tl.int64)
+        o_rows = o_ptr + b64 * stride_ob + head[:, None] * stride_oh + column * stride_os
+        tl.store(o_rows + offs_d[None, :], out, mask=o_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + (b * num_kv_heads * GROUP + head) * tl.num_programs(0) + split, lse, mask=offs_m < GROUP)
+        tl.store(lse_ptr + b64 * stride_lb + head * stride_lh + column, lse, mask=m_ok)
     else:
-        o_rows = o_ptr + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh
-        tl.store(o_rows + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_mask)
+        o_rows = o_ptr + b64 * stride_ob + head[:, None] * stride_oh
+        tl.store(o_rows + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
 def _merge_kernel(part_ptr, lse_ptr, out_ptr, num_heads, num_splits, stride_pb, stride_ph, stride_ps,
-                  stride_ob, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
-    # grid (B * Hq,): out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max), CHUNK splits at a time
+                  stride_lb, stride_lh, stride_ob, stride_oh,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
+    # grid (B * Hq,): out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over every split of every
+    # segment, CHUNK splits at a time; splits with LSE -inf weigh 0 (a row with none visible gives 0)
     row = tl.program_id(0)
-    b = row // num_heads
-    h = row % num_heads
+    b = tl.cast(row // num_heads, tl.int64)
+    h = tl.cast(row % num_heads, tl.int64)
+    lse_row = lse_ptr + b * stride_lb + h * stride_lh
+    part_row = part_ptr + b * stride_pb + h * stride_ph
     offs_all = tl.arange(0, BLOCK_S)
-    lse_max = tl.max(tl.load(lse_ptr + row * num_splits + offs_all, mask=offs_all < num_splits, other=float("-inf")), axis=0)
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
+    lse_max = tl.max(tl.load(lse_row + offs_all, mask=offs_all < num_splits, other=float("-inf")), axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    acc = tl.zeros([BLOCK_D], tl.float32)
     denom = 0.0
     for s0 in range(0, num_splits, CHUNK):
         offs_s = s0 + tl.arange(0, CHUNK)
-        w = tl.exp2(tl.load(lse_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf")) - lse_max)
-        parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-                        mask=offs_s[:, None] < num_splits, other=0.0)
+        s_ok = offs_s < num_splits
+        w = tl.exp2(tl.load(lse_row + offs_s, mask=s_ok, other=float("-inf")) - lse_max)
+        parts = tl.load(part_row + offs_s.to(tl.int64)[:, None] * stride_ps + offs_d[None, :],
+                        mask=s_ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.sum(parts * w[:, None], axis=0)
         denom += tl.sum(w, axis=0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / denom).to(out_ptr.dtype.element_ty))
+    out = acc / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def _interpreting() -> bool:
@@ -231,80 +361,141 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
-                     sm_scale: float | None = None, config: DecodeAttentionConfig = DecodeAttentionConfig(),
-                     out: torch.Tensor | None = None, plan: LaunchPlan | None = None) -> torch.Tensor:
-    """softmax(q k^T * sm_scale) v over keys [0, seq_lens[b]) of each sequence; returns (B, Hq, D) in q's dtype.
-
-    No host syncs and no data-dependent allocation, so it can be captured in a CUDA graph. `plan`
-    overrides `choose_launch` (benches use it to sweep); the interpreter always runs without prefetch.
-    """
+def _check_inputs(q: torch.Tensor, segments: Sequence[KVSegment], seq_lens: torch.Tensor, out: torch.Tensor | None,
+                  window: int | None, softcap: float | None) -> None:
     batch, num_heads, head_dim = q.shape
-    num_kv_heads, max_seq_len = k_cache.shape[1], k_cache.shape[2]
-    assert k_cache.shape == v_cache.shape == (batch, num_kv_heads, max_seq_len, head_dim), (q.shape, k_cache.shape, v_cache.shape)
-    assert num_heads % num_kv_heads == 0, f"Hq={num_heads} is not a multiple of Hkv={num_kv_heads}"
-    assert q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in (torch.bfloat16, torch.float16, torch.float32), (q.dtype, k_cache.dtype, v_cache.dtype)
-    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "the head dim must be contiguous"
+    assert q.dtype in (torch.bfloat16, torch.float16, torch.float32) and q.stride(2) == 1, (q.dtype, q.stride())
+    assert 1 <= head_dim <= MAX_HEAD_DIM, f"head dim {head_dim} is outside 1..{MAX_HEAD_DIM}"
+    assert len(segments) >= 1, "decode attention needs at least one K/V segment"
+    for seg in segments:
+        b, num_kv_heads, _, d = seg.k.shape
+        assert (b, d) == (batch, head_dim) and num_heads % num_kv_heads == 0, (q.shape, seg.k.shape)
+        assert num_kv_heads == segments[0].k.shape[1], "every segment must hold the same KV heads"
+        assert seg.k.dtype == seg.v.dtype == q.dtype, (q.dtype, seg.k.dtype, seg.v.dtype)
+        assert seg.k.stride(3) == 1 and seg.v.stride(3) == 1, "the head dim must be contiguous"
+        assert seg.k.device == seg.v.device == q.device, (q.device, seg.k.device, seg.v.device)
     assert seq_lens.shape == (batch,) and seq_lens.dtype == torch.int32 and seq_lens.device == q.device, (seq_lens.shape, seq_lens.dtype, seq_lens.device)
-    assert q.device == k_cache.device == v_cache.device, (q.device, k_cache.device, v_cache.device)
-    if out is None:
-        out = torch.empty_like(q)
-    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1 and out.device == q.device, (out.shape, out.dtype, out.stride())
-    interpret = _interpreting()
-    if q.device.type != "cuda" and not interpret:
+    if out is not None:
+        assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1 and out.device == q.device, (out.shape, out.dtype, out.stride())
+    assert window is None or (isinstance(window, int) and not isinstance(window, bool) and window >= 1), window
+    assert softcap is None or softcap > 0, softcap
+    if q.device.type != "cuda" and not _interpreting():
         raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is first imported")
-    if plan is None:
-        plan = choose_launch(batch, num_kv_heads, max_seq_len, head_dim, _num_sms(q.device), config,
-                             element_bytes=q.element_size(), interpret=interpret)
-    # A bulk prefetch needs one contiguous, 16-byte aligned run of rows; anything else runs without it.
-    prefetch = plan.prefetch and not interpret and k_cache.stride(2) == v_cache.stride(2) == head_dim \
-        and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0
+
+
+def _launch(q: torch.Tensor, segments: Sequence[KVSegment], plans: Sequence[LaunchPlan], seq_lens: torch.Tensor, *,
+            sm_scale: float | None, window: int | None, softcap: float | None, out: torch.Tensor) -> torch.Tensor:
+    """Every plan's split kernel into one partial/LSE buffer, then one merge (none for one plan of one split).
+    Allocations depend on shapes and plans only, never on data: capturable in a CUDA graph."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = segments[plans[0].segment].k.shape[1]
+    interpret = _interpreting()
     group = num_heads // num_kv_heads
     # Query heads of a KV head as the M rows of tensor-core dots, padded to 16. Even for MHA this cut times
     # by 24-42 % against a broadcast-multiply-sum: tl.dot operands ride the cp.async shared-memory pipeline.
     block_m = max(16, triton.next_power_of_2(group))
-    split = plan.num_splits > 1
+    block_d = block_d_for(head_dim)
+    total_splits = sum(plan.num_splits for plan in plans)
+    split = len(plans) > 1 or total_splits > 1
     if split:
-        partial = torch.empty((batch, num_heads, plan.num_splits, head_dim), dtype=torch.float32, device=q.device)
-        lse = torch.empty((batch, num_heads, plan.num_splits), dtype=torch.float32, device=q.device)
+        partial = torch.empty((batch, num_heads, total_splits, head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((batch, num_heads, total_splits), dtype=torch.float32, device=q.device)
+        o_strides = (partial.stride(0), partial.stride(1), partial.stride(2))
     else:
         partial, lse = out, out  # the kernel writes the output directly; lse_ptr unused
-    o_strides = (partial.stride(0), partial.stride(1), partial.stride(2) if split else 0)
+        o_strides = (out.stride(0), out.stride(1), 0)
     scale = head_dim ** -0.5 if sm_scale is None else sm_scale
-    _kernel[(plan.num_splits, batch * num_kv_heads)](
-        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, seq_lens_ptr=seq_lens, o_ptr=partial, lse_ptr=lse,
-        qk_scale=scale * math.log2(math.e),
-        stride_qb=q.stride(0), stride_qh=q.stride(1),
-        stride_kb=k_cache.stride(0), stride_kh=k_cache.stride(1), stride_kn=k_cache.stride(2),
-        stride_vb=v_cache.stride(0), stride_vh=v_cache.stride(1), stride_vn=v_cache.stride(2),
-        stride_ob=o_strides[0], stride_oh=o_strides[1], stride_os=o_strides[2],
-        num_kv_heads=num_kv_heads, tiles_per_split=plan.tiles_per_split,
-        GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=plan.block_n,
-        SPLIT=split, PREFETCH=prefetch, DISTANCE=plan.prefetch_distance,
-        # fp32 dots for fp32 inputs, and under the interpreter (its bf16 tl.dot is wrong in triton 3.9)
-        DOT_FP32=q.dtype == torch.float32 or interpret,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+    split_offset = 0
+    for plan in plans:
+        seg = segments[plan.segment]
+        k, v = seg.k, seg.v
+        # A bulk prefetch needs one contiguous, 16-byte aligned run of rows (plans from benches may ask anyway).
+        prefetch = plan.prefetch and not interpret and prefetch_refusal(k, v) is None
+        _kernel[(plan.num_splits, batch * num_kv_heads)](
+            q_ptr=q, k_ptr=k, v_ptr=v, seq_lens_ptr=seq_lens, o_ptr=partial, lse_ptr=lse,
+            qk_scale=scale * _LOG2E if softcap is None else scale / softcap,
+            softcap_log2=0.0 if softcap is None else softcap * _LOG2E,
+            stride_qb=q.stride(0), stride_qh=q.stride(1),
+            stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+            stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+            stride_ob=o_strides[0], stride_oh=o_strides[1], stride_os=o_strides[2],
+            stride_lb=lse.stride(0) if split else 0, stride_lh=lse.stride(1) if split else 0,
+            split_offset=split_offset, key_start=seg.start, num_slots=seg.num_slots,
+            window=0 if window is None else window, num_kv_heads=num_kv_heads, tiles_per_split=plan.tiles_per_split,
+            GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=plan.block_n,
+            SPLIT=split, PREFETCH=prefetch, DISTANCE=plan.prefetch_distance,
+            # fp32 dots for fp32 inputs, and under the interpreter (its bf16 tl.dot is wrong in triton 3.9)
+            DOT_FP32=q.dtype == torch.float32 or interpret, SOFTCAP=softcap is not None, WINDOW=window is not None,
+            num_warps=plan.num_warps, num_stages=plan.num_stages)
+        split_offset += plan.num_splits
     if split:
         _merge_kernel[(batch * num_heads,)](
-            part_ptr=partial, lse_ptr=lse, out_ptr=out, num_heads=num_heads, num_splits=plan.num_splits,
+            part_ptr=partial, lse_ptr=lse, out_ptr=out, num_heads=num_heads, num_splits=total_splits,
             stride_pb=partial.stride(0), stride_ph=partial.stride(1), stride_ps=partial.stride(2),
-            stride_ob=out.stride(0), stride_oh=out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(plan.num_splits),
-            CHUNK=min(32, triton.next_power_of_2(plan.num_splits)), num_warps=4)
+            stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_ob=out.stride(0), stride_oh=out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(total_splits),
+            CHUNK=min(32, triton.next_power_of_2(total_splits)), num_warps=4)
+    return out
+
+
+def decode_attention_segments(q: torch.Tensor, segments: Sequence[KVSegment], seq_lens: torch.Tensor, *,
+                              sm_scale: float | None = None, window: int | None = None, softcap: float | None = None,
+                              config: DecodeAttentionConfig = DecodeAttentionConfig(),
+                              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of each sequence's newest token over the visible keys of every segment -> (B, Hq, D), q's dtype.
+
+    Scores s = q.k * sm_scale (default D^-0.5), soft-capped to softcap * tanh(s / softcap) when `softcap` is set;
+    keys visible as kernels.segments.visible_keys says. One split-kernel launch per segment with slots (its own
+    key start and splits, `plan_segments`), one merge over all of them. No host syncs and no data-dependent
+    allocation, so it can be captured in a CUDA graph; the interpreter always runs without prefetch."""
+    _check_inputs(q, segments, seq_lens, out, window, softcap)
+    plans = plan_segments(segments, window=window, config=config, num_sms=_num_sms(q.device))
+    out = torch.empty_like(q) if out is None else out
+    return _launch(q, segments, plans, seq_lens, sm_scale=sm_scale, window=window, softcap=softcap, out=out)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
+                     sm_scale: float | None = None, window: int | None = None, softcap: float | None = None,
+                     config: DecodeAttentionConfig = DecodeAttentionConfig(), out: torch.Tensor | None = None,
+                     plan: LaunchPlan | None = None) -> torch.Tensor:
+    """decode_attention_segments over one segment at slot 0: k_cache, v_cache (B, Hkv, S_max, D), seq_lens each in
+    1..S_max. `plan` overrides the planner (benches use it to sweep)."""
+    batch, num_heads, head_dim = q.shape
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[0] == batch and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape, v_cache.shape)
+    segments = [KVSegment(k_cache, v_cache, 0)]
+    _check_inputs(q, segments, seq_lens, out, window, softcap)
+    if plan is None:
+        plans = plan_segments(segments, window=window, config=config, num_sms=_num_sms(q.device))
+    else:
+        plans = (dataclasses.replace(plan, segment=0),)
+    out = torch.empty_like(q) if out is None else out
+    return _launch(q, segments, plans, seq_lens, sm_scale=sm_scale, window=window, softcap=softcap, out=out)
+
+
+def decode_attention_segments_reference(q: torch.Tensor, segments: Sequence[KVSegment], seq_lens: torch.Tensor, *,
+                                        sm_scale: float | None = None, window: int | None = None,
+                                        softcap: float | None = None) -> torch.Tensor:
+    """Plain torch, one sequence at a time over its visible keys of all segments, in fp32 (float64 for float64 q);
+    syncs on seq_lens: for tests and benches. Returns q's dtype."""
+    batch, num_heads, head_dim = q.shape
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+    out = torch.empty_like(q)
+    for b in range(batch):
+        seen = [visible_keys(seq_lens[b : b + 1], seg, window=window)[0].to(seg.k.device) for seg in segments]
+        k = torch.cat([seg.k[b][:, mask].to(dtype) for seg, mask in zip(segments, seen)], dim=1)  # (Hkv, n, D)
+        v = torch.cat([seg.v[b][:, mask].to(dtype) for seg, mask in zip(segments, seen)], dim=1)
+        qg = q[b].to(dtype).view(k.shape[0], num_heads // k.shape[0], head_dim)  # (Hkv, group, D)
+        scores = torch.einsum("kgd,knd->kgn", qg, k) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        out[b] = torch.einsum("kgn,knd->kgd", torch.softmax(scores, dim=-1), v).reshape(num_heads, head_dim).to(q.dtype)
     return out
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
-                               sm_scale: float | None = None) -> torch.Tensor:
-    """Plain torch in fp32, one sequence at a time (syncs on seq_lens; for tests and benches)."""
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
-    scale = head_dim ** -0.5 if sm_scale is None else sm_scale
-    out = torch.empty_like(q)
-    for b in range(batch):
-        n = int(seq_lens[b])
-        qg = q[b].float().view(num_kv_heads, num_heads // num_kv_heads, head_dim)  # (Hkv, group, D)
-        k, v = k_cache[b, :, :n].float(), v_cache[b, :, :n].float()  # (Hkv, n, D)
-        probs = torch.softmax(torch.einsum("kgd,knd->kgn", qg, k) * scale, dim=-1)
-        out[b] = torch.einsum("kgn,knd->kgd", probs, v).reshape(num_heads, head_dim).to(q.dtype)
-    return out
+                               sm_scale: float | None = None, window: int | None = None,
+                               softcap: float | None = None) -> torch.Tensor:
+    """decode_attention_segments_reference over one segment at slot 0 (the cache of decode_attention)."""
+    return decode_attention_segments_reference(q, [KVSegment(k_cache, v_cache, 0)], seq_lens, sm_scale=sm_scale,
+                                               window=window, softcap=softcap)

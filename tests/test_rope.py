@@ -1,7 +1,8 @@
-"""The in-place RoPE kernel (interpreter) against its torch reference: bit-identical in fp32 and fp16 over awkward
-shapes and strided layouts (K inside a [K | V] staging row, every other head, heads-major), neighbours untouched;
-the launcher refuses bad shapes and strides. bf16 is not exact under the interpreter (numpy has no bf16
-rounding of its own); it is checked on the GPU."""
+"""The in-place RoPE kernel (interpreter) against its torch reference: bit-identical in fp32, fp16 and bf16 over
+awkward shapes, every even head dim (24, 40, 48, 80, 96 ... 256: not 2 * a power of two), partial rotary (dims past
+the rotary dim untouched) and strided layouts (K inside a [K | V] staging row, every other head, heads-major),
+neighbours untouched; the launcher refuses bad shapes and strides. bf16 is exact under the interpreter because the
+kernel rounds bf16 by integer arithmetic (the interpreter's own fp32 -> bf16 cast truncates)."""
 
 import os
 
@@ -21,8 +22,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def _tables(num_positions: int, head_dim: int, dtype: torch.dtype, *, start: int = 0, row_pad: int = 0):
-    """transformers' cos/sin rows (positions, D) for positions start.. (both halves equal, as its RoPE builds
-    them), in `dtype`; row_pad > 0 leaves them as views with a row stride of D + row_pad."""
+    """transformers' cos/sin rows (positions, R) for positions start.. (both halves equal, as its RoPE builds
+    them), in `dtype`; `head_dim` is the rotary dim R; row_pad > 0 leaves them as views with a row stride of
+    R + row_pad."""
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.arange(start, start + num_positions, dtype=torch.float32)[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -51,17 +53,18 @@ def _layout(rows: int, heads: int, dim: int, dtype: torch.dtype, layout: str, ge
     raise ValueError(layout)
 
 
-# (rows_per_position, positions, heads, head_dim): every value of each axis appears, with the large ones together.
+# (rows_per_position, positions, heads, head_dim): every value of each axis appears, with the large ones together;
+# head dims 24, 40, 48, 80, 96 are not 2 * a power of two (their half is padded and masked).
 SHAPES = [
     (1, 1, 1, 32),
     (1, 5, 3, 64),
     (1, 97, 8, 128),
-    (3, 1, 32, 64),
-    (3, 5, 1, 128),
-    (3, 97, 3, 32),
-    (8, 1, 8, 128),
-    (8, 5, 32, 32),
-    (8, 97, 32, 128),
+    (3, 1, 32, 24),
+    (3, 5, 1, 40),
+    (3, 97, 3, 48),
+    (8, 1, 8, 80),
+    (8, 5, 32, 96),
+    (8, 33, 4, 256),
 ]
 LAYOUTS = ["contiguous", "kv_half", "every_other_head", "heads_major"]
 
@@ -69,7 +72,11 @@ LAYOUTS = ["contiguous", "kv_half", "every_other_head", "heads_major"]
 CASES = [(shape, layout) for shape in SHAPES for layout in LAYOUTS]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape,layout", CASES, ids=["rpp{}-P{}-H{}-D{}-{}".format(*s, l) for s, l in CASES])
 def test_rope_matches_reference_bit_for_bit(shape, layout, dtype):
     rows_per_position, positions, heads, dim = shape
@@ -95,7 +102,7 @@ def _layout_view(buf: torch.Tensor, layout: str) -> torch.Tensor:
             "heads_major": lambda b: b.transpose(0, 1)}[layout](buf)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_rope_with_strided_tables_and_partial_blocks(dtype):
     # 65 rows (one past the interpreter's 64-row block), 5 heads (block of 8), tables with padded rows.
     rows_per_position, positions, heads, dim = 13, 5, 5, 64
@@ -122,18 +129,70 @@ def test_rows_use_their_own_position():
     assert torch.equal(x[:3, 0], torch.ones(3, dim))  # position 0 is the identity
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_every_even_head_dim(dtype):
+    gen = torch.Generator().manual_seed(7)
+    for dim in range(2, 257, 2):
+        cos, sin = _tables(3, dim, dtype, start=dim)
+        x, buf = _layout(6, 2, dim, dtype, "kv_half", gen)
+        v_before = buf[:, 1].clone()
+        expected = rope_reference(x, cos, sin, rows_per_position=2)
+        rope_(x, cos, sin, rows_per_position=2)
+        assert torch.equal(x, expected), dim
+        assert torch.equal(buf[:, 1], v_before), dim
+
+
+# (head_dim, rotary_dim): Phi-2/GPT-NeoX-style partial rotary (a quarter, a half), odd halves, the smallest.
+PARTIAL = [(128, 64), (80, 32), (96, 24), (256, 64), (64, 2), (40, 38), (48, 20)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("head_dim, rotary_dim", PARTIAL, ids=[f"D{d}-R{r}" for d, r in PARTIAL])
+def test_partial_rotary_rotates_the_first_dims_only(head_dim, rotary_dim, dtype):
+    gen = torch.Generator().manual_seed(head_dim + rotary_dim)
+    rows_per_position, positions = 3, 9
+    cos, sin = _tables(positions, rotary_dim, dtype, start=40, row_pad=8)
+    x, buf = _layout(positions * rows_per_position, 4, head_dim, dtype, "kv_half", gen)
+    before = buf.clone()
+    expected = rope_reference(x, cos, sin, rows_per_position=rows_per_position, rotary_dim=rotary_dim)
+    assert torch.equal(expected[..., rotary_dim:], x[..., rotary_dim:])  # the reference passes them through
+    assert rope_(x, cos, sin, rows_per_position=rows_per_position, rotary_dim=rotary_dim) is x
+    assert torch.equal(x, expected)
+    assert torch.equal(buf[:, 0, :, rotary_dim:], before[:, 0, :, rotary_dim:])  # pass-through dims untouched
+    assert torch.equal(buf[:, 1], before[:, 1])  # and so is V
+    assert not torch.equal(x[..., :rotary_dim], before[:, 0, :, :rotary_dim])
+
+
+def test_partial_rotary_matches_the_adapter():
+    # The llama adapter's apply_rope (what prefill uses) and the kernel rotate a partial-rotary head alike.
+    from engine.adapters.llama import apply_rope
+
+    gen = torch.Generator().manual_seed(2)
+    positions, batch, heads, dim, rotary = 5, 2, 3, 80, 32
+    cos, sin = _tables(positions, rotary, torch.float32)
+    x = torch.randn(positions * batch, heads, dim, generator=gen)
+    # the adapter takes (B, T, H, D) with (B, T, R) tables; rows here are slot-major, sequences inside
+    want = apply_rope(x.view(positions, batch, heads, dim).transpose(0, 1),
+                      cos[None].expand(batch, -1, -1), sin[None].expand(batch, -1, -1))
+    rope_(x, cos, sin, rows_per_position=batch, rotary_dim=rotary)
+    assert torch.allclose(x.view(positions, batch, heads, dim).transpose(0, 1), want, atol=1e-6)
+
+
 # -- the launcher ---------------------------------------------------------------------------------------------
 def _good(rows=6, heads=2, dim=32, positions=3, dtype=torch.float32):
     cos, sin = _tables(positions, dim, dtype)
     return torch.randn(rows, heads, dim).to(dtype), cos.contiguous(), sin.contiguous()
 
 
-def test_launcher_rejects_an_odd_or_unsupported_head_dim():
-    for dim in (33, 48):  # odd; even but not 2 * a power of two
+def test_launcher_rejects_odd_or_oversized_rotary_dims():
+    for dim, rotary in ((33, None), (64, 33), (64, 66), (64, 0)):
         x = torch.randn(3, 2, dim)
-        cos = sin = torch.ones(3, dim)
+        cos = sin = torch.ones(3, rotary or dim)
         with pytest.raises(AssertionError, match=f"head dim {dim}"):
-            rope_(x, cos, sin, rows_per_position=1)
+            rope_(x, cos, sin, rows_per_position=1, rotary_dim=rotary)
+    x = torch.randn(3, 2, 64)
+    with pytest.raises(AssertionError):  # tables as wide as the head, rotary dim 32
+        rope_(x, torch.ones(3, 64), torch.ones(3, 64), rows_per_position=1, rotary_dim=32)
 
 
 def test_launcher_rejects_a_strided_head_dim():

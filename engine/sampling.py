@@ -1,4 +1,11 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, with a seeded generator."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, with a seeded generator.
+
+Nothing here waits for the GPU: no `.item()`, no boolean indexing, no `torch.multinomial` (whose input checks read
+the probabilities back to the host). The draw is the exponential race torch's own multinomial runs for one sample,
+argmax(p / E) with E ~ Exp(1) drawn from the same generator, so a seeded run picks exactly the tokens
+`torch.multinomial(p, 1, generator=g)` would, and a CUDA graph can capture the whole function (register the
+generator's state with the graph).
+"""
 
 from __future__ import annotations
 
@@ -37,4 +44,5 @@ def sample(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Ge
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)

@@ -1,0 +1,39 @@
+"""Fast adapters: a plain model adapter transformed into one over fused weights and fused kernels.
+
+    from engine.fast import fuse
+    fast = fuse(model.adapter)          # same interface, same numbers, same memory
+
+`fuse` builds the fused q/k/v and gate/up weights in place (the model's own Linear modules become views of them,
+so the plain adapter and transformers' forward keep working), and returns the family's fast adapter; a family
+without one comes back unchanged, and `why_not_fused` says why. The adapters know nothing of caches or offload.
+"""
+
+from __future__ import annotations
+
+from engine.adapters.base import DecoderAdapter
+from engine.adapters.llama import LlamaAdapter
+from engine.fast.llama import FusedLlamaAdapter
+from engine.fast.plan import GemmPlan, gemm_plan
+
+FAST_ADAPTERS = (FusedLlamaAdapter,)
+
+
+def why_not_fused(adapter: DecoderAdapter) -> str | None:
+    """None when `fuse(adapter)` gives a fast adapter, else one line saying why not."""
+    if isinstance(adapter, FAST_ADAPTERS) or type(adapter) is LlamaAdapter:
+        return None
+    return f"no fast adapter for the {adapter.family or type(adapter).__name__} family: it runs its plain adapter"
+
+
+def fuse(adapter: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | None = None) -> DecoderAdapter:
+    """The fast version of `adapter` (itself when it is already fast or its family has none).
+
+    kernels: "auto" (Triton kernels on CUDA tensors, torch elsewhere), "triton" (everywhere: CPU needs
+    TRITON_INTERPRET=1), "torch" (fused weights only). plan: which GEMM each shape runs (default: the device's
+    cached measurements, engine/fast/plan.py)."""
+    if isinstance(adapter, FAST_ADAPTERS) or why_not_fused(adapter) is not None:
+        return adapter
+    return FusedLlamaAdapter(adapter, kernels=kernels, plan=plan)
+
+
+__all__ = ["FAST_ADAPTERS", "FusedLlamaAdapter", "GemmPlan", "fuse", "gemm_plan", "why_not_fused"]

@@ -1,0 +1,139 @@
+"""The Llama family's fast adapter (Llama, Mistral, Qwen2, Qwen3): the plain adapter's pieces over fused weights and
+kernels, with the same interface and the same numbers.
+
+Per decode layer it launches: one residual-add + RMSNorm (fused into the previous block's end), one q/k/v GEMM, one
+RoPE (+ Qwen3's q/k norm) in place on its output, then after attention one o_proj GEMM, one add + norm, one
+gate/up GEMM with SiLU(gate) * up in its epilogue (or cuBLAS + one act kernel, as the GEMM plan says) and one down
+GEMM: ~8 kernels where the plain adapter runs ~40.
+
+Fusing the residual add with the next norm crosses the adapter's calls: attn_output(l) returns s = r + o and also
+computes norm(s), which mlp_block(l, s) then takes instead of norming again; mlp_block(l) likewise hands
+attn_input(l + 1) its input. The hand-over is taken only by the very tensor it was made for (identity), for the
+next call only (it is dropped by any other call), per thread; so a caller that passes something else, or calls in
+another order (prefill's slices, the offload runtime's separately captured halves), gets the unfused computation.
+A CUDA graph captures the hand-over as the kernels that made it, in the order the step runs them. A caller must not
+modify a returned hidden state in place before passing it back. Under torch.compile nothing is handed over and the
+pieces are plain torch ops over the fused weights (inductor fuses them itself).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from engine.adapters.base import DecoderAdapter
+from engine.adapters.llama import LlamaAdapter, apply_rope
+from engine.fast.ops import ACTIVATIONS, KernelPolicy, Projection, add_norm, norm_eps
+from engine.fast.plan import GemmPlan, gemm_plan
+from engine.fast.weights import fuse_linears
+
+
+class _HandOver(threading.local):
+    """The normed activations one call leaves for the next: for (kind, layer) and the `hidden` tensor itself."""
+
+    kind: str | None = None
+    layer: int = -1
+    hidden: torch.Tensor | None = None
+    normed: torch.Tensor | None = None
+
+
+class FusedLlamaAdapter(DecoderAdapter):
+    family = "llama"
+
+    def __init__(self, plain: LlamaAdapter, *, kernels: str = "auto", plan: GemmPlan | None = None) -> None:
+        # Not DecoderAdapter.__init__: the spec is the plain adapter's (same model, same shapes, same parameters).
+        self.plain = plain
+        self.hf_model, self.config, self.spec = plain.hf_model, plain.config, plain.spec
+        self.decoder, self.layers = plain.decoder, plain.layers
+        self.policy = KernelPolicy(kernels)
+        device = next(plain.hf_model.parameters()).device
+        self.plan = plan if plan is not None else gemm_plan(device)
+        self.act = ACTIVATIONS.get(getattr(self.config, "hidden_act", "silu"), "")
+        self.qkv, self.o, self.gate_up, self.down = [], [], [], []
+        for block in self.layers:
+            attn, mlp = block.self_attn, block.mlp
+            self.qkv.append(Projection(*fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])))
+            self.o.append(Projection(attn.o_proj.weight, attn.o_proj.bias))
+            self.gate_up.append(Projection(*fuse_linears([mlp.gate_proj, mlp.up_proj]), gated=True))
+            self.down.append(Projection(mlp.down_proj.weight, mlp.down_proj.bias))
+        head = self.hf_model.lm_head
+        self.lm_head = Projection(head.weight, head.bias)
+        self._hand_over = _HandOver()
+
+    # -- the hand-over between calls ---------------------------------------------------------------------------
+    def _take(self, kind: str, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        if torch.compiler.is_compiling():
+            return None
+        h = self._hand_over
+        hit = h.kind == kind and h.layer == layer and h.hidden is hidden
+        normed = h.normed if hit else None
+        h.kind, h.hidden, h.normed = None, None, None
+        return normed
+
+    def _give(self, kind: str, layer: int, hidden: torch.Tensor, normed: torch.Tensor) -> None:
+        if not torch.compiler.is_compiling():
+            h = self._hand_over
+            h.kind, h.layer, h.hidden, h.normed = kind, layer, hidden, normed
+
+    # -- whole-model pieces --------------------------------------------------------------------------------------
+    def embed(self, token_ids, positions):
+        return self.plain.embed(token_ids, positions)
+
+    def rope(self, hidden, positions):
+        return self.plain.rope(hidden, positions)
+
+    def logits(self, hidden):
+        normed = add_norm(self.policy, hidden, None, self.decoder.norm)[1]
+        return self.lm_head(normed, policy=self.policy, plan=self.plan)
+
+    # -- per-layer pieces ----------------------------------------------------------------------------------------
+    def attn_input(self, layer, hidden):
+        normed = self._take("attn", layer, hidden)
+        if normed is None:
+            normed = add_norm(self.policy, hidden, None, self.layers[layer].input_layernorm)[1]
+        return normed
+
+    def project_qkv(self, layer, x, rope):
+        s, attn = self.spec, self.layers[layer].self_attn
+        qkv = self.qkv[layer](x, policy=self.policy, plan=self.plan)
+        heads = qkv.unflatten(-1, (s.num_heads + 2 * s.num_kv_heads, s.head_dim))
+        q, k, v = heads.split((s.num_heads, s.num_kv_heads, s.num_kv_heads), dim=-2)
+        if self.policy.triton(qkv) and qkv.dim() == 3:
+            from kernels.rope_qkv import rope_qkv_
+
+            norms = {}
+            if s.qk_norm:
+                norms = dict(q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, eps=norm_eps(attn.q_norm))
+            rope_qkv_(qkv, *rope, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, **norms)
+            return q, k, v  # views of qkv, rotated in place
+        if s.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def kv_weight(self, layer):
+        q_rows = self.spec.num_heads * self.spec.head_dim
+        proj = self.qkv[layer]
+        return proj.weight[q_rows:], None if proj.bias is None else proj.bias[q_rows:]
+
+    def finish_k_(self, layer, k):
+        self.plain.finish_k_(layer, k)
+
+    def attn_output(self, layer, attn, residual):
+        out = self.o[layer](attn, policy=self.policy, plan=self.plan)
+        total, normed = add_norm(self.policy, out, residual, self.layers[layer].post_attention_layernorm)
+        self._give("mlp", layer, total, normed)
+        return total
+
+    def mlp_block(self, layer, hidden):
+        block = self.layers[layer]
+        normed = self._take("mlp", layer, hidden)
+        if normed is None:
+            normed = add_norm(self.policy, hidden, None, block.post_attention_layernorm)[1]
+        act = self.gate_up[layer](normed, policy=self.policy, plan=self.plan, act=self.act, act_fn=block.mlp.act_fn)
+        down = self.down[layer](act, policy=self.policy, plan=self.plan)
+        if layer + 1 == self.spec.num_layers:
+            return hidden + down
+        total, x_next = add_norm(self.policy, down, hidden, self.layers[layer + 1].input_layernorm)
+        self._give("attn", layer + 1, total, x_next)
+        return total

@@ -1,0 +1,86 @@
+"""The fast adapter's pieces, each with two implementations: the Triton kernel (GPU, or CPU under the interpreter)
+and the plain torch computation the unfused adapter does (CPU, and whatever torch.compile traces: inductor fuses
+those ops itself, and dynamo cannot trace the launchers).
+
+`KernelPolicy.mode`: "auto" runs the kernels on CUDA tensors only, "triton" everywhere (tests on the interpreter),
+"torch" nowhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.fast.plan import GemmPlan
+
+MODES = ("auto", "triton", "torch")
+# transformers' hidden_act names -> the kernels' activations; others run their torch module.
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+@dataclass(frozen=True)
+class KernelPolicy:
+    mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"kernel mode must be one of {MODES}, got {self.mode!r}")
+
+    def triton(self, t: torch.Tensor) -> bool:
+        if self.mode == "torch" or torch.compiler.is_compiling():
+            return False
+        return self.mode == "triton" or t.is_cuda
+
+
+def norm_eps(module: torch.nn.Module) -> float:
+    eps = getattr(module, "variance_epsilon", None)
+    return float(module.eps if eps is None else eps)
+
+
+def add_norm(policy: KernelPolicy, x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module):
+    """-> (residual + x, norm(residual + x)), residual None: (x, norm(x)). norm: an RMSNorm module of the family."""
+    if policy.triton(x):
+        from kernels.rms_norm import add_rms_norm
+
+        return add_rms_norm(x, residual, norm.weight, eps=norm_eps(norm))
+    total = x if residual is None else residual + x
+    return total, norm(total)
+
+
+class Projection:
+    """One (possibly fused) projection y = x W^T + b, run by the skinny kernel or cuBLAS as the plan says."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, gated: bool = False) -> None:
+        self.weight, self.bias, self.gated = weight, bias, gated
+        self.in_features = weight.shape[1]
+        self.out_features = weight.shape[0] // 2 if gated else weight.shape[0]
+
+    def skinny_config(self, plan: GemmPlan, rows: int):
+        return plan.config(rows, self.out_features, self.in_features, gated=self.gated, device=self.weight.device)
+
+    def __call__(self, x: torch.Tensor, *, policy: KernelPolicy, plan: GemmPlan, act: str = "",
+                 act_fn=None) -> torch.Tensor:
+        """x (..., K) -> (..., N); gated: act(x W_gate^T + b) * (x W_up^T + b) (..., I), `act` the kernels' name
+        ("" when they have none for the family: `act_fn` runs), `act_fn` transformers' activation module."""
+        lead = x.shape[:-1]
+        rows = x.numel() // self.in_features
+        # fp32 models keep cuBLAS on the GPU (the kernel's fp32 dot is not tensor-core work); "triton" forces it
+        if policy.triton(x) and (x.dtype != torch.float32 or policy.mode == "triton") and (act or not self.gated):
+            config = self.skinny_config(plan, rows)
+            if config is not None:
+                from kernels.skinny_gemm import skinny_gemm
+
+                y = skinny_gemm(x.reshape(rows, self.in_features), self.weight, self.bias, act=act if self.gated else "",
+                                config=config)
+                return y.view(*lead, self.out_features)
+        y = F.linear(x, self.weight, self.bias)
+        if not self.gated:
+            return y
+        if act and policy.triton(x):
+            from kernels.gated_act import gated_act
+
+            return gated_act(y, act=act)
+        gate, up = y.chunk(2, dim=-1)
+        return act_fn(gate) * up

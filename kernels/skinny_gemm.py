@@ -1,0 +1,224 @@
+"""y = x @ W^T (+ bias) for a few rows of x (M <= 64): a decode step's projections, read at the memory roofline.
+
+At decode shapes a GEMM is a pass over its weight: 2 N K bytes, M K N FMAs that tensor cores do in no time.
+What it needs is enough bytes in flight on every SM (Little's law: ~4.5 TB/s x ~1 us ~ 4.5 MB across the chip)
+and no second pass. cuBLAS leaves a lone 4096 x 4096 at 1.1-1.35 TB/s on an H200 (too few CTAs for 33.5 MB);
+here the weight is cut into BLOCK_N rows x (K / split_k) columns, one program each, split_k chosen so that every SM
+holds ~2 programs, and each program streams its (BLOCK_N, BLOCK_K) tiles through a `num_stages`-deep cp.async
+pipeline (16-byte loads along K, each weight byte read once; x, M x K, is re-read from L2 by every column block:
+M / BLOCK_N of the weight traffic, so BLOCK_N grows with M).
+
+Split-K partial sums (fp32, M x N per split) go to a workspace; the last program of a column block to finish (an acq_rel ticket
+per block, reset by that program) adds them and runs the epilogue, so the launch is one kernel with no memset
+and no reduction kernel: one CUDA-graph node. Epilogues: bias; or, over a fused [gate | up] weight (GATED), the
+gated MLP's act(gate) * up, written as (M, N) with N the intermediate size (kernels/gated_act.py's rounding).
+Rounding: fp32 accumulation, one rounding of acc + bias, as cuBLAS; the gated epilogue rounds gate and up first as
+transformers' two separate projections do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.gated_act import ACTIVATIONS, gated
+from kernels.rounding import round_to
+
+MAX_ROWS = 64
+TICKETS = 1 << 16  # column blocks a launch may have (N / BLOCK_N)
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """One launch shape. split_k: K ranges per column block (1: no fixup)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def as_dict(self) -> dict:
+        return {"block_m": self.block_m, "block_n": self.block_n, "block_k": self.block_k, "split_k": self.split_k,
+                "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+@triton.jit
+def _dot(x, w, acc, DOT_FP32: tl.constexpr):
+    """acc + x @ w^T; w is a (BLOCK_N, BLOCK_K) weight tile, K contiguous."""
+    if DOT_FP32:
+        return tl.dot(x, tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
+def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K, stride_xm, stride_wn,
+                        stride_ym, k_per_split, split_k, up_offset, split_stride, HAS_BIAS: tl.constexpr,
+                        ACT: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    GATED: tl.constexpr = ACT != ""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    k_start = pid_k * k_per_split
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k)[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:  # whole tiles: masks constant along K, so the loads stay 16 bytes wide
+            x_mask, w_mask = m_ok[:, None], n_ok[:, None]
+        else:
+            k_ok = (k + offs_k) < k_end
+            x_mask, w_mask = m_ok[:, None] & k_ok[None, :], n_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if DOT_FP32:  # fp32 models (no tf32), and the interpreter, whose dot multiplies bf16's raw bits
+            x = x.to(tl.float32)
+        acc = _dot(x, w, acc, DOT_FP32)
+        if GATED:
+            w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)  # the up rows follow the gate rows
+            acc_up = _dot(x, w_up, acc_up, DOT_FP32)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    last = True
+    if SPLIT:
+        # Workspace (split_k, M, N or 2 N) fp32: this program's partial sums; GATED: gate at [0, N), up at [N, 2 N).
+        tile = offs_m[:, None].to(tl.int64) * (2 * N if GATED else N) + offs_n[None, :]
+        tl.store(part_ptr + pid_k.to(tl.int64) * split_stride + tile, acc, mask=out_mask)
+        if GATED:
+            tl.store(part_ptr + pid_k.to(tl.int64) * split_stride + tile + N, acc_up, mask=out_mask)
+        tl.debug_barrier()  # every thread's partials are written before the ticket releases them
+        ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        last = ticket == split_k - 1
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            parts = part_ptr + tile  # split s at parts + s * split_stride: a pointer walk, 64-bit throughout
+            for _ in range(0, split_k):
+                acc += tl.load(parts, mask=out_mask, other=0.0, cache_modifier=".cg")  # L2: other SMs wrote it
+                if GATED:
+                    acc_up += tl.load(parts + N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                parts += split_stride
+            tl.store(ticket_ptr + pid_n, 0)  # ready for the next launch
+    if last:
+        dtype = y_ptr.dtype.element_ty
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc_up += tl.load(bias_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            gate = round_to(acc, dtype).to(tl.float32)
+            up = round_to(acc_up, dtype).to(tl.float32)
+            acc = gated(gate, up, ACT, dtype)
+        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, round_to(acc, dtype), mask=out_mask)
+
+
+def _interpreting() -> bool:
+    # triton.jit picks the interpreter when this module is imported, from TRITON_INTERPRET at that time.
+    return not isinstance(_skinny_gemm_kernel, triton.runtime.jit.JITFunction)
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def tickets(device: torch.device) -> torch.Tensor:
+    """The per-device ticket counters (zeros between launches: each launch's last programs reset theirs).
+
+    Allocated on first use, which must not be inside a CUDA-graph capture (warm up first). Launches that share
+    them must be ordered (one stream): the engine runs its GEMMs on the compute stream."""
+    device = torch.device(device)
+    if device not in _TICKETS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("skinny_gemm's ticket counters are allocated on first use: run it once before "
+                               "capturing a CUDA graph")
+        _TICKETS[device] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
+    return _TICKETS[device]
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # plan as for an H100/H200 where there is no GPU (the interpreter runs any grid)
+
+
+def default_config(num_rows: int, out_features: int, in_features: int, *, gated: bool, device: torch.device,
+                   dtype_bytes: int = 2) -> SkinnyConfig:
+    """The launch shape used when no measured choice exists (engine/fast/plan.py measures and caches them).
+
+    BLOCK_N keeps x's L2 re-reads at <= 1/4 of the weight's bytes (<= 1/2 at M = 64); split_k makes ~2 programs per
+    SM with at least 4 K tiles each, so the cp.async pipeline has something to overlap."""
+    block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
+    block_n = 32 if num_rows <= 8 or gated else 64 if num_rows <= 16 else 128
+    block_k = 128 if block_m <= 32 else 64
+    if dtype_bytes == 4:
+        block_k //= 2
+    col_blocks = triton.cdiv(out_features, block_n)
+    k_tiles = triton.cdiv(in_features, block_k)
+    split_k = max(1, min(triton.cdiv(2 * num_sms(device), col_blocks), k_tiles // 4, 16))
+    return SkinnyConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, act: str = "",
+                config: SkinnyConfig | None = None) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T (+ bias (N,)) -> (M, N), M <= 64. act "silu"/"gelu_tanh": weight is a fused
+    [gate; up] (2 I, K) (bias (2 I,)) and the result is act(x W_gate^T + b_gate) * (x W_up^T + b_up), (M, I)."""
+    assert x.dim() == 2 and weight.dim() == 2, (x.shape, weight.shape)
+    num_rows, in_features = x.shape
+    assert 1 <= num_rows <= MAX_ROWS, f"skinny_gemm takes 1..{MAX_ROWS} rows, got {num_rows}"
+    assert weight.shape[1] == in_features, (x.shape, weight.shape)
+    assert x.stride(1) == 1 and weight.stride(1) == 1, f"K must be contiguous: x {x.stride()}, weight {weight.stride()}"
+    assert x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32), (x.dtype, weight.dtype)
+    assert x.device == weight.device, (x.device, weight.device)
+    assert act == "" or act in ACTIVATIONS, f"act {act!r}: '' or one of {ACTIVATIONS}"
+    out_features = weight.shape[0] // 2 if act else weight.shape[0]
+    assert not act or weight.shape[0] % 2 == 0, f"a fused [gate; up] weight has an even row count, got {weight.shape}"
+    assert bias is None or (bias.shape == (weight.shape[0],) and bias.stride(0) == 1 and bias.dtype == x.dtype), \
+        (None if bias is None else (bias.shape, bias.dtype), weight.shape)
+    config = config or default_config(num_rows, out_features, in_features, gated=bool(act), device=x.device,
+                                      dtype_bytes=x.element_size())
+    assert num_rows <= config.block_m, (num_rows, config)
+    y = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
+    col_blocks = triton.cdiv(out_features, config.block_n)
+    assert col_blocks <= TICKETS, f"{out_features} columns need {col_blocks} blocks of {config.block_n} (> {TICKETS})"
+    # K per split: whole BLOCK_K tiles, so only the last split's last tile is ragged.
+    k_per_split = triton.cdiv(triton.cdiv(in_features, config.split_k), config.block_k) * config.block_k
+    split_k = triton.cdiv(in_features, k_per_split)
+    split = split_k > 1
+    part = torch.empty(split_k, num_rows, (2 if act else 1) * out_features, dtype=torch.float32, device=x.device) \
+        if split else y
+    _skinny_gemm_kernel[(col_blocks, split_k)](
+        x_ptr=x, w_ptr=weight, bias_ptr=weight if bias is None else bias, y_ptr=y, part_ptr=part,
+        ticket_ptr=tickets(x.device) if split else y, M=num_rows, N=out_features, K=in_features,
+        stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_ym=y.stride(0), k_per_split=k_per_split,
+        split_k=split_k, up_offset=out_features * weight.stride(0), split_stride=part[0].numel() if split else 0, HAS_BIAS=bias is not None, ACT=act, SPLIT=split,
+        EVEN_K=in_features % config.block_k == 0, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        DOT_FP32=x.dtype == torch.float32 or _interpreting(),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return y
+
+
+def skinny_gemm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                          act: str = "") -> torch.Tensor:
+    """What the plain model computes: F.linear (fp32 accumulation, one rounding), and for a fused [gate; up] weight
+    act(gate) * up over the two projections, each rounded first."""
+    if not act:
+        return torch.nn.functional.linear(x, weight, bias)
+    gate_w, up_w = weight.chunk(2)
+    gate_b, up_b = (None, None) if bias is None else bias.chunk(2)
+    gate = torch.nn.functional.linear(x, gate_w, gate_b)
+    up = torch.nn.functional.linear(x, up_w, up_b)
+    activation = torch.nn.functional.silu if act == "silu" else lambda g: torch.nn.functional.gelu(g, approximate="tanh")
+    return activation(gate) * up

@@ -1,0 +1,123 @@
+"""The skinny GEMM (interpreter) against torch over awkward shapes: rows 1..64, widths not powers of two, K not a
+multiple of the tile, split-K 1..5 with the last-program fixup, bias, the gated [gate | up] epilogue, every dtype.
+Its error against float64 is no larger than torch's own; every output written; ticket counters back at zero."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels.decode_attention import _interpreting  # noqa: E402
+from kernels.skinny_gemm import (MAX_ROWS, SkinnyConfig, default_config, skinny_gemm,  # noqa: E402
+                                 skinny_gemm_reference, tickets)
+from test_norm_kernels import poisoned  # noqa: E402,F401 - the fixture is used by name
+
+pytestmark = [pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 before triton is imported"),
+              pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+IDS = ["fp32", "fp16", "bf16"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _problem(rows, out_features, in_features, dtype, *, gated=False, bias=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
+    w = (torch.randn((2 if gated else 1) * out_features, in_features, generator=gen) / in_features ** 0.5).to(dtype)
+    b = torch.randn(w.shape[0], generator=gen).to(dtype) if bias else None
+    return x, w, b
+
+
+def _check(x, w, b, act, config=None):
+    y = skinny_gemm(x, w, b, act=act, config=config)
+    want = skinny_gemm_reference(x, w, b, act=act)
+    exact = skinny_gemm_reference(x.double(), w.double(), None if b is None else b.double(), act=act)
+    assert y.shape == want.shape and y.dtype == x.dtype and not y.isnan().any()
+    if x.dtype == torch.float32:
+        assert rel(y, exact) <= 1e-6, rel(y, exact)
+    else:  # both round the fp32 sums once (the gated path twice more): no worse than torch's own rounding
+        assert rel(y, exact) <= 1.25 * rel(want, exact) + 1e-4, (rel(y, exact), rel(want, exact))
+    assert int(tickets(x.device).abs().sum()) == 0  # every column block's last program reset its ticket
+    return y
+
+
+# (rows, out, in, config): default configs and forced splits; K 300 and 200 leave a ragged last tile.
+CASES = [
+    (1, 2304, 256, None),
+    (3, 100, 300, SkinnyConfig(16, 32, 64, 3)),
+    (8, 96, 512, SkinnyConfig(16, 32, 128, 2)),
+    (16, 64, 200, SkinnyConfig(16, 16, 64, 5)),
+    (33, 40, 128, SkinnyConfig(64, 32, 32, 2)),
+    (64, 130, 96, SkinnyConfig(64, 64, 32, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("rows,out_features,in_features,config", CASES,
+                         ids=[f"M{m}-N{n}-K{k}-{'default' if c is None else f'split{c.split_k}'}" for m, n, k, c in CASES])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_skinny_gemm_matches_torch(rows, out_features, in_features, config, dtype, bias, poisoned):
+    x, w, b = _problem(rows, out_features, in_features, dtype, bias=bias, seed=rows + in_features)
+    _check(x, w, b, "", config)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("rows,out_features,in_features,config", [(1, 160, 64, None), (5, 100, 300, SkinnyConfig(16, 32, 64, 3)),
+                                                                  (54, 48, 128, SkinnyConfig(64, 16, 32, 2))])
+def test_skinny_gemm_gated_epilogue_matches_the_mlp(rows, out_features, in_features, config, act, dtype, poisoned):
+    x, w, b = _problem(rows, out_features, in_features, dtype, gated=True, bias=rows == 5, seed=rows)
+    y = _check(x, w, b, act, config)
+    assert y.shape == (rows, out_features)
+
+
+def test_split_results_are_deterministic_and_match_no_split():
+    x, w, _ = _problem(8, 64, 1024, torch.float32, seed=3)
+    whole = skinny_gemm(x, w, config=SkinnyConfig(16, 32, 128, 1))
+    for split in (2, 3, 8):
+        first = skinny_gemm(x, w, config=SkinnyConfig(16, 32, 128, split))
+        assert torch.equal(first, skinny_gemm(x, w, config=SkinnyConfig(16, 32, 128, split)))
+        torch.testing.assert_close(first, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_rows_of_x_and_a_fused_weight_view():
+    big = torch.randn(6, 3, 128)
+    x = big[:, 1]  # row stride 384
+    fused = torch.randn(96 + 32, 128)
+    w = fused[96:]  # a view into a fused weight (as the fast adapter's o_proj rows would be)
+    torch.testing.assert_close(skinny_gemm(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_default_config_fills_the_chip_and_keeps_x_rereads_small():
+    cpu = torch.device("cpu")  # plans for 132 SMs where there is no GPU
+    for rows, n, k, gated in [(1, 4096, 4096, False), (8, 4096, 4096, False), (8, 11008, 4096, True),
+                              (16, 4096, 11008, False), (64, 4096, 4096, False), (8, 32000, 4096, False)]:
+        c = default_config(rows, n, k, gated=gated, device=cpu)
+        programs = -(-n // c.block_n) * c.split_k
+        assert programs >= 132 and rows <= c.block_m, (rows, n, k, c)
+        assert rows / c.block_n <= 0.5 and -(-k // c.block_k) // c.split_k >= 4, (rows, n, k, c)
+
+
+def test_launcher_refuses_bad_inputs():
+    x, w = torch.randn(4, 64), torch.randn(32, 64)
+    with pytest.raises(AssertionError):
+        skinny_gemm(torch.randn(MAX_ROWS + 1, 64), w)
+    with pytest.raises(AssertionError):
+        skinny_gemm(x, torch.randn(32, 63))
+    with pytest.raises(AssertionError):
+        skinny_gemm(x, w.half())
+    with pytest.raises(AssertionError):
+        skinny_gemm(x, torch.randn(64, 32).t())  # K strided
+    with pytest.raises(AssertionError):
+        skinny_gemm(x, torch.randn(31, 64), act="silu")  # odd [gate; up]
+    with pytest.raises(AssertionError):
+        skinny_gemm(x, w, torch.randn(31))
+    with pytest.raises(AssertionError):
+        skinny_gemm(x, w, act="relu")
+    with pytest.raises(AssertionError):
+        skinny_gemm(torch.randn(20, 64), w, config=SkinnyConfig(16, 32, 64, 1))  # more rows than the block

@@ -24,7 +24,8 @@ from kernels.rounding import round_to
 def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr, pos_ptr,
                      stride_xb, stride_xt, stride_cb, stride_ct, stride_kb, stride_kh, stride_ks, stride_vb,
                      stride_vh, stride_vs, num_tokens, num_q_heads, num_kv_heads, head_dim, half_rotary, eps,
-                     QK_NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     QK_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr, STORE: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
     b, t = (row // num_tokens).to(tl.int64), (row % num_tokens).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # (H, 1)
@@ -39,15 +40,19 @@ def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr, 
     row_ptr = qkv_ptr + b * stride_xb + t * stride_xt + heads.to(tl.int64) * head_dim
     x = tl.load(row_ptr + d, mask=mask, other=0.0).to(tl.float32)
     x_p = tl.load(row_ptr + partner, mask=mask, other=0.0).to(tl.float32)
-    if QK_NORM:  # RMSNorm over each q/k head (Llama arithmetic), before the rotation
+    if QK_NORM:  # RMSNorm over each q/k head, before the rotation (Llama's arithmetic, or Gemma's (1 + w))
         rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1, keep_dims=True) / head_dim + eps)
         is_q = heads < num_q_heads
         w = tl.where(is_q, tl.load(qw_ptr + d, mask=d < head_dim, other=0.0),
                      tl.load(kw_ptr + d, mask=d < head_dim, other=0.0)).to(tl.float32)
         w_p = tl.where(is_q, tl.load(qw_ptr + partner, mask=d < head_dim, other=0.0),
                        tl.load(kw_ptr + partner, mask=d < head_dim, other=0.0)).to(tl.float32)
-        x_n = round_to(round_to(x * rstd, dtype).to(tl.float32) * w, dtype).to(tl.float32)
-        x_pn = round_to(round_to(x_p * rstd, dtype).to(tl.float32) * w_p, dtype).to(tl.float32)
+        if UNIT_OFFSET:
+            x_n = round_to(x * rstd * (1.0 + w), dtype).to(tl.float32)
+            x_pn = round_to(x_p * rstd * (1.0 + w_p), dtype).to(tl.float32)
+        else:
+            x_n = round_to(round_to(x * rstd, dtype).to(tl.float32) * w, dtype).to(tl.float32)
+            x_pn = round_to(round_to(x_p * rstd, dtype).to(tl.float32) * w_p, dtype).to(tl.float32)
         x, x_p = tl.where(is_v, x, x_n), tl.where(is_v, x_p, x_pn)
     table = b * stride_cb + t * stride_ct + d
     in_rotary = (d < rotary) & ~is_v
@@ -68,12 +73,13 @@ def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr, 
 
 def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_heads: int, num_kv_heads: int,
               head_dim: int, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-              eps: float = 1e-6, k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
-              positions: torch.Tensor | None = None) -> torch.Tensor:
+              eps: float = 1e-6, unit_offset: bool = False, k_cache: torch.Tensor | None = None,
+              v_cache: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate the q and k heads of qkv (B, T, (Hq + 2 Hkv) * D) in place; cos/sin (B or 1, T, R), R even <= D.
 
-    q_norm/k_norm (D,): Qwen3's per-head RMSNorm weights, applied first. k_cache/v_cache (B, Hkv, S, D) with
-    positions (B,): also write K and V of each sequence's token there (T must be 1). Returns qkv.
+    q_norm/k_norm (D,): per-head RMSNorm weights applied first (Qwen3; Gemma 3's (1 + w) with unit_offset).
+    k_cache/v_cache (B, Hkv, S, D) with positions (B,): also write K and V of each sequence's token there (T must
+    be 1). Returns qkv.
     """
     batch, num_tokens, width = qkv.shape
     assert width == (num_heads + 2 * num_kv_heads) * head_dim, (qkv.shape, num_heads, num_kv_heads, head_dim)
@@ -114,21 +120,22 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_he
         stride_ks=k_cache.stride(2) if store else 0, stride_vb=v_cache.stride(0) if store else 0,
         stride_vh=v_cache.stride(1) if store else 0, stride_vs=v_cache.stride(2) if store else 0,
         num_tokens=num_tokens, num_q_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        half_rotary=rotary // 2, eps=eps, QK_NORM=q_norm is not None, STORE=store, BLOCK_H=block_h, BLOCK_D=block_d,
-        num_warps=4)
+        half_rotary=rotary // 2, eps=eps, QK_NORM=q_norm is not None, UNIT_OFFSET=unit_offset, STORE=store,
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
     return qkv
 
 
 def rope_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_heads: int, num_kv_heads: int,
                        head_dim: int, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       eps: float = 1e-6, unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (q, k, v) (B, T, H, D) as transformers computes them from the split projections (a copy)."""
     q, k, v = qkv.unflatten(-1, (num_heads + 2 * num_kv_heads, head_dim)).split(
         (num_heads, num_kv_heads, num_kv_heads), dim=2)
-    if q_norm is not None:  # LlamaRMSNorm over each head
+    if q_norm is not None:  # LlamaRMSNorm (GemmaRMSNorm) over each head
         def norm(x, w):
             h = x.float()
-            return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+            return (h * (1.0 + w.float())).to(x.dtype) if unit_offset else w * h.to(x.dtype)
         q, k = norm(q, q_norm), norm(k, k_norm)
     cos, sin, rotary = cos.unsqueeze(2), sin.unsqueeze(2), cos.shape[-1]
 

@@ -1,4 +1,5 @@
-"""engine.fast: the fused adapter against the plain one on every tiny Llama-family preset (fp32): prefill and decode
+"""engine.fast: the fused adapter against the plain one on every tiny preset with a fast adapter (Llama family, Phi-3,
+Gemma 2/3; fp32): prefill and decode
 logits, generated tokens, each piece; its weights are views of the model's own (no new memory, transformers' forward
 unchanged); the norm hand-over between calls happens in a decode step and falls back when calls come otherwise."""
 
@@ -11,7 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from engine import GenerationSettings, Generator, load_model  # noqa: E402
+from engine import TINY_PRESETS, GenerationSettings, Generator, load_model  # noqa: E402
 from engine.decode import forward  # noqa: E402
 from engine.decode.kv_cache import KVCache  # noqa: E402
 from engine.fast import FusedLlamaAdapter, fuse, why_not_fused  # noqa: E402
@@ -21,13 +22,13 @@ from engine.fast.weights import storage_bytes  # noqa: E402
 from engine.hf_reference import rel_err  # noqa: E402
 from kernels.decode_attention import _interpreting  # noqa: E402
 
-LLAMA_FAMILY = ["tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
+FAST_PRESETS = [name for name in TINY_PRESETS if name != "tiny-opt"]
 needs_interpreter = pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 before triton is imported")
 
 
 @pytest.fixture(scope="module")
 def models(one_thread):
-    return {name: load_model(f"synthetic:{name}", device="cpu", dtype="float32") for name in LLAMA_FAMILY}
+    return {name: load_model(f"synthetic:{name}", device="cpu", dtype="float32") for name in FAST_PRESETS}
 
 
 def _run(adapter, spec, *, lens=(7, 5, 2), steps=3, seed=0):
@@ -44,13 +45,13 @@ def _run(adapter, spec, *, lens=(7, 5, 2), steps=3, seed=0):
     return logits, cache
 
 
-@pytest.mark.parametrize("preset", LLAMA_FAMILY)
+@pytest.mark.parametrize("preset", FAST_PRESETS)
 @pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=needs_interpreter)])
 def test_fused_logits_equal_the_plain_adapters(models, preset, kernels):
     model = models[preset]
     plain_logits, plain_cache = _run(model.adapter, model.spec)
     fast = fuse(model.adapter, kernels=kernels)
-    assert isinstance(fast, FusedLlamaAdapter)
+    assert isinstance(fast, FusedLlamaAdapter) and fast.family == model.spec.family
     fast_logits, fast_cache = _run(fast, model.spec)
     limit = 0.0 if kernels == "torch" else 1e-5  # torch pieces: the same ops on the same memory
     for step, (mine, ref) in enumerate(zip(fast_logits, plain_logits)):
@@ -70,7 +71,7 @@ def test_fused_prefill_over_token_slices(models, monkeypatch):
         assert rel_err(mine, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama3", "tiny-qwen2"])
+@pytest.mark.parametrize("preset", ["tiny-llama3", "tiny-qwen2", "tiny-gemma3", "tiny-phi3"])
 def test_generated_tokens_are_the_plain_adapters(models, preset):
     model = models[preset]
     prompts = [[5, 9, 11, 3, 40], [7, 7, 7], [100, 3, 8, 9, 20, 31, 2]]
@@ -83,8 +84,9 @@ def test_generated_tokens_are_the_plain_adapters(models, preset):
 
 
 @pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=needs_interpreter)])
-def test_each_piece_matches_the_plain_piece(models, kernels):
-    model = models["tiny-qwen3"]
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-gemma3", "tiny-phi3"])
+def test_each_piece_matches_the_plain_piece(models, preset, kernels):
+    model = models[preset]
     plain, spec = model.adapter, model.spec
     fast = fuse(plain, kernels=kernels)
     gen = torch.Generator().manual_seed(4)
@@ -109,6 +111,7 @@ def test_each_piece_matches_the_plain_piece(models, kernels):
     weight, bias = fast.kv_weight(1)
     ref_weight, ref_bias = plain.kv_weight(1)
     assert torch.equal(weight, ref_weight) and bias is None and ref_bias is None
+    assert weight.untyped_storage().data_ptr() == fast.qkv[1].weight.untyped_storage().data_ptr()  # a view
 
 
 def test_weights_are_views_of_the_fused_tensors_and_memory_is_unchanged():

@@ -64,13 +64,15 @@ def test_rope_qkv_matches_the_llama_adapter_pieces():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-def test_rope_qkv_with_qwen3_qk_norm(dtype):
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["qwen3", "gemma3"])
+def test_rope_qkv_with_a_qk_norm(dtype, unit_offset):
     batch, num_tokens, hq, hkv, dim = 3, 4, 4, 2, 128
     qkv = _qkv(batch, num_tokens, hq, hkv, dim, dtype, seed=11)
     gen = torch.Generator().manual_seed(2)
     q_norm, k_norm = ((1 + 0.2 * torch.randn(dim, generator=gen)).to(dtype) for _ in range(2))
     cos, sin = tables(batch, num_tokens, dim, dtype)
-    heads = dict(num_heads=hq, num_kv_heads=hkv, head_dim=dim, q_norm=q_norm, k_norm=k_norm, eps=1e-6)
+    heads = dict(num_heads=hq, num_kv_heads=hkv, head_dim=dim, q_norm=q_norm, k_norm=k_norm, eps=1e-6,
+                 unit_offset=unit_offset)
     q_ref, k_ref, v_ref = rope_qkv_reference(qkv, cos, sin, **heads)
     rope_qkv_(qkv, cos, sin, **heads)
     q, k, v = qkv.unflatten(-1, (hq + 2 * hkv, dim)).split((hq, hkv, hkv), dim=2)

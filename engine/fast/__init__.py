@@ -12,15 +12,19 @@ from __future__ import annotations
 
 from engine.adapters.base import DecoderAdapter
 from engine.adapters.llama import LlamaAdapter
-from engine.fast.llama import FusedLlamaAdapter
+from engine.fast.gemma import FusedGemmaAdapter
+from engine.fast.llama import FusedLlamaAdapter, FusedPhi3Adapter
 from engine.fast.plan import GemmPlan, gemm_plan
 
-FAST_ADAPTERS = (FusedLlamaAdapter,)
+FAST_ADAPTERS = (FusedLlamaAdapter,)  # the Phi-3 and Gemma ones are subclasses
+# plain adapter class name -> its fast adapter (by name: a family's module may be absent from an older checkout)
+_FAST_FOR = {LlamaAdapter.__name__: FusedLlamaAdapter, "Phi3Adapter": FusedPhi3Adapter,
+             "GemmaAdapter": FusedGemmaAdapter}
 
 
 def why_not_fused(adapter: DecoderAdapter) -> str | None:
     """None when `fuse(adapter)` gives a fast adapter, else one line saying why not."""
-    if isinstance(adapter, FAST_ADAPTERS) or type(adapter) is LlamaAdapter:
+    if isinstance(adapter, FAST_ADAPTERS) or type(adapter).__name__ in _FAST_FOR:
         return None
     return f"no fast adapter for the {adapter.family or type(adapter).__name__} family: it runs its plain adapter"
 
@@ -33,7 +37,7 @@ def fuse(adapter: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | Non
     cached measurements, engine/fast/plan.py)."""
     if isinstance(adapter, FAST_ADAPTERS) or why_not_fused(adapter) is not None:
         return adapter
-    return FusedLlamaAdapter(adapter, kernels=kernels, plan=plan)
+    return _FAST_FOR[type(adapter).__name__](adapter, kernels=kernels, plan=plan)
 
 
-__all__ = ["FAST_ADAPTERS", "FusedLlamaAdapter", "GemmPlan", "fuse", "gemm_plan", "why_not_fused"]
+__all__ = ["FAST_ADAPTERS", "FusedGemmaAdapter", "FusedLlamaAdapter", "FusedPhi3Adapter", "GemmPlan", "fuse", "gemm_plan", "why_not_fused"]

@@ -1,4 +1,5 @@
-"""The Llama family's fast adapter (Llama, Mistral, Qwen2, Qwen3): the plain adapter's pieces over fused weights and
+"""The fast adapter of the Llama family (Llama, Mistral, Qwen2, Qwen3) and of Phi-3/Phi-4 (the same layer with its
+projections fused in the checkpoint already, and partial rotary): the plain adapter's pieces over fused weights and
 kernels, with the same interface and the same numbers.
 
 Per decode layer it launches: one residual-add + RMSNorm (fused into the previous block's end), one q/k/v GEMM, one
@@ -41,7 +42,7 @@ class _HandOver(threading.local):
 class FusedLlamaAdapter(DecoderAdapter):
     family = "llama"
 
-    def __init__(self, plain: LlamaAdapter, *, kernels: str = "auto", plan: GemmPlan | None = None) -> None:
+    def __init__(self, plain: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | None = None) -> None:
         # Not DecoderAdapter.__init__: the spec is the plain adapter's (same model, same shapes, same parameters).
         self.plain = plain
         self.hf_model, self.config, self.spec = plain.hf_model, plain.config, plain.spec
@@ -53,13 +54,26 @@ class FusedLlamaAdapter(DecoderAdapter):
         self.qkv, self.o, self.gate_up, self.down = [], [], [], []
         for block in self.layers:
             attn, mlp = block.self_attn, block.mlp
-            self.qkv.append(Projection(*fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])))
+            self.qkv.append(Projection(*fuse_linears(self._qkv_linears(attn))))
             self.o.append(Projection(attn.o_proj.weight, attn.o_proj.bias))
-            self.gate_up.append(Projection(*fuse_linears([mlp.gate_proj, mlp.up_proj]), gated=True))
+            self.gate_up.append(Projection(*fuse_linears(self._gate_up_linears(mlp)), gated=True))
             self.down.append(Projection(mlp.down_proj.weight, mlp.down_proj.bias))
         head = self.hf_model.lm_head
         self.lm_head = Projection(head.weight, head.bias)
         self._hand_over = _HandOver()
+
+    # -- what differs between the families ---------------------------------------------------------------------
+    @staticmethod
+    def _qkv_linears(attn) -> list[torch.nn.Linear]:
+        return [attn.q_proj, attn.k_proj, attn.v_proj]
+
+    @staticmethod
+    def _gate_up_linears(mlp) -> list[torch.nn.Linear]:
+        return [mlp.gate_proj, mlp.up_proj]
+
+    @staticmethod
+    def _act_fn(mlp):
+        return mlp.act_fn
 
     # -- the hand-over between calls ---------------------------------------------------------------------------
     def _take(self, kind: str, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -130,10 +144,29 @@ class FusedLlamaAdapter(DecoderAdapter):
         normed = self._take("mlp", layer, hidden)
         if normed is None:
             normed = add_norm(self.policy, hidden, None, block.post_attention_layernorm)[1]
-        act = self.gate_up[layer](normed, policy=self.policy, plan=self.plan, act=self.act, act_fn=block.mlp.act_fn)
+        act = self.gate_up[layer](normed, policy=self.policy, plan=self.plan, act=self.act,
+                                      act_fn=self._act_fn(block.mlp))
         down = self.down[layer](act, policy=self.policy, plan=self.plan)
         if layer + 1 == self.spec.num_layers:
             return hidden + down
         total, x_next = add_norm(self.policy, down, hidden, self.layers[layer + 1].input_layernorm)
         self._give("attn", layer + 1, total, x_next)
         return total
+
+
+class FusedPhi3Adapter(FusedLlamaAdapter):
+    """Phi-3/Phi-4: qkv_proj and gate_up_proj are fused in the checkpoint ([q | k | v], [gate | up]), taken as they are."""
+
+    family = "phi3"
+
+    @staticmethod
+    def _qkv_linears(attn):
+        return [attn.qkv_proj]
+
+    @staticmethod
+    def _gate_up_linears(mlp):
+        return [mlp.gate_up_proj]
+
+    @staticmethod
+    def _act_fn(mlp):
+        return mlp.activation_fn

@@ -39,12 +39,14 @@ def norm_eps(module: torch.nn.Module) -> float:
     return float(module.eps if eps is None else eps)
 
 
-def add_norm(policy: KernelPolicy, x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module):
-    """-> (residual + x, norm(residual + x)), residual None: (x, norm(x)). norm: an RMSNorm module of the family."""
+def add_norm(policy: KernelPolicy, x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module, *,
+             unit_offset: bool = False):
+    """-> (residual + x, norm(residual + x)), residual None: (x, norm(x)). norm: an RMSNorm module of the family
+    (unit_offset: Gemma's, which scales by 1 + weight)."""
     if policy.triton(x):
         from kernels.rms_norm import add_rms_norm
 
-        return add_rms_norm(x, residual, norm.weight, eps=norm_eps(norm))
+        return add_rms_norm(x, residual, norm.weight, eps=norm_eps(norm), unit_offset=unit_offset)
     total = x if residual is None else residual + x
     return total, norm(total)
 

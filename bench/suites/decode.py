@@ -1,38 +1,114 @@
-"""Decode with the KV cache on the GPU: the engine against transformers `generate`, plus a GPU exactness check.
+"""Decode with the KV cache on the GPU, in roofline units: the engine (default, and with the fast adapter) against
+transformers `generate` (static and dynamic cache) on the four target shapes, plus GPU exactness checks.
 
-Shape (issue default): synthetic:llama-2-7b, bf16, batch 8, prompt 2048, 64 new tokens. Decode step time
-is taken the same way for every contender: (time to generate N tokens - time to generate 1) / (N - 1),
-median over repeats, so prefill never counts. The roofline is weight bytes + KV bytes read per step over
-the device-to-device copy bandwidth measured in the same run.
+Cases (default): synthetic:llama-2-7b B8 P2048, B1 P2048 (ms/step = ms/token), B64 P512; synthetic:llama-3-8b B8
+P8192; bf16, 64 new tokens. `--model/--batch/--prompt-len` run one case instead. Decode step time is taken the same
+way for every contender: (time to generate N tokens - time to generate 1) / (N - 1), median over repeats, so prefill
+never counts. The roofline of a step is the bytes it must read (every weight but the embedding table, plus each
+sequence's K/V at the step's mean length) over the device's read bandwidth, measured in the same run by a tuned
+Triton streaming read (kernels/stream_read.py; the device-to-device copy and a torch sum are printed beside it).
+If any row reads faster than that, the ceiling is raised to it and a note says so: no figure exceeds 100 %.
+
+Before the fast adapter runs, the GEMM plan (engine/fast/plan.py) is measured for the cases' shapes where the
+device's cache lacks them: cuBLAS against the skinny kernel per projection and batch, in a CUDA graph on cold
+weights; the table goes into the results. A per-step breakdown (bench/profile_decode.py) of the first case, plain
+and fused, says where the time goes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
 from bench.report import Headline, Row, SuiteResult
-from bench.timing import device_copy_gb_s
-from engine import GenerationSettings, Generator, load_model
+from bench.timing import device_copy_gb_s, streaming_read_gb_s, triton_read_gb_s
+from engine import PRESETS, GenerationSettings, Generator, load_model
 from engine.errors import CompileError
 from engine.hf_reference import hf_greedy, rel_err
 
+# The engine knob that selects the fast adapter (engine/settings.py). Until the engine has it, the bench builds the
+# fast adapter itself and runs a Generator over a copy of the LoadedModel holding it (same weights, same memory).
+FUSED_KNOB = "fused" in {f.name for f in dataclasses.fields(GenerationSettings)}
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    batch: int
+    prompt_len: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.removeprefix('synthetic:')} B{self.batch} P{self.prompt_len}"
+
+
+TARGETS = (Case("synthetic:llama-2-7b", 8, 2048), Case("synthetic:llama-2-7b", 1, 2048),
+           Case("synthetic:llama-2-7b", 64, 512), Case("synthetic:llama-3-8b", 8, 8192))
+# variant -> GenerationSettings fields; "fused" selects the fast adapter
+VARIANTS = {
+    "auto": {}, "torch attention": dict(attention="torch"), "triton attention": dict(attention="triton"),
+    "auto, eager (no graph)": dict(cuda_graph=False), "compiled": dict(compile=True),
+    "fused": dict(fused=True), "fused, compiled": dict(fused=True, compile=True),
+    "fused, eager (no graph)": dict(fused=True, cuda_graph=False),
+}
+DEFAULT_VARIANTS = ("auto", "fused")
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="synthetic:llama-2-7b")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prompt-len", type=int, default=2048)
+    parser.add_argument("--model", default=None, help="one case instead of the targets (with --batch, --prompt-len)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--prompt-len", type=int, default=None)
+    parser.add_argument("--cases", default="", help="comma list of MODEL:BxP, e.g. 'llama-2-7b:8x2048' (default: the "
+                        "four targets)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--peers", default="dynamic", help="comma list of transformers peers: dynamic, static")
+    parser.add_argument("--peers", default=None, help="comma list of transformers peers: static, dynamic (default: "
+                        "both on a GPU, dynamic on a CPU)")
+    parser.add_argument("--peer-cases", default="first", choices=("first", "all"),
+                        help="run the transformers peers on the first case only (default) or on every case")
     parser.add_argument("--exact-seqs", type=int, default=16, help="sequences in the GPU exactness check (0: skip)")
     parser.add_argument("--exact-tokens", type=int, default=32)
     parser.add_argument("--exact-models", default="", help="extra models for the exactness check, comma list")
-    parser.add_argument("--ours", default="", help="comma list of our variants to time (default: all): auto, "
-                        "'torch attention', 'triton attention', 'auto, eager (no graph)', compiled")
+    parser.add_argument("--ours", default="", help=f"comma list of our variants (default: {', '.join(DEFAULT_VARIANTS)}); "
+                        f"any of: {', '.join(VARIANTS)}")
+    parser.add_argument("--no-tune", action="store_true", help="do not measure the GEMM plan (use the cached one)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the per-step kernel breakdown")
     parser.add_argument("--tag", default="", help="suffix of the result files' name (decode_<tag>)")
+
+
+def _cases(args) -> list[Case]:
+    if args.model or args.batch or args.prompt_len:
+        return [Case(args.model or "synthetic:llama-2-7b", args.batch or 8, args.prompt_len or 2048)]
+    if not args.cases:
+        return list(TARGETS)
+    cases = []
+    for item in filter(None, (c.strip() for c in args.cases.split(","))):
+        try:
+            model, shape = item.rsplit(":", 1)
+            batch, prompt = (int(v) for v in shape.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--cases entry {item!r} is not MODEL:BxP (e.g. llama-2-7b:8x2048)") from None
+        cases.append(Case(model if ":" in model or model == "demo" else f"synthetic:{model}", batch, prompt))
+    return cases
+
+
+def _wanted_variants(args) -> list[str]:
+    """--ours as a list, checked before any model is loaded. Names may hold a comma ("fused, compiled"): a piece
+    joins the next one when together they name a variant."""
+    pieces, wanted = [v.strip() for v in args.ours.split(",") if v.strip()], []
+    while pieces:
+        joined = f"{pieces[0]}, {pieces[1]}" if len(pieces) > 1 else None
+        wanted.append(joined if joined in VARIANTS else pieces[0])
+        del pieces[:2 if joined in VARIANTS else 1]
+    wanted = wanted or list(DEFAULT_VARIANTS)
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown --ours variant(s) {unknown}; choose from {list(VARIANTS)}")
+    return wanted
 
 
 def _sync() -> None:
@@ -59,13 +135,6 @@ def _step_ms(run, new_tokens: int, repeat: int, *, warmup_tokens: int = 2) -> tu
     return statistics.median(samples), samples
 
 
-def _compiled_vs_eager(ours, new_tokens: int) -> dict:
-    """Greedy tokens and logits of the compiled step against the eager one, up to each first divergence."""
-    eager, compiled = ours(new_tokens, keep_logits=True), ours(new_tokens, compile=True, keep_logits=True)
-    return {**compare_greedy(compiled.token_ids, compiled.logits, eager.token_ids, eager.logits),
-            "internal_step_ms_median": statistics.median(compiled.step_ms)}
-
-
 def _divergence(a: list[int], b: list[int]) -> int:
     """Index of the first differing token (len when equal)."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
@@ -88,8 +157,35 @@ def compare_greedy(tokens: list[list[int]], logits: list[torch.Tensor], ref_toke
             "median_prefill_logits_rel_err": statistics.median(first_step)}
 
 
+class Engines:
+    """Our generators for one model: the plain one and, for fused variants, the fast adapter's."""
+
+    def __init__(self, model) -> None:
+        self.model, self.plain, self._fast = model, Generator(model), None
+
+    def generator(self, fused: bool) -> Generator:
+        if not fused or FUSED_KNOB:
+            return self.plain
+        if self._fast is None:
+            from engine.fast import fuse
+
+            self._fast = Generator(dataclasses.replace(self.model, adapter=fuse(self.model.adapter)))
+        return self._fast
+
+    def generate(self, prompts, n: int, variant: str, *, keep_logits: bool = False):
+        fields = dict(VARIANTS[variant])
+        fused = fields.pop("fused", False)
+        if fused and FUSED_KNOB:
+            fields["fused"] = True
+        settings = GenerationSettings(max_new_tokens=n, ignore_eos=True, **fields)
+        engine = self.generator(fused)
+        result = engine.generate(prompts, settings, keep_logits=keep_logits)
+        self.last = engine
+        return result
+
+
 def exactness(model, *, num_seqs: int, new_tokens: int, seed: int = 0, fp32_reference: bool = True,
-              compiled: bool = False) -> dict:
+              compiled: bool = False, fused: bool = False) -> dict:
     """Greedy tokens and logits of the engine vs transformers on fresh random prompts of mixed lengths.
 
     In bf16 two correct implementations drift apart by rounding alone, so where memory allows the same
@@ -99,17 +195,20 @@ def exactness(model, *, num_seqs: int, new_tokens: int, seed: int = 0, fp32_refe
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(16, min(512, model.spec.max_positions - new_tokens), (num_seqs,), generator=gen).tolist()
     prompts = [torch.randint(3, model.spec.vocab_size, (n,), generator=gen).tolist() for n in lengths]
-    engine = Generator(model)
-    ours = engine.generate(prompts, GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True), keep_logits=True)
+    engines = Engines(model)
+    ours = engines.generate(prompts, new_tokens, "auto", keep_logits=True)
     ref_tokens, ref_logits = hf_greedy(model.hf_model, prompts, max_new_tokens=new_tokens)
 
     result = {"model": model.source, "dtype": str(model.dtype), "num_seqs": num_seqs, "new_tokens": new_tokens,
-              "prompt_lengths": lengths, "attention": engine.attention_why,
+              "prompt_lengths": lengths, "attention": engines.plain.attention_why,
               **compare_greedy(ours.token_ids, ours.logits, ref_tokens, ref_logits)}
     if compiled:  # the compiled step against transformers too (fused kernels round differently)
-        settings = GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True, compile=True)
-        fused = engine.generate(prompts, settings, keep_logits=True)
-        result["compiled_vs_transformers"] = compare_greedy(fused.token_ids, fused.logits, ref_tokens, ref_logits)
+        mine = engines.generate(prompts, new_tokens, "compiled", keep_logits=True)
+        result["compiled_vs_transformers"] = compare_greedy(mine.token_ids, mine.logits, ref_tokens, ref_logits)
+    if fused:  # the fast adapter against transformers, and against the plain adapter
+        mine = engines.generate(prompts, new_tokens, "fused", keep_logits=True)
+        result["fused_vs_transformers"] = compare_greedy(mine.token_ids, mine.logits, ref_tokens, ref_logits)
+        result["fused_vs_ours"] = compare_greedy(mine.token_ids, mine.logits, ours.token_ids, ours.logits)
     if fp32_reference and model.dtype != torch.float32:
         import copy
 
@@ -119,6 +218,8 @@ def exactness(model, *, num_seqs: int, new_tokens: int, seed: int = 0, fp32_refe
             del reference
             result["ours_vs_fp32"] = compare_greedy(ours.token_ids, ours.logits, fp_tokens, fp_logits)
             result["transformers_bf16_vs_fp32"] = compare_greedy(ref_tokens, ref_logits, fp_tokens, fp_logits)
+            if fused:
+                result["fused_vs_fp32"] = compare_greedy(mine.token_ids, mine.logits, fp_tokens, fp_logits)
         except torch.OutOfMemoryError:
             result["fp32_reference"] = "skipped: the fp32 copy did not fit in GPU memory"
         if torch.cuda.is_available():
@@ -126,176 +227,270 @@ def exactness(model, *, num_seqs: int, new_tokens: int, seed: int = 0, fp32_refe
     return result
 
 
-VARIANTS = ("auto", "torch attention", "triton attention", "auto, eager (no graph)", "compiled")
+def _exactness_notes(e: dict) -> list[str]:
+    notes = [f"exactness {e['model']}: {e['match_fraction']:.0%} of {e['num_seqs']} sequences match transformers for "
+             f"{e['new_tokens']} greedy tokens; logits rel. error max {e['max_logits_rel_err']:.2e}, median "
+             f"{e['median_logits_rel_err']:.2e}, median at the prefill {e['median_prefill_logits_rel_err']:.2e}"]
+    for key, who in (("compiled_vs_transformers", "ours compiled vs transformers"),
+                     ("fused_vs_transformers", "ours fused vs transformers"), ("fused_vs_ours", "ours fused vs ours"),
+                     ("ours_vs_fp32", "ours vs transformers fp32"), ("fused_vs_fp32", "ours fused vs transformers fp32"),
+                     ("transformers_bf16_vs_fp32", "transformers vs its own fp32")):
+        if key in e:
+            f = e[key]
+            notes.append(f"  {who}: {f['match_fraction']:.0%} of sequences match; logits rel. error median "
+                         f"{f['median_logits_rel_err']:.2e}, at the prefill {f['median_prefill_logits_rel_err']:.2e}, "
+                         f"max {f['max_logits_rel_err']:.2e}")
+    return notes
 
 
-def _wanted_variants(args) -> list[str]:
-    """--ours as a list, checked before any model is loaded."""
-    wanted = [v.strip() for v in args.ours.split(",") if v.strip()] or list(VARIANTS)
-    unknown = [v for v in wanted if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown --ours variant(s) {unknown}; choose from {list(VARIANTS)}")
-    return wanted
+def step_bytes(model, case: Case, new_tokens: int) -> int:
+    """Bytes one decode step must read: every weight except the embedding table (only B rows of it are gathered;
+    a tied LM head is read, so then it counts), plus each sequence's K/V at the step's mean length."""
+    spec = model.spec
+    embed = model.hf_model.get_input_embeddings().weight
+    head = model.hf_model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    weight_bytes = (spec.num_params - (0 if tied else embed.numel())) * spec.dtype_bytes
+    mean_len = case.prompt_len + new_tokens / 2
+    return int(weight_bytes + case.batch * mean_len * spec.kv_bytes_per_token)
+
+
+def _tune(model, cases: list[Case], device: torch.device) -> tuple[dict | None, list[str]]:
+    """Measure the GEMM plan for the cases' batches (what is not cached yet) -> (plan table rows, notes)."""
+    from engine.fast.plan import gemm_plan, measure_plan, projection_shapes, save_plan
+
+    started = time.perf_counter()
+    plan = gemm_plan(device)
+    shapes = [(c.batch, n, k, g) for c in cases for n, k, g in projection_shapes(model.spec)]
+    plan = measure_plan(shapes, dtype=model.dtype, device=device, plan=plan)
+    where = save_plan(plan, device)
+    wanted = {plan.key(*s) for s in shapes}
+    table = [r for r in plan.rows() if r["shape"] in wanted]
+    notes = [f"GEMM plan for {model.source} ({time.perf_counter() - started:.0f} s; cached in {where}): "
+             + "; ".join(f"{r['shape']}: cuBLAS {r['cublas_gb_s']:.0f} GB/s, skinny "
+                         f"{r['skinny_gb_s'] or 0:.0f} GB/s -> {r['winner']}" for r in table)]
+    return table, notes
 
 
 def run(args) -> SuiteResult:
-    _wanted_variants(args)
+    wanted = _wanted_variants(args)
+    cases = _cases(args)
     # The suite targets the GPU; on a CPU it runs too (fp32), so the harness itself is testable anywhere.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "bfloat16" if device == "cuda" else "float32"
-    copy_gb_s = device_copy_gb_s()
-    model = load_model(args.model, device=device, dtype=dtype)
-    spec = model.spec
-    notes = [f"device-to-device copy bandwidth measured in this run: {copy_gb_s:.0f} GB/s (read + write)"]
-    details: dict = {"copy_gb_s": copy_gb_s, "model": model.card()}
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = "bfloat16" if cuda else "float32"
+    peers_wanted = [p for p in (args.peers if args.peers is not None else ("static,dynamic" if cuda else "dynamic"))
+                    .split(",") if p.strip()]
+    read_gb_s, copy_gb_s = triton_read_gb_s(), device_copy_gb_s()
+    notes = [f"read bandwidth (Triton streaming read, the roofline's ceiling): {read_gb_s:.0f} GB/s; device copy "
+             f"{copy_gb_s:.0f} GB/s (read + write)" + (f"; torch bf16 sum reads {streaming_read_gb_s():.0f} GB/s"
+                                                       if cuda else " (no GPU: host memory, torch sum)")]
+    details: dict = {"read_gb_s": read_gb_s, "copy_gb_s": copy_gb_s, "fused_knob": FUSED_KNOB, "cases": {}}
     headlines: list[Headline] = []
+    measured: list[dict] = []  # one per timed row, turned into Rows once the ceiling is final
+    by_model: dict[str, list[Case]] = {}
+    for case in cases:
+        by_model.setdefault(case.model, []).append(case)
 
-    exact = []
-    if args.exact_seqs:
-        exact.append(exactness(model, num_seqs=args.exact_seqs, new_tokens=args.exact_tokens))
-        for extra in filter(None, args.exact_models.split(",")):
-            other = load_model(extra, device=device, dtype=dtype)
-            # Small models compile in seconds: check the compiled step against transformers on them too.
-            exact.append(exactness(other, num_seqs=args.exact_seqs, new_tokens=args.exact_tokens,
-                                   compiled=other.spec.num_params < 1e9))
-            del other
-        details["exactness"] = exact
-        for e in exact:
-            notes.append(f"exactness {e['model']}: {e['match_fraction']:.0%} of {e['num_seqs']} sequences match "
-                         f"transformers for {e['new_tokens']} greedy tokens; logits rel. error max "
-                         f"{e['max_logits_rel_err']:.2e}, median {e['median_logits_rel_err']:.2e}, "
-                         f"median at the prefill {e['median_prefill_logits_rel_err']:.2e}")
-            for key, who in (("compiled_vs_transformers", "ours compiled vs transformers"),
-                             ("ours_vs_fp32", "ours vs transformers fp32"),
-                             ("transformers_bf16_vs_fp32", "transformers vs its own fp32")):
-                if key in e:
-                    f = e[key]
-                    notes.append(f"  {who}: {f['match_fraction']:.0%} of sequences match; "
-                                 f"logits rel. error median {f['median_logits_rel_err']:.2e}, at the prefill "
-                                 f"{f['median_prefill_logits_rel_err']:.2e}, max {f['max_logits_rel_err']:.2e}")
-        # The headline is taken on trained weights where the run has them: with random weights the logits are
-        # nearly flat, and bf16 rounding alone flips their argmax (transformers' own bf16 against its fp32 shows it).
-        trained = next((e for e in exact if not e["model"].startswith("synthetic:")), exact[0])
-        headlines.append(Headline("gpu_exact_tokens_match", trained["match_fraction"],
-                                  f"fraction of sequences, first {trained['new_tokens']} greedy tokens ({trained['model']}, bf16)",
-                                  peer="transformers generate (bf16, same weights)"))
-        headlines.append(Headline("gpu_exact_logits_max_rel_err", trained["max_logits_rel_err"],
-                                  f"relative L2 error of logits vs transformers ({trained['model']}, bf16; target <= 2e-2)",
-                                  peer="transformers generate (bf16, same weights)"))
-        for e in exact:
-            if e is not trained and "transformers_bf16_vs_fp32" in e:
-                headlines.append(Headline(
-                    f"gpu_exact_tokens_match_{e['model'].removeprefix('synthetic:').replace('-', '_').replace('.', '_')}",
-                    e["ours_vs_fp32"]["match_fraction"], f"fraction matching transformers fp32 ({e['model']}, random weights)",
-                    peer="transformers bf16 vs its own fp32", peer_value=e["transformers_bf16_vs_fp32"]["match_fraction"]))
+    for model_index, (source, model_cases) in enumerate(by_model.items()):
+        # Random weights have no trained length: lengthen a preset's context when a case needs it (P8192 + N).
+        longest = max(c.prompt_len for c in model_cases) + args.new_tokens + 1
+        own = PRESETS.get(source.removeprefix("synthetic:"), {}).get("max_position_embeddings")
+        lengthen = source.startswith("synthetic:") and own is not None and longest > own
+        model = load_model(source, device=device, dtype=dtype, max_positions=longest if lengthen else None)
+        details.setdefault("models", {})[source] = model.card()
+        fused_wanted = any(VARIANTS[v].get("fused") for v in wanted)
+        if fused_wanted:
+            from engine.fast import why_not_fused
 
-    gen = torch.Generator().manual_seed(1)
-    prompts = torch.randint(3, spec.vocab_size, (args.batch, args.prompt_len), generator=gen)
-    prompt_lists = prompts.tolist()
-    engine = Generator(model)
+            why = why_not_fused(model.adapter)
+            if why:
+                notes.append(f"{source}: {why}")
+            elif cuda and not args.no_tune:
+                table, plan_notes = _tune(model, model_cases, device)
+                details.setdefault("gemm_plan", {})[source] = table
+                notes += plan_notes
+        if model_index == 0 and args.exact_seqs:
+            exact = [exactness(model, num_seqs=args.exact_seqs, new_tokens=args.exact_tokens, fused=fused_wanted)]
+            for extra in filter(None, args.exact_models.split(",")):
+                other = load_model(extra, device=device, dtype=dtype)
+                exact.append(exactness(other, num_seqs=args.exact_seqs, new_tokens=args.exact_tokens,
+                                       compiled=other.spec.num_params < 1e9, fused=fused_wanted))
+                del other
+            details["exactness"] = exact
+            for e in exact:
+                notes += _exactness_notes(e)
+            headlines += _exactness_headlines(exact)
 
-    def ours(n: int, graph: bool = True, attention: str = "auto", compile: bool = False, keep_logits: bool = False):
-        settings = GenerationSettings(max_new_tokens=n, ignore_eos=True, cuda_graph=graph, attention=attention,
-                                      compile=compile)
-        return engine.generate(prompt_lists, settings, keep_logits=keep_logits)
+        engines = Engines(model)
+        for case_index, case in enumerate(model_cases):
+            first_case = model_index == 0 and case_index == 0
+            gen = torch.Generator().manual_seed(1)
+            prompts = torch.randint(3, model.spec.vocab_size, (case.batch, case.prompt_len), generator=gen)
+            prompt_lists = prompts.tolist()
+            num_bytes = step_bytes(model, case, args.new_tokens)
+            info = details["cases"][case.label] = {"step_bytes": num_bytes}
+            ours_ms: dict[str, float] = {}
+            for name in wanted:
+                warmup = args.new_tokens if VARIANTS[name].get("compile") else 2
+                try:
+                    ours_ms[name], info[f"ours_{name}_samples_ms"] = _step_ms(
+                        lambda n, name=name: engines.generate(prompt_lists, n, name), args.new_tokens, args.repeat,
+                        warmup_tokens=warmup)
+                    info[f"ours_{name}_attention"] = engines.last.attention_why
+                except CompileError as exc:  # a compile that fails here is reported, not fatal to the other rows
+                    notes.append(f"{case.label}: variant '{name}' did not run: {exc}")
+            if "fused" in ours_ms and "auto" in ours_ms:
+                plain = engines.generate(prompt_lists, args.new_tokens, "auto", keep_logits=True)
+                fast = engines.generate(prompt_lists, args.new_tokens, "fused", keep_logits=True)
+                c = info["fused_vs_auto"] = compare_greedy(fast.token_ids, fast.logits, plain.token_ids, plain.logits)
+                info["ours_internal_step_ms_median"] = statistics.median(plain.step_ms)
+                info["fused_internal_step_ms_median"] = statistics.median(fast.step_ms)
+                notes.append(f"{case.label}: fused vs auto (same prompts, {args.new_tokens} greedy tokens): "
+                             f"{c['match_fraction']:.0%} of sequences token-identical; logits rel. error median "
+                             f"{c['median_logits_rel_err']:.2e}, max {c['max_logits_rel_err']:.2e}")
+                del plain, fast
+            peers: dict[str, float] = {}
+            if first_case or args.peer_cases == "all":
+                peers = _peers(model, prompts.to(device), peers_wanted, args, info, notes, case)
+            for name, ms in ours_ms.items():
+                graph = "eager" not in name
+                label = name if not graph else f"{name}, {'CUDA graph' if cuda else 'no graph on CPU'}"
+                measured.append(dict(case=f"ours, {label} ({case.label})", ms=ms, batch=case.batch, bytes=num_bytes,
+                                     peers=peers, key=(case, name)))
+            for peer, ms in peers.items():
+                measured.append(dict(case=f"transformers generate, {peer} cache ({case.label})", ms=ms,
+                                     batch=case.batch, bytes=num_bytes, peers={}, key=(case, f"transformers {peer}")))
+            if first_case and not args.no_profile:
+                info["breakdown"] = _breakdowns(model, engines, case, wanted, notes)
+        del engines, model
+        if cuda:
+            torch.cuda.empty_cache()
 
-    # Bytes one decode step must read: every weight except the embedding table (only B rows of it are
-    # gathered), plus each sequence's K/V at the step's mean length.
-    embed_params = model.hf_model.get_input_embeddings().weight.numel()
-    weight_bytes = (spec.num_params - embed_params) * spec.dtype_bytes
-    mean_len = args.prompt_len + args.new_tokens / 2
-    kv_bytes = int(args.batch * mean_len * spec.kv_bytes_per_token)
-    step_bytes = weight_bytes + kv_bytes
-    floor_ms = step_bytes / (copy_gb_s * 1e9) * 1e3
-    notes.append(f"bytes per step: weights {weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e9:.2f} GB; "
-                 f"roofline {floor_ms:.2f} ms/step")
+    # The ceiling: the measured read bandwidth, or the fastest row if one read faster (then say so).
+    ceiling = read_gb_s
+    fastest = max((m["bytes"] / (m["ms"] * 1e-3) / 1e9 for m in measured), default=0.0)
+    if fastest > ceiling:
+        notes.append(f"a row read {fastest:.0f} GB/s, above the streaming read's {read_gb_s:.0f}: the ceiling is "
+                     "raised to it (its bytes may have hit in L2)")
+        ceiling = fastest
+    details["ceiling_gb_s"] = ceiling
+    rows, by_key = [], {}
+    for m in measured:
+        floor_ms = m["bytes"] / (ceiling * 1e9) * 1e3
+        main_peer = "static" if "static" in m["peers"] else next(iter(m["peers"]), None)
+        row = Row(case=m["case"], ms=m["ms"], tok_s=m["batch"] / (m["ms"] * 1e-3), bytes_moved=m["bytes"],
+                  pct_roofline=100 * floor_ms / m["ms"], peer=f"transformers {main_peer}" if main_peer else None,
+                  peer_ms=m["peers"].get(main_peer) if main_peer else None)
+        rows.append(row)
+        by_key[m["key"]] = (row, floor_ms)
+    notes.append(f"bytes per step over {ceiling:.0f} GB/s: " + "; ".join(
+        f"{c.label} {details['cases'][c.label]['step_bytes'] / 1e9:.2f} GB -> roofline "
+        f"{details['cases'][c.label]['step_bytes'] / (ceiling * 1e9) * 1e3:.2f} ms" for c in cases
+        if c.label in details["cases"]) + (" (B1: ms/step is ms/token)" if any(c.batch == 1 for c in cases) else ""))
+    if not args.tag:
+        headlines += _headlines(cases, wanted, by_key, cuda)
+    return SuiteResult(suite="decode" + (f"_{args.tag}" if args.tag else ""), rows=rows, headlines=headlines,
+                       notes=notes, details=details)
 
-    ours(2)
-    auto_why = engine.attention_why
-    notes.append(f"attention 'auto' chose: {auto_why}")
-    variants = {"auto": dict(attention="auto")}
-    if device == "cuda":  # both backends side by side; 'auto' is what a user gets
-        variants["torch attention"] = dict(attention="torch")
-        variants["triton attention"] = dict(attention="triton")
-    variants["auto, eager (no graph)"] = dict(attention="auto", graph=False)
-    # torch.compile'd step (inductor), captured by our CUDA graph. Compiling is per (batch, cache length):
-    # warm up with the timed length so the compile (tens of seconds) happens once, outside the samples;
-    # run(1) never compiles (no decode step).
-    variants["compiled"] = dict(attention="auto", compile=True)
-    if args.ours:
-        variants = {name: kw for name, kw in variants.items() if name in _wanted_variants(args)}
-    ours_ms: dict[str, float] = {}
-    compile_log: list[str] = []  # what each compiled run with a decode step did: compiled, or reused
 
-    def run_variant(n: int, kw: dict) -> None:
-        ours(n, **kw)
-        if kw.get("compile") and n > 1:
-            compile_log.append(engine.compile_why)
-
-    for name, kwargs in variants.items():
-        warmup = args.new_tokens if kwargs.get("compile") else 2
-        try:
-            ours_ms[name], details[f"ours_{name}_samples_ms"] = _step_ms(lambda n, kw=kwargs: run_variant(n, kw),
-                                                                        args.new_tokens, args.repeat,
-                                                                        warmup_tokens=warmup)
-        except CompileError as exc:  # a compile that fails here is reported, not fatal to the other rows
-            notes.append(f"variant '{name}' did not run: {exc}")
-    if compile_log:
-        details["compile_log"] = compile_log
-        reused = sum(why.startswith("reused") for why in compile_log[1:])
-        notes.append(f"compiled variant: {compile_log[0]}; {reused} of {len(compile_log) - 1} timed runs reused it")
-    if "compiled" in ours_ms and "auto" in ours_ms:
-        details["compiled_vs_auto"] = _compiled_vs_eager(ours, args.new_tokens)
-        c = details["compiled_vs_auto"]
-        notes.append(f"compiled vs auto (same prompts, {args.new_tokens} greedy tokens): {c['match_fraction']:.0%} of "
-                     f"sequences token-identical; logits rel. error median {c['median_logits_rel_err']:.2e}, "
-                     f"max {c['max_logits_rel_err']:.2e} (fused kernels round differently from eager)")
-    internal = ours(args.new_tokens)
-    details["ours_internal_step_ms_median"] = statistics.median(internal.step_ms)
-    details["ours_prefill_ms"] = internal.prefill_ms
-
-    peers: dict[str, float] = {}
-    input_ids = prompts.to(device)
-    for peer in filter(None, args.peers.split(",")):
+def _peers(model, input_ids, peers_wanted, args, info, notes, case) -> dict[str, float]:
+    peers = {}
+    for peer in peers_wanted:
         kwargs = {} if peer == "dynamic" else {"cache_implementation": peer}
 
         def hf(n: int, kwargs=kwargs):
             with torch.no_grad():
                 model.hf_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                        pad_token_id=0, **kwargs)
+                                        max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs)
 
         try:
             # A static cache makes transformers compile its forward on the first full-length run: warm up with one.
             warmup = args.new_tokens if peer == "static" else 2
-            peers[peer], samples = _step_ms(hf, args.new_tokens, args.repeat, warmup_tokens=warmup)
-            details[f"transformers_{peer}_samples_ms"] = samples
+            peers[peer], info[f"transformers_{peer}_samples_ms"] = _step_ms(hf, args.new_tokens, args.repeat,
+                                                                            warmup_tokens=warmup)
         except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-            notes.append(f"transformers {peer} cache did not run: {type(exc).__name__}: {str(exc)[:300]}")
+            notes.append(f"{case.label}: transformers {peer} cache did not run: {type(exc).__name__}: {str(exc)[:300]}")
+    return peers
 
-    def row(case: str, ms: float, peer: str | None = None) -> Row:
-        return Row(case=case, ms=ms, tok_s=args.batch / (ms * 1e-3), bytes_moved=step_bytes,
-                   pct_roofline=100 * floor_ms / ms, peer=f"transformers {peer}" if peer else None,
-                   peer_ms=peers.get(peer) if peer else None)
 
-    rows: list[Row] = []
-    main_peer = "dynamic" if "dynamic" in peers else next(iter(peers), None)
-    shape = f"B{args.batch} P{args.prompt_len} N{args.new_tokens}"
-    graph_label = "CUDA graph" if device == "cuda" else "no graph on CPU"
-    for name, ms in ours_ms.items():
-        label = name if "eager" in name else f"{name}, {graph_label}"
-        rows.append(row(f"ours, {label} ({shape})", ms, main_peer))
-    for peer, ms in peers.items():
-        rows.append(row(f"transformers generate, {peer} cache", ms))
-    # The headline is the fastest way the engine offers (compile=True where it ran), named in its unit.
-    best = "compiled" if "compiled" in ours_ms else "auto" if "auto" in ours_ms else next(iter(ours_ms), None)
-    if best is not None and not args.tag:
-        headline_ms, how = ours_ms[best], f"{best} decode step, CUDA graph" if device == "cuda" else best
-        tok_s = args.batch / (headline_ms * 1e-3)
-        headlines.append(Headline("gpu_decode_tok_s", tok_s, f"tok/s ({how}; {shape})",
-                                  peer="transformers generate (dynamic cache), same run",
-                                  peer_value=args.batch / (peers["dynamic"] * 1e-3) if "dynamic" in peers else None))
-        headlines.append(Headline("gpu_decode_pct_roofline", 100 * floor_ms / headline_ms, f"% ({how})",
-                                  peer="roofline ms: weight + KV bytes per step / measured copy bandwidth",
-                                  peer_value=floor_ms))
-    return SuiteResult(suite="decode" + (f"_{args.tag}" if args.tag else ""), rows=rows, headlines=headlines, notes=notes, details=details)
+def _breakdowns(model, engines: Engines, case: Case, wanted: list[str], notes: list[str]) -> dict:
+    """Kernels by kind per eager step, plain and fused (and each step replayed from a CUDA graph)."""
+    from bench.profile_decode import format_breakdown, step_breakdown
+
+    out = {}
+    adapters = {"auto": model.adapter}
+    if any(VARIANTS[v].get("fused") for v in wanted):
+        from engine.fast import fuse
+
+        adapters["fused"] = fuse(model.adapter)
+    for name, adapter in adapters.items():
+        try:
+            b = out[name] = step_breakdown(model, adapter, batch=case.batch, prompt_len=case.prompt_len,
+                                           steps=5 if model.device.type == "cuda" else 1)
+        except Exception as exc:  # noqa: BLE001 - a profile that cannot run is reported, not fatal
+            notes.append(f"breakdown of {name} did not run: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        kinds = ", ".join(f"{k} {v['ms']:.2f} ms ({v['kernels']:.0f})" for k, v in b["kinds"].items())
+        graph = f"; CUDA graph replay {b['graph_ms']:.2f} ms" if b.get("graph_ms") is not None else ""
+        notes.append(f"{case.label} {name} eager step: {b['total_ms']:.2f} ms in {b['kernels']:.0f} kernels "
+                     f"({kinds}){graph}")
+        out[name]["table"] = format_breakdown(b, f"{case.label}, {name}")
+    return out
+
+
+def _exactness_headlines(exact: list[dict]) -> list[Headline]:
+    # The headline is taken on trained weights where the run has them: with random weights the logits are nearly
+    # flat, and bf16 rounding alone flips their argmax (transformers' own bf16 against its fp32 shows it).
+    trained = next((e for e in exact if not e["model"].startswith("synthetic:")), exact[0])
+    out = [Headline("gpu_exact_tokens_match", trained["match_fraction"],
+                    f"fraction of sequences, first {trained['new_tokens']} greedy tokens ({trained['model']}, bf16)",
+                    peer="transformers generate (bf16, same weights)"),
+           Headline("gpu_exact_logits_max_rel_err", trained["max_logits_rel_err"],
+                    f"relative L2 error of logits vs transformers ({trained['model']}, bf16; target <= 2e-2)",
+                    peer="transformers generate (bf16, same weights)")]
+    for e in exact:
+        if e is not trained and "transformers_bf16_vs_fp32" in e:
+            name = e['model'].removeprefix('synthetic:').replace('-', '_').replace('.', '_')
+            out.append(Headline(f"gpu_exact_tokens_match_{name}", e["ours_vs_fp32"]["match_fraction"],
+                                f"fraction matching transformers fp32 ({e['model']}, random weights)",
+                                peer="transformers bf16 vs its own fp32",
+                                peer_value=e["transformers_bf16_vs_fp32"]["match_fraction"]))
+    return out
+
+
+def _headlines(cases: list[Case], wanted: list[str], by_key: dict, cuda: bool) -> list[Headline]:
+    """Roofline percentages of the engine's fastest variant per target case, and its ratio to transformers static."""
+    out = []
+    order = ("fused", "fused, compiled", "compiled", "auto")
+
+    def best(case):
+        found = [(by_key[(case, v)][0].ms, v) for v in order if (case, v) in by_key]
+        return min(found) if found else None
+
+    graph = "CUDA graph" if cuda else "CPU"
+    names = dict(zip(TARGETS, ("gpu_decode", "gpu_decode_b1", "gpu_decode_b64", "gpu_decode_llama3_p8192")))
+    for index, case in enumerate(cases):
+        found = best(case)
+        if found is None:
+            continue
+        ms, variant = found
+        row, floor_ms = by_key[(case, variant)]
+        # a target keeps its own key; a case of one's own choosing is the headline case when it comes first
+        key = names.get(case, "gpu_decode" if index == 0 else f"gpu_decode_case{index}")
+        how = f"ours {variant}, {graph}; {case.label} N64"
+        unit = f"% of roofline ({how}" + (f"; {ms:.3f} ms/token" if case.batch == 1 else "") + ")"
+        out.append(Headline(f"{key}_pct_roofline", row.pct_roofline, unit,
+                            peer="roofline ms: weight + K/V bytes per step / measured read bandwidth",
+                            peer_value=floor_ms))
+        if key == "gpu_decode":
+            static = by_key.get((case, "transformers static"))
+            dynamic = by_key.get((case, "transformers dynamic"))
+            out.append(Headline("gpu_decode_tok_s", case.batch / (ms * 1e-3), f"tok/s ({how})",
+                                peer="transformers generate (dynamic cache), same run",
+                                peer_value=case.batch / (dynamic[0].ms * 1e-3) if dynamic else None))
+            if static:
+                out.append(Headline("gpu_decode_vs_hf_static", static[0].ms / ms,
+                                    f"x (transformers static ms / ours ms; {how}; target >= 1.6)",
+                                    peer="transformers generate, static cache", peer_value=static[0].ms))
+    return out

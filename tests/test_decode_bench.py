@@ -1,0 +1,107 @@
+"""The decode bench on CPU, every part: several cases, the plain and fused variants, a transformers peer, the
+exactness checks (fused included), the per-step breakdown, the roofline ceiling and the summary headlines; the
+streaming-read kernel behind the ceiling (interpreter); bench/profile_decode.py's command line."""
+
+import json
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from bench.__main__ import main  # noqa: E402
+from bench.suites import decode  # noqa: E402
+from kernels.decode_attention import _interpreting  # noqa: E402
+
+
+def test_decode_suite_runs_every_part_on_cpu(tmp_path, capsys, one_thread):
+    (tmp_path / "summary.json").write_text(json.dumps({"kept_key": {"value": 1.0, "unit": "x"}}))
+    argv = ["decode", "--cases", "tiny-llama:2x12,tiny-qwen3:1x9,tiny-opt:2x6", "--new-tokens", "5", "--repeat", "1",
+            "--exact-seqs", "2", "--exact-tokens", "4", "--ours", "auto,fused,fused, eager (no graph)",
+            "--results-dir", str(tmp_path)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    payload = json.loads((tmp_path / "decode.json").read_text())
+    cases = [row["case"] for row in payload["rows"]]
+    for label in ("tiny-llama B2 P12", "tiny-qwen3 B1 P9", "tiny-opt B2 P6"):
+        assert f"ours, auto, no graph on CPU ({label})" in cases
+        assert f"ours, fused, no graph on CPU ({label})" in cases
+        assert f"ours, fused, eager (no graph) ({label})" in cases
+    assert "transformers generate, dynamic cache (tiny-llama B2 P12)" in cases  # the peer runs on the first case
+    assert not any("transformers" in c and "qwen3" in c for c in cases)
+    details = payload["details"]
+    assert details["ceiling_gb_s"] >= details["read_gb_s"] > 0
+    assert all(row["pct_roofline"] <= 100.0 + 1e-9 for row in payload["rows"])  # never above the ceiling
+    # fp32 on CPU: the fast adapter is exact, against the plain one and against transformers
+    exact = details["exactness"][0]
+    assert exact["fused_vs_ours"]["match_fraction"] == 1.0 and exact["fused_vs_ours"]["max_logits_rel_err"] == 0.0
+    assert exact["fused_vs_transformers"]["match_fraction"] == 1.0
+    assert details["cases"]["tiny-llama B2 P12"]["fused_vs_auto"]["match_fraction"] == 1.0
+    assert "no fast adapter for the opt family" in printed  # OPT runs its plain adapter, and says so
+    breakdown = details["cases"]["tiny-llama B2 P12"]["breakdown"]
+    assert set(breakdown) == {"auto", "fused"} and breakdown["fused"]["kernels"] > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "kept_key" in summary
+    for key in ("gpu_decode_pct_roofline", "gpu_decode_tok_s", "gpu_decode_case1_pct_roofline",
+                "gpu_exact_tokens_match"):
+        assert {"value", "unit", "device", "date", "command"} <= set(summary[key]), key
+    assert "gpu_decode_vs_hf_static" not in summary  # no static peer ran on the CPU
+
+
+def test_targets_are_the_four_issue_shapes_and_cases_parse():
+    class Args:
+        model = batch = prompt_len = None
+        cases = ""
+
+    assert [c.label for c in decode._cases(Args())] == ["llama-2-7b B8 P2048", "llama-2-7b B1 P2048",
+                                                         "llama-2-7b B64 P512", "llama-3-8b B8 P8192"]
+    Args.cases = "llama-3-8b:8x8192, demo:2x16"
+    assert [(c.model, c.batch, c.prompt_len) for c in decode._cases(Args())] == [
+        ("synthetic:llama-3-8b", 8, 8192), ("demo", 2, 16)]
+    Args.cases = "llama-2-7b:8"
+    with pytest.raises(SystemExit, match="MODEL:BxP"):
+        decode._cases(Args())
+    Args.model, Args.batch = "synthetic:tiny-llama", 3  # the single-case options win
+    assert [(c.model, c.batch, c.prompt_len) for c in decode._cases(Args())] == [("synthetic:tiny-llama", 3, 2048)]
+
+
+def test_headline_keys_follow_the_targets():
+    def entry(ms):
+        row = decode.Row(case="c", ms=ms, bytes_moved=10**9, pct_roofline=50.0)
+        return row, ms / 2
+
+    t = decode.TARGETS
+    by_key = {(t[0], "fused"): entry(6.0), (t[0], "auto"): entry(11.0), (t[0], "transformers static"): entry(10.8),
+              (t[1], "auto"): entry(4.0), (t[3], "fused"): entry(7.0)}
+    heads = {h.key: h for h in decode._headlines(list(t), ["auto", "fused"], by_key, cuda=True)}
+    assert set(heads) == {"gpu_decode_pct_roofline", "gpu_decode_tok_s", "gpu_decode_vs_hf_static",
+                          "gpu_decode_b1_pct_roofline", "gpu_decode_llama3_p8192_pct_roofline"}
+    assert heads["gpu_decode_vs_hf_static"].value == pytest.approx(10.8 / 6.0)  # the fastest of ours, fused here
+    assert "ms/token" in heads["gpu_decode_b1_pct_roofline"].unit
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 before triton is imported")
+@pytest.mark.parametrize("numel,programs,block", [(4096 * 6, 3, 1024), (1000, 4, 64), (5, 2, 16)])
+def test_stream_read_reads_every_element_once(numel, programs, block):
+    from kernels.stream_read import stream_read, stream_read_reference
+
+    src = torch.randn(numel).to(torch.bfloat16)
+    parts = stream_read(src, programs=programs, block=block)
+    assert parts.shape == (programs,)
+    torch.testing.assert_close(parts.sum(), stream_read_reference(src), rtol=1e-5, atol=1e-3)
+    ones = torch.ones(numel)
+    assert float(stream_read(ones, programs=programs, block=block).sum()) == numel  # each element once
+
+
+def test_profile_decode_command_line_on_cpu(capsys, one_thread):
+    from bench import profile_decode
+
+    assert profile_decode.main(["--model", "synthetic:tiny-llama", "--batch", "2", "--prompt-len", "8", "--steps",
+                                "1", "--fused"]) == 0
+    out = capsys.readouterr().out
+    assert "| kind | ms/step |" in out and "| total |" in out and "fused" in out
+    assert profile_decode.kind_of("_skinny_gemm_kernel") == "gemm"
+    assert profile_decode.kind_of("_add_rms_norm_kernel") == "norm"
+    assert profile_decode.kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert profile_decode.kind_of("_kernel") == "attention"

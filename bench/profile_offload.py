@@ -22,11 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.profile_decode import kind_of  # noqa: E402
 from engine import GenerationSettings, load_model  # noqa: E402
-from engine import forward  # noqa: E402
-from engine.decode_backend import choose_decode_attention  # noqa: E402
-from engine.offload_runtime import OffloadRuntime  # noqa: E402
-from engine.offload_store import OffloadStore  # noqa: E402
-from engine.placement import plan_for  # noqa: E402
+from engine.decode import forward  # noqa: E402
+from engine.decode.backend import choose_decode_attention  # noqa: E402
+from engine.offload.runtime import OffloadRuntime  # noqa: E402
+from engine.offload.store import OffloadStore  # noqa: E402
+from engine.offload.placement import plan_for  # noqa: E402
 from engine.settings import OffloadSettings  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         plan = plan_for(spec, offload, device=device, batch=batch, prompt_tokens=plen, new_tokens=args.steps + 2)
         store = OffloadStore(spec, plan, dtype=model.dtype, device=device)
         runtime = OffloadRuntime(model.adapter, plan, store, attend, prompt_lens=[plen] * batch)
-        forward.prefill(model.adapter, runtime, ids, lens, all_full=True)
+        forward.prefill(model.adapter, runtime, ids, lens)
         runtime.finish_prefill()
         token = ids[:, -1].clone()
         gpu_ms, host_ms = [], []

@@ -39,3 +39,8 @@ class BusyError(KVLabError, RuntimeError):
 
 class RunFailedError(KVLabError, RuntimeError):
     """A run failed inside the engine (a kernel launch, a library call); its memory was released."""
+
+
+class GpuContextLostError(KVLabError, RuntimeError):
+    """The GPU reported an error that corrupts this process's CUDA context (an illegal address, a launch failure):
+    no GPU work can run until the process restarts (engine/gpu_errors.py)."""

@@ -17,13 +17,15 @@ from typing import Iterator, Sequence
 
 import torch
 
-from engine import forward
-from engine.decode_backend import choose_decode_attention
-from engine.errors import (CompileError, InvalidSettingsError, KVLabError, OutOfMemoryError, PromptTooLongError,
-                           RunFailedError)
-from engine.kv_cache import KVCache
+from engine import gpu_errors
+from engine.decode import forward
+from engine.decode.backend import choose_decode_attention
+from engine.decode.kv_cache import KVCache
+from engine.errors import (CompileError, GpuContextLostError, InvalidSettingsError, KVLabError, OutOfMemoryError,
+                           PromptTooLongError, RunFailedError)
 from engine.loader import LoadedModel
-from engine.memory import check_fits, release_run_memory
+from engine.memory import release_run_memory
+from engine.offload.placement import check_run_fits, plan_for
 from engine.sampling import make_generator, sample
 from engine.settings import GenerationSettings
 
@@ -69,6 +71,22 @@ class GenerationResult:
         return self.decode_tokens / (self.decode_ms * 1e-3) if self.step_ms else 0.0
 
 
+@dataclass(frozen=True)
+class RunProgress:
+    """How far the current run's long stage is: prefill layers done of total, since started_s (perf_counter)."""
+
+    stage: str = ""
+    done: int = 0
+    total: int = 0
+    started_s: float = 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        if not self.done or self.done >= self.total:
+            return None
+        return (time.perf_counter() - self.started_s) * (self.total - self.done) / self.done
+
+
 class _TextState:
     """Incremental detokenisation of one sequence, with stop strings held back until decided."""
 
@@ -103,7 +121,7 @@ class Generator:
 
     def __init__(self, model: LoadedModel, *, attend: forward.DecodeAttention | None = None):
         self.model = model
-        self.attend = attend  # None: chosen per run from the settings (engine/decode_backend.py)
+        self.attend = attend  # None: chosen per run from the settings (engine/decode/backend.py)
         self.attention_why = ""
         self.stage = ""  # what the current run is doing ("prefill", "decode step 3"), for its failure message
         # settings.compile: compiled steps kept across runs, so repeated runs of one shape compile once.
@@ -114,8 +132,13 @@ class Generator:
         self.profile = None
         self.plan = None
         self.offload_overlapped = True
-        self.offload_layers_why = ""  # how the last offloaded run executed each layer's compute (graphs or eager)
+        self.layers_why = ""  # how the last offloaded or profiled run executed each layer (graphs or eager)
         self.recorder = None
+        self.progress = RunProgress()  # what the current run is doing, for live views (read from other threads)
+
+    def _prefill_progress(self, layers_done: int, layers: int) -> None:
+        self.progress = RunProgress(stage="prefill", done=layers_done, total=layers,
+                                    started_s=self.progress.started_s)
 
     def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
@@ -192,10 +215,15 @@ class Generator:
                 f"The longest prompt has {longest} tokens; with max_new_tokens={new_tokens} that needs "
                 f"{longest + new_tokens} positions, but the model's context is {spec.max_positions}: "
                 "shorten the prompt or ask for fewer new tokens.")
+        if model.device.type == "cuda" and gpu_errors.lost() is not None:
+            raise GpuContextLostError(gpu_errors.lost_message())
         self.stage = "setting up the run"
+        self.layers_why = ""
         failure = None
         try:
             yield from self._run(prompt_ids, settings, stream_text=stream_text, keep_logits=keep_logits)
+        except GpuContextLostError:
+            raise
         except torch.OutOfMemoryError as exc:
             # The traceback holds _run's frames and so its KV cache: drop it before freeing memory.
             failure = ("oom", str(exc).splitlines()[0][:200])
@@ -207,13 +235,18 @@ class Generator:
             # The server's log keeps the traceback as text: a record holding exc_info would keep the run's frames
             # (and its KV cache) alive in whatever handler stores records.
             logger.error("run failed during %s:\n%s", self.stage, "".join(traceback.format_exception(exc)))
-            failure = ("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            failure = ("lost" if model.device.type == "cuda" and gpu_errors.is_context_lost(exc) else "error", detail)
             exc.__traceback__ = None
             del exc
         if failure is None:
             return
-        _release_memory(model.device)
         kind, detail = failure
+        if kind == "lost":  # no CUDA call works any more: free what Python holds, report, refuse later runs
+            gpu_errors.mark_lost(detail)
+            gc.collect()
+            raise GpuContextLostError(gpu_errors.lost_message(self.stage))
+        _release_memory(model.device)
         if kind == "oom":
             need = KVCache.bytes_needed(spec, batch=batch, max_tokens=longest + new_tokens,
                                         dtype_bytes=model.dtype.itemsize)
@@ -253,7 +286,7 @@ class Generator:
 
     def _compiled_step(self, attend: forward.DecodeAttention, cache: KVCache):
         """The decode step compiled for this attention and cache shape; compiles it on first use."""
-        from engine.compiled_decode import CompiledDecode  # imports torch._dynamo: only when asked for
+        from engine.decode.compiled import CompiledDecode  # imports torch._dynamo: only when asked for
 
         key = (attend, tuple(cache.k.shape), cache.k.dtype, cache.k.device)
         shape = f"batch {cache.k.shape[1]}, {cache.max_tokens} cache slots"
@@ -276,28 +309,25 @@ class Generator:
         batch, lens = len(prompt_ids), [len(p) for p in prompt_ids]
         max_tokens = max(lens) + settings.max_new_tokens  # one spare slot: the loop may run one step past the last
         attend, self.attention_why = (self.attend, "given by the caller") if self.attend is not None else \
-            choose_decode_attention(settings, device=device, head_dim=spec.head_dim, sliding_window=spec.sliding_window)
+            choose_decode_attention(settings, device=device, head_dim=spec.head_dim)
         runtime = None
         if settings.offload.offloaded:
             runtime = self._offload_runtime(settings, attend, lens)
             cache = runtime  # prefill writes each layer where the plan keeps it
         else:
-            check_fits(KVCache.bytes_needed(spec, batch=batch, max_tokens=max_tokens, dtype_bytes=model.dtype.itemsize),
-                       device, what=f"the KV cache for batch {batch} x {max_tokens} tokens",
-                       fix="lower the batch, the prompt length or max_new_tokens, or offload the KV cache "
-                           "(placement 'cpu' or 'hybrid').")
+            check_run_fits(spec, settings.offload, device=device, batch=batch, prompt_tokens=max(lens),
+                           new_tokens=settings.max_new_tokens, resident=max_tokens)
         try:
             yield from self._decode_loop(prompt_ids, settings, attend, runtime, stream_text=stream_text,
                                          keep_logits=keep_logits)
         finally:
             if runtime is not None:
-                self.offload_layers_why = runtime.graphs_why  # captured at the first step, or why not
+                self.layers_why = runtime.graphs_why  # captured at the first step, or why not
                 runtime.release()
 
     def _offload_runtime(self, settings: GenerationSettings, attend, lens: list[int]):
-        from engine.offload_runtime import OffloadRuntime
-        from engine.offload_store import OffloadStore
-        from engine.placement import plan_for
+        from engine.offload.runtime import OffloadRuntime  # imports triton (kernels/rope.py): only when offloading
+        from engine.offload.store import OffloadStore
 
         model = self.model
         self.plan = plan_for(model.spec, settings.offload, device=model.device, batch=len(lens),
@@ -330,7 +360,8 @@ class Generator:
         prompt_lens = torch.tensor(lens, device=device)
         gen = make_generator(settings.sampling, device)
         self.stage = "prefill"
-        logits = forward.prefill(adapter, cache, padded.to(device), prompt_lens, all_full=len(set(lens)) == 1)
+        self.progress = RunProgress(stage="prefill", total=spec.num_layers, started_s=time.perf_counter())
+        logits = forward.prefill(adapter, cache, padded.to(device), lens, progress=self._prefill_progress)
         pending = sample(logits, settings.sampling, gen)
         positions = prompt_lens.clone()  # where each sequence's pending token's K/V goes
         if runtime is not None:
@@ -339,12 +370,21 @@ class Generator:
             torch.cuda.synchronize(device)
         prefill_ms = (time.perf_counter() - start) * 1e3
 
-        use_graph = device.type == "cuda" and settings.cuda_graph and new_tokens > 1 and runtime is None
+        profiled = runtime is None and self.recorder is not None  # lanes per layer: no whole-step graph
+        use_graph = device.type == "cuda" and settings.cuda_graph and new_tokens > 1 and runtime is None \
+            and not profiled
         try:
             if runtime is not None:  # an offloaded step is planned per length: eager, no graph
                 step, decode = (lambda ids, pos, kv_len: runtime.decode(ids, pos, kv_len)), None
                 self.compile_why = "off: an offloaded step is planned per length and runs eagerly" \
                     if settings.compile else "off"
+            elif profiled:
+                from engine.decode.resident_steps import ResidentSteps
+
+                steps = ResidentSteps(adapter, cache, attend, self.recorder, cuda_graphs=settings.cuda_graph)
+                step, decode = steps.decode, None
+                self.layers_why = steps.why
+                self.compile_why = "off: a profiled step times each layer" if settings.compile else "off"
             else:
                 self.stage = "capturing the decode step in a CUDA graph" if use_graph else "setting up the decode step"
                 step, decode = self._decoder(settings, attend, cache, use_graph=use_graph)
@@ -408,6 +448,8 @@ class Generator:
             pending = nxt
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        if profiled:
+            self.layers_why = steps.why  # graphs, or why the layers ran eagerly
         del cache, decode
 
 

@@ -14,7 +14,8 @@ import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 from engine import GenerationSettings, Generator, load_model, presets  # noqa: E402
-from engine import compiled_decode, generator  # noqa: E402
+from engine import generator  # noqa: E402
+from engine.decode import compiled as compiled_decode  # noqa: E402
 from engine.errors import CompileError, InvalidSettingsError  # noqa: E402
 from engine.hf_reference import rel_err  # noqa: E402
 
@@ -83,7 +84,7 @@ def test_triton_attention_runs_inside_the_compiled_step(monkeypatch):
 
 
 def test_decode_attention_op_passes_opcheck():
-    from engine.decode_backend import decode_attention_op
+    from engine.decode.backend import decode_attention_op
     from kernels.decode_attention import _interpreting
 
     if not _interpreting():
@@ -92,7 +93,7 @@ def test_decode_attention_op_passes_opcheck():
     q = torch.randn(2, 4, 64, generator=gen)
     k, v = (torch.randn(2, 2, 24, 64, generator=gen) for _ in range(2))
     seq_lens = torch.tensor([24, 7], dtype=torch.int32)
-    args = (q, k, v, seq_lens, 0.125, "off", 1, None, None)
+    args = (q, k, v, seq_lens, 0.125, None, None, "off", 1, None, None)
     # Schema, fake (meta) implementation against the real one, and tracing through AOTAutograd.
     torch.library.opcheck(decode_attention_op, args, test_utils=("test_schema", "test_faketensor",
                                                                  "test_aot_dispatch_static"))

@@ -6,7 +6,7 @@ import pytest
 
 import engine.memory
 from engine import GenerationSettings, Generator, OutOfMemoryError, load_model
-from engine.kv_cache import KVCache
+from engine.decode.kv_cache import KVCache
 from engine.memory import HEADROOM, available_bytes, check_fits
 
 
@@ -36,7 +36,8 @@ def test_kv_cache_that_does_not_fit_is_refused_and_the_model_stays_usable(monkey
     need = KVCache.bytes_needed(tiny.spec, batch=4, max_tokens=300 + 8, dtype_bytes=4)
     monkeypatch.setattr(engine.memory, "available_bytes", lambda device: int(need / HEADROOM) - 1)
     prompts = [[5] * 300] * 4
-    with pytest.raises(OutOfMemoryError, match="KV cache for batch 4 x 308 tokens.*lower the batch"):
+    with pytest.raises(OutOfMemoryError, match=r"K/V for batch 4 x 308 tokens .* all on cpu .*host memory.*at batch 4, "
+                                               r"prompts of at most \d+ tokens. Lower the batch"):
         Generator(tiny).generate(prompts, GenerationSettings(max_new_tokens=8))
     result = Generator(tiny).generate([[5] * 30], GenerationSettings(max_new_tokens=8, ignore_eos=True))
     assert len(result.token_ids[0]) == 8

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from engine import GenerationSettings, Generator, load_model
-from engine import forward
+from engine.decode import forward
 from engine.errors import InvalidSettingsError, OutOfMemoryError
-from engine.kv_cache import KVCache
-from engine.offload_runtime import OffloadRuntime
-from engine.offload_store import OffloadStore
-from engine.placement import plan_for
+from engine.decode.kv_cache import KVCache
+from engine.offload.runtime import OffloadRuntime
+from engine.offload.store import OffloadStore
+from engine.offload.placement import plan_for
 from engine.presets import TINY_PRESETS
 from engine.settings import OffloadSettings
 
@@ -110,7 +110,7 @@ def test_many_steps_with_ranges_growing(models):
     engine = Generator(model)
     result = engine.generate(prompts, _settings(OffloadSettings(placement="cpu", split=0.5, chunk_tokens=6), 60))
     assert result.token_ids == resident.token_ids
-    assert engine.offload_layers_why == "eager layers (no GPU)"  # CUDA graphs only where there is a GPU
+    assert engine.layers_why == "eager layers (no GPU)"  # CUDA graphs only where there is a GPU
     recompute = [p.recompute_tokens for p in engine.plan.steps]
     assert recompute[0] < recompute[-1] and recompute == sorted(recompute)
     assert engine.plan.kv_range[0] == min(p.recompute_range[1] for p in engine.plan.steps)
@@ -124,22 +124,23 @@ def test_recomputed_kv_equals_the_prefill_kv(models, preset):
     ids = torch.randint(3, spec.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
     lens = torch.full((batch,), length)
     cache = KVCache(spec, batch=batch, max_tokens=length + 2, dtype=model.dtype, device=model.device)
-    forward.prefill(model.adapter, cache, ids, lens, all_full=True)
+    forward.prefill(model.adapter, cache, ids, lens)
     plan = plan_for(spec, OffloadSettings(placement="cpu", split=1.0, chunk_tokens=5), device=model.device,
                     batch=batch, prompt_tokens=length, new_tokens=2)
     store = OffloadStore(spec, plan, dtype=model.dtype, device=model.device)
     runtime = OffloadRuntime(model.adapter, plan, store, forward.decode_attention_torch, prompt_lens=[length] * batch)
-    forward.prefill(model.adapter, runtime, ids, lens, all_full=True)
+    forward.prefill(model.adapter, runtime, ids, lens)
     with torch.inference_mode():
         for layer in range(spec.num_layers):
-            runtime.fuse_kv_weights(layer)
-            for lo, hi in ((0, 5), (5, 10), (10, 12)):
+            chunks = ((0, 5), (5, 10), (10, 12))
+            for lo, hi in chunks:
                 runtime.load_act(layer, 0, lo, hi)
-                runtime.recompute_kv(layer, 0, lo, hi)
-            k_view, v_view = store.stage_views(0, 12)
+            runtime.recompute_layer(layer, 0, chunks)
+            staged = store.staged_segment(0, 12)
             want_k, want_v = cache.layer(layer, 12)
-            torch.testing.assert_close(k_view, want_k, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(v_view, want_v, rtol=1e-5, atol=1e-5)
+            assert staged.start == 0
+            torch.testing.assert_close(staged.k, want_k, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(staged.v, want_v, rtol=1e-5, atol=1e-5)
     runtime.release()
 
 
@@ -244,7 +245,7 @@ def test_settings_carry_offload_and_replace_revalidates():
 
 
 def test_budget_larger_than_the_gpu_is_refused(models, monkeypatch):
-    from engine.placement import resident_tokens
+    from engine.offload.placement import resident_tokens
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * 2**30, 80 * 2**30))
     spec = models["tiny-llama"].spec

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from engine.adapters import ModelSpec
-from engine.placement import plan_for, prefill_working_bytes, resident_tokens, staging_bytes
-from engine.profiler import GemmCurve, HardwareProfile, Point
-from engine.scheduler import (
+from engine.errors import OutOfMemoryError
+from engine.offload.placement import plan_for, prefill_working_bytes, resident_tokens, staging_bytes
+from engine.offload.profiler import GemmCurve, HardwareProfile, Point
+from engine.offload.scheduler import (
     PAPER_PCIE_GB_S,
     PAPER_TFLOP_S,
     CostModel,
@@ -391,15 +392,56 @@ def test_resident_tokens_by_placement():
 
 
 def test_working_and_staging_bytes_by_hand():
-    # llama-2-7b, batch 8, prompt 2048: whole-batch (6 h + 6 Hkv D) bf16 values per token, one slice of 16384
-    # tokens of 3 bf16 MLP intermediates and 3 fp32 hidden-wide norm temporaries, x 1.5; fp32 logits of the batch.
-    whole = 8 * 2048 * (6 * 4096 + 6 * 32 * 128) * 2
+    # llama-2-7b, batch 8, prompt 2048 (one group of 8 x 2048 = 16384 tokens): the batch's hidden state; the group's
+    # X, Q, K, V and two attention outputs (h + 3 Hq D + 2 Hkv D bf16 values per token); one slice of 16384 tokens of
+    # 3 bf16 MLP intermediates and 3 fp32 hidden-wide norm temporaries; RoPE tables (cos, sin in bf16 and six fp32
+    # intermediates of D values per position); fp32 + bf16 logits of the batch.
+    tokens = 8 * 2048
+    hidden = tokens * 4096 * 2
+    group = tokens * (4096 + 3 * 4096 + 2 * 4096) * 2
     per_slice = 16384 * (3 * 11008 * 2 + 3 * 4096 * 4)
+    rope = 2048 * 128 * (2 * 2 + 6 * 4)
+    logits = 8 * 32000 * (4 + 2)
     assert prefill_working_bytes(LLAMA2_7B, batch=8, prompt_tokens=2048) == \
-        (whole + per_slice) * 3 // 2 + 8 * 32000 * 4 == 5_248_098_304
-    # Two layers of K/V over 2176 slots (2 x 2176 x 8 x 2 x 32 x 128 x 2 B) and two of activations (h = 4096).
-    assert staging_bytes(LLAMA2_7B, batch=8, max_tokens=2176) == \
-        2 * 2176 * 8 * 2 * 32 * 128 * 2 + 2 * 2176 * 8 * 4096 * 2 == 855_638_016
+        hidden + group + per_slice + rope + logits == 2_835_836_928
+    # An offloaded run also assembles each layer's host-bound K/V (and activations) of all sequences before one DMA.
+    assert prefill_working_bytes(LLAMA2_7B, batch=8, prompt_tokens=2048, host_kv_tokens=2048, host_act_tokens=1000) \
+        - prefill_working_bytes(LLAMA2_7B, batch=8, prompt_tokens=2048) == 8 * (2048 * 2 * 4096 + 1000 * 4096) * 2
+    # 128K-token prompts run one sequence at a time: the hidden state is the batch's, the rest one sequence's.
+    long = prefill_working_bytes(LLAMA2_7B, batch=4, prompt_tokens=131072)
+    assert long - prefill_working_bytes(LLAMA2_7B, batch=1, prompt_tokens=131072) == 3 * 131072 * 4096 * 2 \
+        + 3 * 32000 * 6
+    # Two layers of staging K/V over the 2176 - 1000 offloaded slots, two of activations over 500 recomputed slots,
+    # one write-back slot of K/V and activations per layer, and the [W_k; W_v] recompute weight.
+    kv_slot, act_slot = 8 * 2 * 32 * 128 * 2, 8 * 4096 * 2
+    assert staging_bytes(LLAMA2_7B, batch=8, staged_tokens=1176, act_tokens=500) == \
+        2 * 1176 * kv_slot + 2 * 500 * act_slot + 32 * (kv_slot + act_slot) + 2 * 4096 * 4096 * 2
+
+
+def test_run_that_fits_neither_memory_is_refused_naming_both_and_what_fits(monkeypatch):
+    """A 128K-token llama-2-7b batch that needs more GPU and host memory than there is: refused before anything is
+    allocated, naming both memories, the largest batch at that context and the longest prompt at that batch."""
+    from engine import memory
+    from engine.offload import placement
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (120 * GiB, 139 * GiB))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 110 * GiB)
+    kw = dict(device=torch.device("cuda"), batch=16, prompt_tokens=131072 - 64, new_tokens=64)
+    with pytest.raises(OutOfMemoryError) as refused:
+        placement.plan_for(LLAMA2_7B, OffloadSettings(placement="hybrid"), profile=PROFILE, **kw)
+    text = str(refused.value)
+    assert "K/V for batch 16 x 131,072 tokens is 1024.0 GiB" in text and "split between the GPU and host" in text
+    assert "GiB of GPU memory (108.0 GiB free on cuda) and " in text and "of host memory (99.0 GiB available)" in text
+    assert "At 131,072 tokens batch 2 would fit; at batch 16, prompts of " in text
+    # The same shape all on the CPU names host memory; on the GPU alone, GPU memory.
+    with pytest.raises(OutOfMemoryError, match=r"all in host memory.*of host memory \(99.0 GiB available\)"):
+        placement.plan_for(LLAMA2_7B, OffloadSettings(placement="cpu"), profile=PROFILE, **kw)
+    with pytest.raises(OutOfMemoryError, match=r"all on the GPU.*of GPU memory \(108.0 GiB free on cuda\)"):
+        placement.check_run_fits(LLAMA2_7B, OffloadSettings(), resident=131072, **kw)
+    # A batch that fits both memories together passes (the plan's own ranges are checked: batch 3 fits too).
+    small = dict(kw, batch=3)
+    plan = placement.plan_for(LLAMA2_7B, OffloadSettings(placement="hybrid"), profile=PROFILE, **small)
+    assert 0 < plan.resident_tokens < 131072
 
 
 @pytest.mark.parametrize("split", [0.0, 0.3, 1.0])

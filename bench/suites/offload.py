@@ -31,8 +31,8 @@ import torch
 
 from bench.report import Headline, Row, SuiteResult
 from engine import GenerationSettings, Generator, load_model
-from engine.profiler import hardware_profile
-from engine.scheduler import paper_split
+from engine.offload.profiler import hardware_profile
+from engine.offload.scheduler import paper_split
 from engine.settings import OffloadSettings
 
 PARTS = ("exact", "mha", "gqa", "hybrid", "telemetry")
@@ -244,32 +244,37 @@ def _families_exact(ctx: _Run) -> dict:
 
 
 def _recompute_vs_prefill(model, ctx: _Run, *, batch: int = 4, length: int = 300) -> dict:
+    return recompute_vs_prefill(model, batch=batch, length=length, chunk_tokens=ctx.args.chunk_tokens)
+
+
+def recompute_vs_prefill(model, *, batch: int, length: int, chunk_tokens: int) -> dict:
     """Recomputed K/V (the runtime's fused GEMM + RoPE kernel) against the prefill's, element by element."""
-    from engine import forward
-    from engine.kv_cache import KVCache
-    from engine.offload_runtime import OffloadRuntime
-    from engine.offload_store import OffloadStore
-    from engine.placement import plan_for
+    from engine.decode import forward
+    from engine.decode.kv_cache import KVCache
+    from engine.offload.runtime import OffloadRuntime
+    from engine.offload.store import OffloadStore
+    from engine.offload.placement import plan_for
 
     spec = model.spec
     ids = torch.randint(3, spec.vocab_size, (batch, length), generator=torch.Generator().manual_seed(3)).to(model.device)
     lens = torch.full((batch,), length, device=model.device)
     cache = KVCache(spec, batch=batch, max_tokens=length + 1, dtype=model.dtype, device=model.device)
-    forward.prefill(model.adapter, cache, ids, lens, all_full=True)
-    plan = plan_for(spec, ctx.off("cpu", 1.0), device=model.device, batch=batch, prompt_tokens=length, new_tokens=1)
+    forward.prefill(model.adapter, cache, ids, lens)
+    plan = plan_for(spec, OffloadSettings(placement="cpu", split=1.0, chunk_tokens=chunk_tokens), device=model.device,
+                    batch=batch, prompt_tokens=length, new_tokens=1)
     store = OffloadStore(spec, plan, dtype=model.dtype, device=model.device)
     runtime = OffloadRuntime(model.adapter, plan, store, forward.decode_attention_torch, prompt_lens=[length] * batch)
-    forward.prefill(model.adapter, runtime, ids, lens, all_full=True)
+    forward.prefill(model.adapter, runtime, ids, lens)
     torch.cuda.synchronize() if model.device.type == "cuda" else None
     differ = {"k": 0, "v": 0}
     total, worst = 0, {"k": 0.0, "v": 0.0}
     with torch.inference_mode():
         for layer in range(spec.num_layers):
-            runtime.fuse_kv_weights(layer)
             for lo, hi in plan.steps[0].chunks:
                 runtime.load_act(layer, 0, lo, hi)
-                runtime.recompute_kv(layer, 0, lo, hi)
-            got = store.stage_views(0, length)
+            runtime.recompute_layer(layer, 0, plan.steps[0].chunks)
+            staged = store.staged_segment(0, length)
+            got = staged.k, staged.v
             want = cache.layer(layer, length)
             for name, a, b in (("k", got[0], want[0]), ("v", got[1], want[1])):
                 differ[name] += int((a != b).sum())

@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Shape facts about a model that the scheduler, the UI and the benches need (no tensors)."""
 
-    family: str  # "llama" (Llama/Mistral/Qwen2/Qwen3) or "opt"
+    family: str  # "llama" (Llama/Mistral/Qwen2/Qwen3), "gemma" (Gemma 2/3), "phi3" (Phi-3/Phi-4) or "opt"
     model_type: str  # the transformers model_type
     num_layers: int
     hidden_size: int
@@ -28,11 +30,58 @@ class ModelSpec:
     vocab_size: int
     max_positions: int
     positional: str  # "rope" or "learned"
-    sliding_window: int | None
+    sliding_window: int | None  # the window of the layers that slide (None: no layer does)
     qkv_bias: bool
     qk_norm: bool
     num_params: int
     dtype_bytes: int
+    # Per layer "full_attention" or "sliding_attention" (transformers' config.layer_types); empty: every layer
+    # slides when sliding_window is set, else every layer is full.
+    layer_types: tuple[str, ...] = ()
+    query_scale: float | None = None  # softmax scale of q.k; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # attention logits s -> cap * tanh(s / cap) (Gemma 2)
+    final_softcap: float | None = None  # LM-head logits likewise (Gemma 2); applied by the adapter
+    rotary_dim: int | None = None  # dims of each head that RoPE rotates (partial rotary); None: all of them
+    rope_type: str = "default"  # transformers' rope_type ("default", "linear", "llama3", "yarn", "dynamic", ...)
+    # For RoPE types whose frequencies change with the longest position (dynamic, longrope): the original context
+    # past which they do. K/V recomputation must not run past it (engine/adapters/config_facts.py).
+    rope_original_max: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        unknown = set(self.layer_types) - set(LAYER_TYPES)
+        if unknown:
+            raise ValueError(f"layer types {sorted(unknown)} are not supported (supported: {', '.join(LAYER_TYPES)})")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("sliding layers need a sliding_window")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer` (None: it attends to every earlier token)."""
+        if self.sliding_window is None:
+            return None
+        if not self.layer_types:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        return tuple(self.window(layer) for layer in range(self.num_layers))
+
+    @property
+    def attention_scale(self) -> float:
+        return self.head_dim**-0.5 if self.query_scale is None else self.query_scale
+
+    @property
+    def rotary_dims(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    def recompute_blocked(self, max_tokens: int) -> str | None:
+        """Why K/V of a run of `max_tokens` positions cannot be recomputed from activations (None: they can)."""
+        if self.rope_original_max is not None and max_tokens > self.rope_original_max:
+            return (f"{self.rope_type} RoPE changes its frequencies past {self.rope_original_max} positions, so K "
+                    f"recomputed later would be rotated differently from the K computed at the time")
+        return None
 
     @property
     def gqa_group(self) -> int:
@@ -61,6 +110,8 @@ class ModelSpec:
         from dataclasses import asdict
 
         return asdict(self) | {
+            "windows": list(self.windows),
+            "attention_scale": self.attention_scale,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "act_bytes_per_token": self.act_bytes_per_token,
             "act_to_kv_ratio": self.act_to_kv_ratio,
@@ -83,12 +134,13 @@ class DecoderAdapter:
         """(B, T) ids and positions -> (B, T, hidden) hidden state entering layer 0."""
         raise NotImplementedError
 
-    def rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(cos, sin) each (B, T, head_dim) for rotary families; None for learned positions."""
-        return None
+    def rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
+        """Per layer: (cos, sin) each (B, T, rotary_dim) for rotary families, None for learned positions. Layers of
+        one kind share one pair (Gemma 3 has one for sliding and one for full layers): callers may dedupe by id."""
+        return (None,) * self.spec.num_layers
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., hidden) final hidden state -> (..., vocab) logits (final norm included)."""
+        """(..., hidden) final hidden state -> (..., vocab) logits (final norm and soft-capping included)."""
         raise NotImplementedError
 
     # -- per-layer pieces --------------------------------------------------------------------
@@ -96,29 +148,27 @@ class DecoderAdapter:
         """The attention input activations X (post-norm): what K and V are recomputed from."""
         raise NotImplementedError
 
-    def project_q(self, layer: int, x: torch.Tensor, rope) -> torch.Tensor:
-        """X (B, T, hidden) -> Q (B, T, Hq, D), with bias, q-norm and RoPE applied."""
+    def project_qkv(self, layer: int, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """X (B, T, hidden) -> Q (B, T, Hq, D), K, V (B, T, Hkv, D): biases, q/k norms and RoPE (this layer's
+        (cos, sin), or None) applied at the tokens' positions."""
         raise NotImplementedError
 
-    def project_kv(self, layer: int, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """X (B, T, hidden) -> K, V (B, T, Hkv, D), with bias, k-norm and RoPE at the tokens' positions."""
+    def kv_weight(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[W_k; W_v] (2 * Hkv * D, hidden) and its bias (or None): K/V recomputation runs X @ W^T as one GEMM over
+        many tokens, then finish_k_ and RoPE. May be a fresh tensor: callers copy it into their own buffer."""
         raise NotImplementedError
-
-    def kv_projections(self, layer: int) -> tuple[torch.nn.Linear, torch.nn.Linear]:
-        """The K and V projections of a layer: KV recomputation runs them as one GEMM over many tokens."""
-        attn = self.layers[layer].self_attn
-        return attn.k_proj, attn.v_proj
 
     def finish_k_(self, layer: int, k: torch.Tensor) -> None:
-        """What a family applies to K after its projection and before RoPE (Qwen3's k-norm), in place on
-        k (..., Hkv, D). Most families have nothing to do."""
+        """What a family applies to K after its projection and before RoPE (a k-norm), in place on k (..., Hkv, D).
+        Most families have nothing to do."""
 
     def attn_output(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Attention result (B, T, Hq*D) -> hidden state after the output projection and residual."""
+        """Attention result (B, T, Hq*D) -> hidden state after the output projection (and any post-norm) and
+        the residual."""
         raise NotImplementedError
 
     def mlp_block(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Norm, MLP and residual: hidden -> hidden."""
+        """Norms, MLP and residual: hidden -> hidden."""
         raise NotImplementedError
 
     def _make_spec(self) -> ModelSpec:
@@ -130,4 +180,4 @@ class DecoderAdapter:
 
     @property
     def attention_scale(self) -> float:
-        return self.spec.head_dim**-0.5
+        return self.spec.attention_scale

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.adapters.base import DecoderAdapter, ModelSpec
+from engine.adapters.config_facts import layer_types, rope_facts
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -13,9 +14,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, D); cos/sin (B, T, D): rotate each head at its token's position."""
+    """x (B, T, H, D); cos/sin (B, T, R) with R <= D: rotate the first R dims of each head at its token's position
+    (transformers' rotate_half convention), pass the rest through (partial rotary)."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + _rotate_half(x) * sin
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
 class LlamaAdapter(DecoderAdapter):
@@ -31,9 +37,8 @@ class LlamaAdapter(DecoderAdapter):
         c = self.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         attn0 = self.layers[0].self_attn
-        window = getattr(c, "sliding_window", None)
-        if c.model_type in ("qwen2", "qwen3") and not getattr(c, "use_sliding_window", False):
-            window = None
+        window, types = layer_types(c)
+        rope_type, original_max = rope_facts(c)
         return ModelSpec(
             family=self.family,
             model_type=c.model_type,
@@ -51,13 +56,16 @@ class LlamaAdapter(DecoderAdapter):
             qk_norm=hasattr(attn0, "q_norm"),
             num_params=sum(p.numel() for p in self.hf_model.parameters()),
             dtype_bytes=next(self.hf_model.parameters()).element_size(),
+            layer_types=types,
+            rope_type=rope_type,
+            rope_original_max=original_max,
         )
 
     def embed(self, token_ids, positions):
         return self.decoder.embed_tokens(token_ids)
 
     def rope(self, hidden, positions):
-        return self.decoder.rotary_emb(hidden, positions)
+        return (self.decoder.rotary_emb(hidden, positions),) * self.spec.num_layers
 
     def logits(self, hidden):
         return self.hf_model.lm_head(self.decoder.norm(hidden))
@@ -65,21 +73,20 @@ class LlamaAdapter(DecoderAdapter):
     def attn_input(self, layer, hidden):
         return self.layers[layer].input_layernorm(hidden)
 
-    def project_q(self, layer, x, rope):
-        attn = self.layers[layer].self_attn
-        q = attn.q_proj(x).unflatten(-1, (self.spec.num_heads, self.spec.head_dim))
-        if self.spec.qk_norm:
-            q = attn.q_norm(q)
-        return apply_rope(q, *rope)
+    def project_qkv(self, layer, x, rope):
+        attn, s = self.layers[layer].self_attn, self.spec
+        q = attn.q_proj(x).unflatten(-1, (s.num_heads, s.head_dim))
+        k = attn.k_proj(x).unflatten(-1, (s.num_kv_heads, s.head_dim))
+        v = attn.v_proj(x).unflatten(-1, (s.num_kv_heads, s.head_dim))
+        if s.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
 
-    def project_kv(self, layer, x, rope):
+    def kv_weight(self, layer):
         attn = self.layers[layer].self_attn
-        shape = (self.spec.num_kv_heads, self.spec.head_dim)
-        k = attn.k_proj(x).unflatten(-1, shape)
-        v = attn.v_proj(x).unflatten(-1, shape)
-        if self.spec.qk_norm:
-            k = attn.k_norm(k)
-        return apply_rope(k, *rope), v
+        weight = torch.cat((attn.k_proj.weight, attn.v_proj.weight))
+        bias = None if attn.k_proj.bias is None else torch.cat((attn.k_proj.bias, attn.v_proj.bias))
+        return weight, bias
 
     def finish_k_(self, layer, k):
         if self.spec.qk_norm:

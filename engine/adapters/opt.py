@@ -57,13 +57,16 @@ class OPTAdapter(DecoderAdapter):
         block = self.layers[layer]
         return block.self_attn_layer_norm(hidden) if self.pre_norm else hidden
 
-    def project_q(self, layer, x, rope):
-        return self.layers[layer].self_attn.q_proj(x).unflatten(-1, (self.spec.num_heads, self.spec.head_dim))
+    def project_qkv(self, layer, x, rope):
+        attn, s = self.layers[layer].self_attn, self.spec
+        shape = (s.num_kv_heads, s.head_dim)
+        q = attn.q_proj(x).unflatten(-1, (s.num_heads, s.head_dim))
+        return q, attn.k_proj(x).unflatten(-1, shape), attn.v_proj(x).unflatten(-1, shape)
 
-    def project_kv(self, layer, x, rope):
+    def kv_weight(self, layer):
         attn = self.layers[layer].self_attn
-        shape = (self.spec.num_kv_heads, self.spec.head_dim)
-        return attn.k_proj(x).unflatten(-1, shape), attn.v_proj(x).unflatten(-1, shape)
+        bias = None if attn.k_proj.bias is None else torch.cat((attn.k_proj.bias, attn.v_proj.bias))
+        return torch.cat((attn.k_proj.weight, attn.v_proj.weight)), bias
 
     def attn_output(self, layer, attn, residual):
         block = self.layers[layer]

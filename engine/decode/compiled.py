@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 import torch._dynamo  # its exception types, caught below
 
-from engine import forward
+from engine.decode import forward
 from engine.adapters import DecoderAdapter
 from engine.errors import CompileError
-from engine.kv_cache import KVCache
+from engine.decode.kv_cache import KVCache
 
 BACKEND = "inductor"  # the real path; tests swap in a failing backend to check the error
 

@@ -1,69 +1,78 @@
 """The engine's forward passes: prefill a padded batch, decode one token per sequence.
 
-Both compose the adapter's per-layer pieces with the engine's KV cache. `decode_step` is written with
-static shapes and no host synchronisation so that it can be captured in a CUDA graph.
+Both compose the adapter's per-layer pieces with a K/V destination. `decode_step` runs the one decode layer
+(engine/decode/layer.py) over the GPU cache, written with static shapes and no host synchronisation so that it
+can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from engine.adapters import DecoderAdapter
-from engine.attention import decode_attention_torch, prefill_attention
-from engine.kv_cache import KVCache
+from engine.decode.attention import decode_attention_torch, prefill_attention
+from engine.decode.kv_cache import KVCache
+from engine.decode.layer import DecodeAttention, decode_layer
 from engine.streams import side_stream
 
 
 class PrefixSink(Protocol):
-    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None: ...
-
-
-class DecodeAttention(Protocol):
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
-                 scale: float, window: int | None) -> torch.Tensor: ...
+    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, *, rows: slice) -> None: ...
 
 
 # Prefill runs its per-token stages (norms, projections, RoPE, MLP) over slices of at most this many tokens,
-# so their temporaries (fp32 norms, the MLP's intermediate) stay bounded however long the batch of prompts;
-# only attention sees the whole sequence. Below it, one slice: the usual full-batch GEMMs.
+# so their temporaries (fp32 norms, the MLP's intermediate) stay bounded however long the batch of prompts.
 PREFILL_SLICE_TOKENS = 16384
+# Prefill takes the sequences of a batch in groups of at most this many (padded) tokens, at least one sequence
+# each: a group's Q, K, V, attention input and output are the only whole-sequence temporaries, so a batch of
+# 128K-token prompts holds one prompt's at a time. Below it (B8 x 2048), one group: whole-batch GEMMs.
+PREFILL_GROUP_TOKENS = 32768
+
+
+def sequence_groups(batch: int, num_tokens: int) -> list[slice]:
+    size = max(1, PREFILL_GROUP_TOKENS // max(1, num_tokens))
+    return [slice(b, min(b + size, batch)) for b in range(0, batch, size)]
 
 
 @torch.inference_mode()
-def prefill(adapter: DecoderAdapter, cache: KVCache | PrefixSink, token_ids: torch.Tensor, prompt_lens: torch.Tensor, *,
-            all_full: bool) -> torch.Tensor:
+def prefill(adapter: DecoderAdapter, cache: KVCache | PrefixSink, token_ids: torch.Tensor,
+            prompt_lens: Sequence[int] | torch.Tensor, *,
+            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """token_ids (B, T) right-padded, prompt_lens (B,) -> logits (B, vocab) at each prompt's last token.
 
     Fills the cache for positions 0..T-1 (an offloaded run's cache also takes each layer's attention input X,
-    from which later steps may recompute K/V). `all_full`: every prompt is T long (no padding mask needed).
-    """
+    from which later steps may recompute K/V). Memory: the batch's hidden state, plus one group of sequences'
+    per-layer temporaries (sequence_groups), plus per-token stages over slices. `progress(layers_done, layers)`
+    is called after every layer."""
     spec = adapter.spec
+    lens = [int(n) for n in prompt_lens]
     batch, num_tokens = token_ids.shape
-    positions = torch.arange(num_tokens, device=token_ids.device).expand(batch, num_tokens)
-    hidden = adapter.embed(token_ids, positions)
-    rope = adapter.rope(hidden, positions)
-    lens = None if all_full else prompt_lens
-    slices = _token_slices(batch * num_tokens)
+    positions = torch.arange(num_tokens, device=token_ids.device)[None, :]
+    hidden = adapter.embed(token_ids, positions.expand(batch, num_tokens))
+    # RoPE tables for positions 0..T-1 once, (1, T, R), broadcast over the batch: the position-dependent RoPE types
+    # choose their frequencies from the longest position, as transformers does for the whole batch.
+    ropes = adapter.rope(hidden[:1], positions)
+    groups = sequence_groups(batch, num_tokens)
     for layer in range(spec.num_layers):
-        if len(slices) == 1:
-            x = adapter.attn_input(layer, hidden)
-            q = adapter.project_q(layer, x, rope)
-            k, v = adapter.project_kv(layer, x, rope)
-        else:
-            x, q, k, v = _sliced_projections(adapter, layer, hidden, rope, slices)
-        cache.write_prefix(layer, k, v, x)
-        attn = prefill_attention(q, k, v, lens, scale=adapter.attention_scale, window=spec.sliding_window)
-        del q, k, v, x
-        if len(slices) == 1:
-            hidden = adapter.mlp_block(layer, adapter.attn_output(layer, attn, hidden))
-        else:
-            flat, attn_flat = hidden.view(-1, 1, hidden.shape[-1]), attn.view(-1, 1, attn.shape[-1])
-            for part in slices:  # in place: each token's new state depends on its old one only
+        rope = ropes[layer]
+        for rows in groups:
+            group = hidden[rows]  # a view: the MLP writes the group's new state back in place
+            group_lens = lens[rows]
+            x, q, k, v = _projections(adapter, layer, group, rope)
+            cache.write_prefix(layer, k, v, x, rows=rows)
+            full = all(n == num_tokens for n in group_lens)
+            attn = prefill_attention(q, k, v, None if full else group_lens, scale=spec.attention_scale,
+                                     window=spec.window(layer), softcap=spec.attn_softcap)
+            del q, k, v, x
+            flat, attn_flat = group.view(-1, 1, group.shape[-1]), attn.view(-1, 1, attn.shape[-1])
+            for part in _token_slices(flat.shape[0]):  # in place: each token's new state depends on its old one only
                 flat[part] = adapter.mlp_block(layer, adapter.attn_output(layer, attn_flat[part], flat[part]))
-        del attn
-    last = hidden[torch.arange(batch, device=hidden.device), prompt_lens - 1]  # (B, hidden)
+            del attn
+        if progress is not None:
+            progress(layer + 1, spec.num_layers)
+    last = hidden[torch.arange(batch, device=hidden.device), torch.as_tensor(lens, device=hidden.device) - 1]
     return adapter.logits(last).float()
 
 
@@ -71,22 +80,28 @@ def _token_slices(num_tokens: int) -> list[slice]:
     return [slice(i, min(i + PREFILL_SLICE_TOKENS, num_tokens)) for i in range(0, num_tokens, PREFILL_SLICE_TOKENS)]
 
 
-def _sliced_projections(adapter: DecoderAdapter, layer: int, hidden: torch.Tensor, rope, slices: list[slice]):
-    """X, Q, K, V (B, T, ...) of one layer, computed over token slices (each token treated as a batch of one)."""
+def _projections(adapter: DecoderAdapter, layer: int, hidden: torch.Tensor, rope):
+    """X, Q, K, V (G, T, ...) of one layer for a group of sequences; per-token stages over token slices (each
+    token treated as a batch of one), so their temporaries stay bounded."""
     spec = adapter.spec
     batch, num_tokens, width = hidden.shape
-    flat = hidden.view(-1, 1, width)
+    slices = _token_slices(batch * num_tokens)
+    if len(slices) == 1:
+        x = adapter.attn_input(layer, hidden)
+        q, k, v = adapter.project_qkv(layer, x, rope)
+        return x, q, k, v
+    flat = hidden.reshape(-1, 1, width)
     x = torch.empty_like(hidden)
     q = hidden.new_empty(batch, num_tokens, spec.num_heads, spec.head_dim)
     k = hidden.new_empty(batch, num_tokens, spec.num_kv_heads, spec.head_dim)
     v = torch.empty_like(k)
     x_f, q_f, k_f, v_f = (t.view(-1, 1, *t.shape[2:]) for t in (x, q, k, v))
-    rope_f = None if rope is None else tuple(r.reshape(-1, 1, r.shape[-1]) for r in rope)
+    rope_f = None if rope is None else tuple(r.expand(batch, num_tokens, r.shape[-1]).reshape(-1, 1, r.shape[-1])
+                                             for r in rope)
     for part in slices:
         rope_part = None if rope_f is None else (rope_f[0][part], rope_f[1][part])
         x_f[part] = adapter.attn_input(layer, flat[part])
-        q_f[part] = adapter.project_q(layer, x_f[part], rope_part)
-        k_f[part], v_f[part] = adapter.project_kv(layer, x_f[part], rope_part)
+        q_f[part], k_f[part], v_f[part] = adapter.project_qkv(layer, x_f[part], rope_part)
     return x, q, k, v
 
 
@@ -102,25 +117,18 @@ def decode_step(adapter: DecoderAdapter, cache: KVCache, token_ids: torch.Tensor
 
 def decode_step_traceable(adapter: DecoderAdapter, cache: KVCache, token_ids: torch.Tensor, positions: torch.Tensor,
                           *, kv_len: int, attend: DecodeAttention = decode_attention_torch) -> torch.Tensor:
-    """`decode_step` without its inference_mode: what torch.compile traces (engine/compiled_decode.py).
+    """`decode_step` without its inference_mode: what torch.compile traces (engine/decode/compiled.py).
 
     AOTAutograd cannot trace an inference_mode region ("Cannot set version_counter for inference
     tensor"), so the compiled step runs this under no_grad instead.
     """
-    spec = adapter.spec
     ids, pos = token_ids[:, None], positions[:, None]
     seq_lens = (positions + 1).to(torch.int32)  # once per step: the Triton kernel takes int32 lengths
     hidden = adapter.embed(ids, pos)
-    rope = adapter.rope(hidden, pos)
-    for layer in range(spec.num_layers):
-        x = adapter.attn_input(layer, hidden)
-        q = adapter.project_q(layer, x, rope)
-        k, v = adapter.project_kv(layer, x, rope)
-        cache.write_at(layer, k, v, positions)
-        k_cache, v_cache = cache.layer(layer, kv_len)
-        attn = attend(q[:, 0], k_cache, v_cache, seq_lens, scale=adapter.attention_scale, window=spec.sliding_window)
-        hidden = adapter.attn_output(layer, attn.flatten(1)[:, None], hidden)
-        hidden = adapter.mlp_block(layer, hidden)
+    ropes = adapter.rope(hidden, pos)
+    for layer in range(adapter.spec.num_layers):
+        hidden = decode_layer(adapter, layer, hidden, ropes[layer], positions, seq_lens, kv=cache, kv_len=kv_len,
+                              attend=attend)
     return adapter.logits(hidden[:, 0]).float()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.adapters import ModelSpec
+from kernels.segments import KVSegment
 
 
 class KVCache:
@@ -45,12 +46,21 @@ class KVCache:
         kv_len = self.max_tokens if kv_len is None else kv_len
         return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
 
-    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor | None = None) -> None:
-        """k, v (B, T, Hkv, D) for positions 0..T-1 (rows past a sequence's length are never read). The
-        attention input x is what an offloaded run keeps for recomputation; a GPU cache has no use for it."""
+    def segments(self, layer: int, kv_len: int) -> tuple[KVSegment, ...]:
+        """What decode attention reads: slots [0, kv_len) of the layer, in place."""
+        k, v = self.layer(layer, kv_len)
+        return (KVSegment(k, v, 0),)
+
+    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor | None = None, *,
+                     rows: slice = slice(None)) -> None:
+        """k, v (G, T, Hkv, D) of sequences `rows` for positions 0..T-1 (rows past a sequence's length are never
+        read). The attention input x is what an offloaded run keeps for recomputation; a GPU cache has no use for it."""
         num_tokens = k.shape[1]
-        self.k[layer, :, :, :num_tokens].copy_(k.transpose(1, 2))
-        self.v[layer, :, :, :num_tokens].copy_(v.transpose(1, 2))
+        self.k[layer, rows, :, :num_tokens].copy_(k.transpose(1, 2))
+        self.v[layer, rows, :, :num_tokens].copy_(v.transpose(1, 2))
+
+    def write_new(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, positions: torch.Tensor) -> None:
+        self.write_at(layer, k, v, positions)
 
     def write_at(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v (B, 1, Hkv, D) written at each sequence's own position (B,). Graph-capturable."""

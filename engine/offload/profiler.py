@@ -5,7 +5,7 @@ name, the driver and the torch version (`refresh=True` measures again). On a mac
 same measurements run on host memory (copies between pageable buffers, CPU GEMMs), so the scheduler and
 its tests work everywhere; those figures describe the CPU, not a PCIe link.
 
-    python -m engine.profiler [--refresh] [--device cuda|cpu]     # prints the table, caches the JSON
+    python -m engine.offload.profiler [--refresh] [--device cuda|cpu]     # prints the table, caches the JSON
 """
 
 from __future__ import annotations
@@ -235,13 +235,15 @@ def _attention_gb_s(device: torch.device, *, repeat: int) -> float:
 
         ms = _timer(device)(back_to_back, repeat) / calls
     else:
-        from engine.attention import decode_attention_torch
+        from engine.decode.attention import decode_attention_torch
+        from kernels.segments import KVSegment
 
         batch, heads, seq, dim = 2, 4, 512, 64
         q = torch.randn(batch, heads, dim)
         k, v = (torch.randn(batch, heads, seq, dim) for _ in range(2))
         lens = torch.full((batch,), seq)
-        ms = _timer(device)(lambda: decode_attention_torch(q, k, v, lens, scale=dim**-0.5), repeat)
+        segments = (KVSegment(k, v, 0),)
+        ms = _timer(device)(lambda: decode_attention_torch(q, segments, lens, scale=dim**-0.5), repeat)
     return 2 * k.numel() * k.element_size() / (ms * 1e-3) / 1e9
 
 
@@ -353,7 +355,7 @@ def format_table(profile: HardwareProfile) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.profiler", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.offload.profiler", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--refresh", action="store_true", help="measure again instead of reading the cache")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (seconds less, noisier)")

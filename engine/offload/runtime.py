@@ -1,14 +1,16 @@
 """Execute a RunPlan: prefill into the offloaded store, then decode steps that stream K/V back per layer.
 
-A decode step is built from five verbs per layer, each a few tensor operations:
-    load_act(layer, chunk)   H2D: the recompute range's activations, chunk by chunk
-    load_kv(layer)           H2D: the transfer range's K/V
-    recompute_kv(layer, chunk)  K, V = project_kv(X) with bias, k-norm and RoPE at the slots' positions
-    attend(layer)            the new token: projections, resident K/V, attention, output projection, MLP
-    store(layer)             D2H: the new token's K/V and activations, written back for later steps
-`_sync` runs them in order on one stream; `_overlapped` puts the copies on an H2D and a D2H
-stream, two layers of staging in flight, with events where one verb needs another's result. Both give the
-same tokens (tests/test_offload.py). The runtime decides nothing: ranges and chunks come from the plan.
+A decode step is built from these verbs per layer, each a few tensor operations:
+    load_act(layer, chunk)      H2D: the recompute range's activations, chunk by chunk
+    load_kv(layer)              H2D: the transfer range's K/V
+    recompute_kv(layer, chunk)  K, V = X [W_k; W_v]^T with bias, then k-norm and RoPE at the slots' positions
+    attend(layer)               the one decode layer's attention half (engine/decode/layer.py) over the layer's
+                                K/V segments: the GPU-resident slots in place, the staged slots from staging
+    mlp(layer)                  the layer's MLP half
+    store(layer)                D2H: the new token's K/V and activations, written back for later steps
+`_sync` runs them in order on one stream; `_overlapped` puts the copies on an H2D and a D2H stream, two layers
+of staging in flight, with events where one verb needs another's result. Both give the same tokens
+(tests/test_offload.py). The runtime decides nothing: ranges and chunks come from the plan.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from itertools import groupby
 import torch
 
 from engine.adapters import DecoderAdapter
-from engine.forward import DecodeAttention
-from engine.offload_store import OffloadStore
-from engine.scheduler import RunPlan, StepPlan
+from engine.decode.layer import DecodeAttention, attend_block, mlp_block
+from engine.offload.scheduler import RunPlan, StepPlan
+from engine.offload.store import OffloadStore
 from engine.streams import side_stream
 from kernels.rope import rope_, rope_reference
+from kernels.segments import KVSegment
 
 
 class NullRecorder:
@@ -47,7 +50,7 @@ class OffloadRuntime:
         self.overlapped = overlapped
         self.recorder = recorder or NullRecorder()
         cuda = self.device.type == "cuda"
-        # attend_layer and mlp_layer of each layer as CUDA graphs, captured at the first step (GPU only): an eager
+        # attend and mlp halves of each layer as CUDA graphs, captured at the first step (GPU only): an eager
         # layer enqueues ~40 small kernels, and at PCIe speed the host must keep ahead of the copies.
         self.use_graphs, self.graphs = cuda_graphs and cuda, None
         self.graphs_why = "eager layers" + ("" if cuda else " (no GPU)")
@@ -61,118 +64,169 @@ class OffloadRuntime:
         self.slot_free = [new_event() for _ in range(2)]
         self.new_ready = [new_event() for _ in range(self.spec.num_layers)]
         self.stored = [new_event() for _ in range(self.spec.num_layers)]
-        # RoPE for every slot, once per run: recomputed K at slot p is rotated for position p.
-        positions = torch.arange(plan.max_tokens, device=self.device)[None, :]
-        probe = torch.zeros(1, 1, self.spec.hidden_size, dtype=store.stage_act.dtype, device=self.device)
-        rope = adapter.rope(probe, positions)
-        self.rope_cos, self.rope_sin = (None, None) if rope is None else (rope[0][0].contiguous(), rope[1][0].contiguous())
+        # What the attend verb reads this step: set per step (eager) or once (graph capture).
+        self._slot, self._resident_write = 0, False
+        self._kv_weight: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # Prefill assembles each layer's host-bound K/V (and activations) of all sequences here, then sends it
+        # to host memory as one DMA; made at the first prefill write, dropped by finish_prefill.
+        self._prefill_kv = self._prefill_act = None
+        # RoPE for every slot, once per run, per layer kind: recomputed K at slot p is rotated for position p.
+        self.rope_tables = self._rope_tables() if plan.recompute_enabled else (None,) * self.spec.num_layers
+
+    def _rope_tables(self):
+        positions = torch.arange(self.plan.max_tokens, device=self.device)[None, :]
+        probe = torch.zeros(1, 1, self.spec.hidden_size, dtype=self.store.stage_act.dtype, device=self.device)
+        tables, made = [], {}
+        for pair in self.adapter.rope(probe, positions):
+            if pair is None:
+                tables.append(None)
+                continue
+            if id(pair) not in made:
+                made[id(pair)] = (pair[0][0].contiguous(), pair[1][0].contiguous())  # (S, R) each
+            tables.append(made[id(pair)])
+        return tuple(tables)
 
     # -- prefill -------------------------------------------------------------------------------------------
-    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
-        """Prefill's K/V (B, T, Hkv, D) and activations X (B, T, h) of one layer, to where the plan keeps them."""
-        store, num_tokens = self.store, k.shape[1]
-        kv = torch.stack((k, v), dim=2).transpose(0, 1)  # (T, B, 2, Hkv, D)
-        g = min(store.plan.resident_tokens, num_tokens)
+    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, *,
+                     rows: slice = slice(None)) -> None:
+        """Prefill's K/V (G, T, Hkv, D) and activations X (G, T, h) of sequences `rows` of one layer, to where
+        the plan keeps them: slots [0, g) into the resident cache, the host ranges through an assembly buffer
+        that goes to host memory as one DMA once the layer's last group has been written."""
+        store, num_tokens, batch = self.store, k.shape[1], self.plan.batch
+        rows = slice(*rows.indices(batch))
+        g = min(store.resident_tokens, num_tokens)
         if g:
-            store.resident[layer, :g].copy_(kv[:g])
+            store.resident.write_prefix(layer, k[:, :g], v[:, :g], rows=rows)
         kv_lo = max(store.kv_lo, 0)
         if kv_lo < num_tokens:
-            self._to_host(store.host_kv_slots(layer, kv_lo, num_tokens), kv[kv_lo:num_tokens])
+            def fill(dst):
+                dst[:, rows, 0].copy_(k[:, kv_lo:].transpose(0, 1))
+                dst[:, rows, 1].copy_(v[:, kv_lo:].transpose(0, 1))
+
+            self._prefill_kv = self._assemble(self._prefill_kv, store.host_kv_slots(layer, kv_lo, num_tokens),
+                                              fill, last=rows.stop == batch)
         act_lo, act_hi = store.plan.act_range[0], min(store.plan.act_range[1], num_tokens)
         if act_lo < act_hi:
-            self._to_host(store.host_act_slots(layer, act_lo, act_hi), x.transpose(0, 1)[act_lo:act_hi])
+            def fill_act(dst):
+                dst[:, rows].copy_(x[:, act_lo:act_hi].transpose(0, 1))
 
-    def _to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        if self.d2h is None:
-            dst.copy_(src)
-            return
-        src = src.contiguous()  # one DMA; the layer's next work overlaps it
-        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.d2h):
-            dst.copy_(src, non_blocking=True)
-        src.record_stream(self.d2h)
+            self._prefill_act = self._assemble(self._prefill_act, store.host_act_slots(layer, act_lo, act_hi),
+                                               fill_act, last=rows.stop == batch)
+
+    def _assemble(self, buffer, dst: torch.Tensor, fill, *, last: bool):
+        """Fill part of `dst` (a host view) through a GPU buffer of its shape, sent as one copy when `last`."""
+        if self.d2h is None:  # host memory is the device's: write in place
+            fill(dst)
+            return None
+        if buffer is None or buffer.shape != dst.shape:
+            buffer = torch.empty(dst.shape, dtype=dst.dtype, device=self.device)
+        torch.cuda.current_stream(self.device).wait_stream(self.d2h)  # the last layer's copy has left the buffer
+        fill(buffer)
+        if last:
+            self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.d2h):
+                dst.copy_(buffer, non_blocking=True)
+        return buffer
 
     def finish_prefill(self) -> None:
         if self.d2h is not None:
             self.h2d.wait_stream(self.d2h)  # the first step's loads read what prefill wrote
+            torch.cuda.current_stream(self.device).wait_stream(self.d2h)  # then the assembly buffers may go
+        self._prefill_kv = self._prefill_act = None
 
     # -- the verbs -----------------------------------------------------------------------------------------
     def load_act(self, layer: int, slot: int, lo: int, hi: int) -> None:
-        store = self.store
-        dst = store.stage_act[slot, lo - store.act_lo : hi - store.act_lo]
+        dst = self.store.stage_act_slots(slot, lo, hi)
         handle = self.recorder.begin("h2d_act", layer, self._stream(self.h2d), dst.numel() * dst.element_size())
-        dst.copy_(store.host_act_slots(layer, lo, hi), non_blocking=True)
+        dst.copy_(self.store.host_act_slots(layer, lo, hi), non_blocking=True)
         self.recorder.end(handle, self._stream(self.h2d))
 
     def load_kv(self, layer: int, slot: int, lo: int, hi: int) -> None:
-        dst = self.store.stage_kv[slot, lo:hi]
+        dst = self.store.stage_kv_slots(slot, lo, hi)
         handle = self.recorder.begin("h2d_kv", layer, self._stream(self.h2d), dst.numel() * dst.element_size())
         dst.copy_(self.store.host_kv_slots(layer, lo, hi), non_blocking=True)
         self.recorder.end(handle, self._stream(self.h2d))
-
-    def fuse_kv_weights(self, layer: int) -> None:
-        """[W_k; W_v] (and biases) of `layer` into the store's one recompute weight, once per layer and step."""
-        k_proj, v_proj = self.adapter.kv_projections(layer)
-        torch.cat((k_proj.weight, v_proj.weight), out=self.store.kv_weight)
-        if k_proj.bias is not None:
-            torch.cat((k_proj.bias, v_proj.bias), out=self.store.kv_bias)
 
     def recompute_kv(self, layer: int, slot: int, lo: int, hi: int) -> None:
         """K, V of slots [lo, hi) from their activations: one GEMM writes [K | V] rows of staging in place, then
         the family's k-norm and RoPE at each slot's position."""
         store, batch = self.store, self.plan.batch
         handle = self.recorder.begin("recompute", layer)
-        x = store.stage_act[slot, lo - store.act_lo : hi - store.act_lo].flatten(0, 1)  # (c * B, h)
-        out = store.stage_kv[slot, lo:hi]  # (c, B, 2, Hkv, D), contiguous: (c * B) rows of [K | V]
+        if self._kv_weight is None:  # once per layer and step: a view of the fused weight, or a fresh [W_k; W_v]
+            self._kv_weight = self.adapter.kv_weight(layer)
+        weight, bias = self._kv_weight
+        x = store.stage_act_slots(slot, lo, hi).flatten(0, 1)  # (c * B, h)
+        out = store.stage_kv_slots(slot, lo, hi)  # (c, B, 2, Hkv, D), contiguous: (c * B) rows of [K | V]
         out_rows = out.view(x.shape[0], -1)
-        if self.adapter.kv_projections(layer)[0].bias is not None:
-            torch.addmm(store.kv_bias, x, store.kv_weight.t(), out=out_rows)
+        if bias is not None:
+            torch.addmm(bias, x, weight.t(), out=out_rows)
         else:
-            torch.mm(x, store.kv_weight.t(), out=out_rows)
+            torch.mm(x, weight.t(), out=out_rows)
         k = out[:, :, 0].flatten(0, 1)  # (c * B, Hkv, D), row stride 2 * Hkv * D
         self.adapter.finish_k_(layer, k)
-        if self.rope_cos is not None:
-            cos, sin = self.rope_cos[lo:hi], self.rope_sin[lo:hi]
+        tables = self.rope_tables[layer]
+        if tables is not None:
+            cos, sin = tables[0][lo:hi], tables[1][lo:hi]
+            rotary = {} if cos.shape[-1] == k.shape[-1] else {"rotary_dim": cos.shape[-1]}
             if self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-                rope_(k, cos, sin, rows_per_position=batch)
+                rope_(k, cos, sin, rows_per_position=batch, **rotary)
             else:  # plain CPU: the same rotation in torch
-                k.copy_(rope_reference(k, cos, sin, rows_per_position=batch))
+                k.copy_(rope_reference(k, cos, sin, rows_per_position=batch, **rotary))
         self.recorder.end(handle)
 
-    def attend_layer(self, layer: int, slot: int, hidden: torch.Tensor, rope, positions: torch.Tensor,
-                     seq_lens: torch.Tensor, *, kv_len: int, resident: int,
-                     resident_rows: torch.Tensor | None) -> torch.Tensor:
-        """One layer for the new token (B, 1, h), over staging slot `slot` whose old slots are in place: slots
-        [0, resident) come from the GPU-resident K/V, attention reads [0, kv_len) masked to each sequence.
-        resident_rows (B,) bool: sequences whose new token falls inside the resident range (None: none do)."""
-        adapter, store = self.adapter, self.store
-        handle = self.recorder.begin("attention", layer)
-        x = adapter.attn_input(layer, hidden)
-        q = adapter.project_q(layer, x, rope)
-        k, v = adapter.project_kv(layer, x, rope)  # (B, 1, Hkv, D)
+    def recompute_layer(self, layer: int, slot: int, chunks, ready=None) -> None:
+        """recompute_kv over `chunks` ((lo, hi) ranges) of one layer, chunk n after ready[n] (events) has fired."""
+        self._kv_weight = None  # fetched by the first chunk, once per layer and step
+        for n, (lo, hi) in enumerate(chunks):
+            if ready is not None:
+                _wait(ready[n])
+            self.recompute_kv(layer, slot, lo, hi)
+        self._kv_weight = None
+
+    # The decode layer's K/V source (engine/decode/layer.py LayerKV) for the attend verb.
+    def write_new(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, positions: torch.Tensor) -> None:
+        """The new token's K/V (B, 1, Hkv, D): into the resident cache where its position is below g, else into
+        staging; both, with its activations, into the write-back buffers the D2H stream reads."""
+        store, g = self.store, self.store.resident_tokens
         new_kv = store.new_kv[layer]  # (B, 2, Hkv, D), read by store_new() on the D2H stream
         new_kv[:, 0].copy_(k[:, 0])
         new_kv[:, 1].copy_(v[:, 0])
         store.new_act[layer].copy_(x[:, 0])
         rows = torch.arange(k.shape[0], device=k.device)
-        if resident:
-            if resident_rows is not None:
-                pos = positions.clamp(max=resident - 1)
-                on_gpu = store.resident[layer]  # (g, B, 2, Hkv, D)
-                old = on_gpu[pos, rows]
-                on_gpu.index_put_((pos, rows), torch.where(resident_rows[:, None, None, None], new_kv, old))
-            store.stage_kv[slot, :resident].copy_(store.resident[layer, :resident])
-        store.stage_kv[slot].index_put_((positions, rows), new_kv)
-        k_view, v_view = store.stage_views(slot, kv_len)
-        attn = self.attend(q[:, 0], k_view, v_view, seq_lens, scale=adapter.attention_scale,
-                           window=self.spec.sliding_window)
-        hidden = adapter.attn_output(layer, attn.flatten(1)[:, None], hidden)
+        on_gpu = positions < g
+        if self._resident_write:  # some sequence's new token is resident (graphs: always checked)
+            at = positions.clamp(max=g - 1)
+            for cache, new in ((store.resident.k, k[:, 0]), (store.resident.v, v[:, 0])):
+                old = cache[layer, rows, :, at]  # (B, Hkv, D)
+                cache[layer, rows, :, at] = torch.where(on_gpu[:, None, None], new, old)
+        stage = store.stage_kv[self._slot]  # (S - g, B, 2, Hkv, D)
+        at = (positions - g).clamp(min=0)
+        old = stage[at, rows]
+        stage.index_put_((at, rows), torch.where(on_gpu[:, None, None, None], old, new_kv))
+
+    def segments(self, layer: int, kv_len: int) -> tuple[KVSegment, ...]:
+        g = self.store.resident_tokens
+        parts = []
+        if g:
+            parts.append(self.store.resident_segment(layer, kv_len))
+        if kv_len > g:
+            parts.append(self.store.staged_segment(self._slot, kv_len))
+        return tuple(parts)
+
+    def attend_layer(self, layer: int, slot: int, hidden: torch.Tensor, rope, positions: torch.Tensor,
+                     seq_lens: torch.Tensor, *, kv_len: int, resident_write: bool) -> torch.Tensor:
+        """The attention half of the one decode layer for the new token (B, 1, h), over staging slot `slot` and the
+        resident cache, attention reading [0, kv_len) masked to each sequence."""
+        handle = self.recorder.begin("attention", layer)
+        self._slot, self._resident_write = slot, resident_write
+        hidden = attend_block(self.adapter, layer, hidden, rope, positions, seq_lens, kv=self, kv_len=kv_len,
+                              attend=self.attend)
         self.recorder.end(handle)
         return hidden
 
     def mlp_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         handle = self.recorder.begin("compute", layer)
-        hidden = self.adapter.mlp_block(layer, hidden)
+        hidden = mlp_block(self.adapter, layer, hidden)
         self.recorder.end(handle)
         return hidden
 
@@ -200,34 +254,42 @@ class OffloadRuntime:
         host_positions = [n + grown for n in self.prompt_lens]
         groups = [(pos, rows[0][0], rows[-1][0] + 1)
                   for pos, rows in ((p, list(r)) for p, r in groupby(enumerate(host_positions), key=lambda e: e[1]))]
-        resident_rows = None
-        if any(p < step.resident_tokens for p in host_positions):
-            resident_rows = positions < step.resident_tokens
+        resident_write = any(p < self.store.resident_tokens for p in host_positions)
         ids, pos = token_ids[:, None], positions[:, None]
         hidden = self.adapter.embed(ids, pos)
-        rope = self.adapter.rope(hidden, pos)
+        ropes = self.adapter.rope(hidden, pos)
         seq_lens = (positions + 1).to(torch.int32)
         if self.use_graphs and self.graphs is None:
             self._capture_graphs()
         if self.graphs is not None:
-            hidden = self.graphs.load(hidden, rope, positions, seq_lens)
+            hidden = self.graphs.load(hidden, ropes, positions, seq_lens)
         run = self._overlapped if self.overlapped else self._sync
-        hidden = run(step, hidden, rope, positions, seq_lens, resident_rows, groups)
+        hidden = run(step, hidden, ropes, positions, seq_lens, resident_write, groups)
         if self.graphs is not None:
             hidden = self.graphs.hidden
         return self.adapter.logits(hidden[:, 0]).float()
 
     def _capture_graphs(self) -> None:
-        """Capture the per-layer graphs at the first step; a family whose ops cannot be captured runs eagerly."""
-        from engine.offload_graphs import LayerGraphs
+        """Capture the per-layer graphs at the first step; a family whose ops cannot be captured runs eagerly. Capture
+        attends over every slot (resident and staged), writing the new token where each sequence's position says."""
+        from engine.decode.layer_graphs import LayerGraphs
 
+        def attend(layer, hidden, rope, positions, seq_lens):
+            return self.attend_layer(layer, layer % 2, hidden, rope, positions, seq_lens, kv_len=self.plan.max_tokens,
+                                     resident_write=self.store.resident_tokens > 0)
+
+        recorder, self.recorder = self.recorder, NullRecorder()  # events must not become graph nodes
         try:
-            self.graphs = LayerGraphs(self)
+            self.graphs = LayerGraphs(self.adapter, attend=attend, mlp=self.mlp_layer, batch=self.plan.batch,
+                                      max_tokens=self.plan.max_tokens, dtype=self.store.stage_act.dtype,
+                                      device=self.device)
             self.graphs_why = f"per-layer compute replayed as CUDA graphs ({2 * self.spec.num_layers} graphs)"
         except RuntimeError as exc:
             self.use_graphs, self.graphs = False, None
             self.graphs_why = f"eager layers: CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]})"
             torch.cuda.synchronize(self.device)
+        finally:
+            self.recorder = recorder
 
     def _loads(self, layer: int, step: StepPlan, stream=None) -> None:
         slot = layer % 2
@@ -239,13 +301,9 @@ class OffloadRuntime:
             self.load_kv(layer, slot, lo, hi)
         _record(self.kv_ready[slot], stream)
 
-    def _compute(self, layer: int, step: StepPlan, hidden, rope, positions, seq_lens, resident_rows) -> torch.Tensor:
+    def _compute(self, layer: int, step: StepPlan, hidden, ropes, positions, seq_lens, resident_write) -> torch.Tensor:
         slot = layer % 2
-        if step.chunks:
-            self.fuse_kv_weights(layer)
-        for n, (lo, hi) in enumerate(step.chunks):
-            _wait(self.act_ready[slot][n])
-            self.recompute_kv(layer, slot, lo, hi)
+        self.recompute_layer(layer, slot, step.chunks, self.act_ready[slot])
         _wait(self.kv_ready[slot])
         _wait(self.stored[layer])  # the previous step's write-back of new_kv[layer] has left the GPU buffer
         if self.graphs is not None:  # the same two verbs, captured: one launch each
@@ -253,8 +311,8 @@ class OffloadRuntime:
             self.graphs.attend[layer].replay()
             self.recorder.end(handle)
         else:
-            hidden = self.attend_layer(layer, slot, hidden, rope, positions, seq_lens, kv_len=step.seq_len,
-                                       resident=min(step.resident_tokens, step.seq_len), resident_rows=resident_rows)
+            hidden = self.attend_layer(layer, slot, hidden, ropes[layer], positions, seq_lens, kv_len=step.seq_len,
+                                       resident_write=resident_write)
         _record(self.slot_free[slot])
         _record(self.new_ready[layer])
         if self.graphs is not None:
@@ -264,21 +322,21 @@ class OffloadRuntime:
             return hidden
         return self.mlp_layer(layer, hidden)
 
-    def _sync(self, step, hidden, rope, positions, seq_lens, resident_rows, groups) -> torch.Tensor:
+    def _sync(self, step, hidden, ropes, positions, seq_lens, resident_write, groups) -> torch.Tensor:
         """The plain schedule: the same verbs, one after another on the current stream (events are no-ops there)."""
         for layer in range(self.spec.num_layers):
             self._loads(layer, step)
-            hidden = self._compute(layer, step, hidden, rope, positions, seq_lens, resident_rows)
+            hidden = self._compute(layer, step, hidden, ropes, positions, seq_lens, resident_write)
             self.store_new(layer, groups)
         return hidden
 
-    def _overlapped(self, step, hidden, rope, positions, seq_lens, resident_rows, groups) -> torch.Tensor:
+    def _overlapped(self, step, hidden, ropes, positions, seq_lens, resident_write, groups) -> torch.Tensor:
         """Copies on their own streams, two layers ahead at most; compute waits only for what it reads."""
         layers = self.spec.num_layers
         for layer in range(min(2, layers)):
             self._enqueue_loads(layer, step)
         for layer in range(layers):
-            hidden = self._compute(layer, step, hidden, rope, positions, seq_lens, resident_rows)
+            hidden = self._compute(layer, step, hidden, ropes, positions, seq_lens, resident_write)
             with _on(self.d2h):
                 _wait(self.new_ready[layer], self.d2h)
                 self.store_new(layer, groups)
@@ -297,9 +355,15 @@ class OffloadRuntime:
         return stream if self.overlapped else None
 
     def release(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # no copy may still read or write the store
-        self.store.release()
+        """Wait for every copy to finish, then unpin and free the store: after a lost GPU context the wait fails,
+        and the store is released all the same (engine/gpu_errors.py reports the loss)."""
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # no copy may still read or write the store
+        finally:
+            self._prefill_kv = self._prefill_act = None
+            self.graphs = None
+            self.store.release()
 
 
 def _record(event, stream=None) -> None:
@@ -315,4 +379,3 @@ def _wait(event, stream=None) -> None:
 def _on(stream):
     """Run on `stream`; without a GPU (no streams) the overlapped schedule runs its verbs in the same order."""
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-

@@ -4,8 +4,8 @@ Every layer's K/V for slots [0, s) is needed each step. Slots [0, g) live on the
 are recomputed from attention-input activations copied over PCIe (KVPR); slots [g + r, s) are copied as K/V.
 Shipping one token's activations costs h values against 2 * kv_heads * head_dim for its K/V, plus a GEMM to
 rebuild K/V, which runs while the link carries what follows. The scheduler predicts the step time for every
-candidate r by simulating that pipeline with this machine's measured speeds (engine/profiler.py) and keeps the
-fastest; a manual split fixes r instead. Plans hold no tensors: the runtime (engine/offload_runtime.py)
+candidate r by simulating that pipeline with this machine's measured speeds (engine/offload/profiler.py) and keeps the
+fastest; a manual split fixes r instead. Plans hold no tensors: the runtime (engine/offload/runtime.py)
 executes them and the UI plots them.
 
 The paper's rule (KVPR, arXiv 2411.17089) is kept as `paper_split`, for comparison: a serial formula with fixed
@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from engine.adapters import ModelSpec
-from engine.profiler import HardwareProfile
+from engine.offload.profiler import HardwareProfile
 
 PAPER_PCIE_GB_S = 32.0  # the paper's fixed A100 constants
 PAPER_TFLOP_S = 312.0
 EAGER_OPS_PER_LAYER = 30  # kernels an uncaptured decode layer enqueues (norms, projections, RoPE, MLP, ...)
-GRAPH_LAUNCHES_PER_LAYER = 2  # the runtime's captured attend and MLP graphs (engine/offload_graphs.py)
+GRAPH_LAUNCHES_PER_LAYER = 2  # the runtime's captured attend and MLP graphs (engine/decode/layer_graphs.py)
 GEMV_EFFICIENCY = 0.8  # decode projections read their weights at about this fraction of the copy bandwidth
 
 
@@ -33,7 +33,7 @@ class LayerTimes:
     act_copy_ms: float  # H2D of the recompute range's activations
     kv_copy_ms: float  # H2D of the transfer range's K/V
     recompute_ms: float  # K/V GEMMs (+ bias, k-norm, RoPE) over the recompute range
-    attention_ms: float  # assembling resident K/V + decode attention over all slots
+    attention_ms: float  # decode attention over all slots (resident in place, staged from staging)
     other_ms: float  # projections of the new token, output projection, MLP
 
     @property
@@ -158,9 +158,11 @@ class CostModel:
         return gemm_ms + elementwise_ms + 8 * self.profile.launch_us * 1e-3
 
     def attention_ms(self, seq_len: int, resident: int) -> float:
+        """Decode attention reads every slot once, resident ones in place, staged ones from staging; a second
+        segment costs one more kernel launch and the merge."""
         read_ms = seq_len * self.kv_bytes_per_slot / (self.profile.attention_gb_s * 1e9) * 1e3
-        resident_copy_ms = 2 * resident * self.kv_bytes_per_slot / (self.profile.hbm_copy_gb_s * 1e9) * 1e3
-        return read_ms + resident_copy_ms
+        segments = (resident > 0) + (seq_len > resident)
+        return read_ms + (segments - 1) * 2 * self.profile.launch_us * 1e-3
 
     def other_ms(self) -> float:
         """New token's projections, output projection and MLP: weight reads, or the host's launches if slower."""
@@ -190,17 +192,22 @@ def simulate_step(cost: CostModel, *, seq_len: int, resident: int, recompute: in
     rec_ms = [cost.recompute_ms(n) for n in chunks]
     kv_ms = cost.copy_ms((offloaded - recompute) * cost.kv_bytes_per_slot)
     att_ms, other_ms = cost.attention_ms(seq_len, resident), cost.other_ms()
+    # Within a layer, chunk k arrives at link_start + A_k (A_k: activation copy time of chunks 0..k) and its
+    # recompute ends no earlier than arrival + the recompute of chunks k..n-1 (S_k): compute after the chunks is
+    # max(compute + sum(rec), link_start + max_k(A_k + S_k)). The max is the same for every layer: O(1) per layer.
+    act_total, rec_total = sum(act_ms), sum(rec_ms)
+    lead, arrived_ms, after_ms = 0.0, 0.0, 0.0
+    for n in range(len(chunks)):
+        arrived_ms += act_ms[n]
+        lead = max(lead, arrived_ms + rec_total - after_ms)
+        after_ms += rec_ms[n]
     link = compute = 0.0
     slot_free = [0.0, 0.0]
     for layer in range(cost.spec.num_layers):
         link = max(link, slot_free[layer % 2])
-        arrivals = []
-        for ms in act_ms:
-            link += ms
-            arrivals.append(link)
-        link += kv_ms
-        for arrived, ms in zip(arrivals, rec_ms):
-            compute = max(compute, arrived) + ms
+        if chunks:
+            compute = max(compute + rec_total, link + lead)
+        link += act_total + kv_ms
         compute = max(compute, link) + att_ms
         slot_free[layer % 2] = compute
         compute += other_ms
@@ -215,23 +222,44 @@ def gqa_note(spec: ModelSpec) -> str:
     return f"{kind}: activations are {ratio:.2f}x the KV per token"
 
 
-def plan_step(cost: CostModel, *, seq_len: int, resident: int, chunk_tokens: int, split: float | None) -> StepPlan:
-    """The plan for one step: `split` None chooses r by simulation, a number fixes r = split * offloaded."""
+COARSE_CANDIDATES = 32  # recompute ranges tried first on long sequences; the best one's neighbourhood is then scanned
+
+
+def _best_recompute(step_ms, *, offloaded: int, chunk_tokens: int) -> tuple[float, int, float]:
+    """The recompute range r (a chunk multiple, or all offloaded tokens) with the least predicted step time
+    -> (its ms, r, the ms of r = 0). Long sequences have thousands of chunk multiples: a coarse grid first, then
+    every multiple around its best (the step time falls, then rises, with r)."""
+    grid = sorted({*range(0, offloaded + 1, chunk_tokens), offloaded})
+    stride = max(1, -(-len(grid) // COARSE_CANDIDATES))
+    timed = {i: step_ms(grid[i]) for i in sorted({*range(0, len(grid), stride), len(grid) - 1})}
+    best = min(timed, key=lambda i: (timed[i], i))
+    for i in range(max(0, best - stride), min(len(grid), best + stride + 1)):
+        if i not in timed:
+            timed[i] = step_ms(grid[i])
+    best = min(timed, key=lambda i: (timed[i], i))
+    return timed[best], grid[best], timed[0]
+
+
+def plan_step(cost: CostModel, *, seq_len: int, resident: int, chunk_tokens: int, split: float | None,
+              recompute_off_why: str | None = None) -> StepPlan:
+    """The plan for one step: `split` None chooses r by simulation, a number fixes r = split * offloaded.
+    `recompute_off_why`: recomputation cannot be exact for this run (auto then copies everything)."""
     spec = cost.spec
     offloaded = max(0, seq_len - 1 - resident)
     note = gqa_note(spec)
     if offloaded == 0:
         r, reason = 0, "every token is resident on the GPU"
+    elif recompute_off_why is not None and not split:
+        r, reason = 0, f"recompute off: {recompute_off_why}"
     elif split is not None:
         r, reason = round(split * offloaded), f"manual split {split:g}"
     elif spec.act_to_kv_ratio >= 1.0:
         r, reason = 0, f"{note} — recompute off (shipping activations would move more bytes than the K/V)"
     else:
-        candidates = sorted({*range(0, offloaded + 1, chunk_tokens), offloaded})
-        timed = [(simulate_step(cost, seq_len=seq_len, resident=resident, recompute=c, chunk_tokens=chunk_tokens)[0], c)
-                 for c in candidates]
-        best_ms, r = min(timed)
-        full_ms = timed[0][0]
+        def step_ms(c: int) -> float:
+            return simulate_step(cost, seq_len=seq_len, resident=resident, recompute=c, chunk_tokens=chunk_tokens)[0]
+
+        best_ms, r, full_ms = _best_recompute(step_ms, offloaded=offloaded, chunk_tokens=chunk_tokens)
         reason = (f"{note} — recompute {r}/{offloaded} offloaded tokens: predicted {best_ms:.1f} ms vs "
                   f"{full_ms:.1f} ms copying all K/V")
     predicted, layer = simulate_step(cost, seq_len=seq_len, resident=resident, recompute=r, chunk_tokens=chunk_tokens)
@@ -245,7 +273,7 @@ def plan_step(cost: CostModel, *, seq_len: int, resident: int, chunk_tokens: int
 
 def plan_run(spec: ModelSpec, profile: HardwareProfile, *, placement: str, batch: int, prompt_tokens: int,
              new_tokens: int, resident_tokens: int, split: float | None, chunk_tokens: int,
-             budget_note: str = "", cuda_graphs: bool = True) -> RunPlan:
+             budget_note: str = "", cuda_graphs: bool = True, recompute_off_why: str | None = None) -> RunPlan:
     """Plans for every decode step of a run, and the host storage they need (activations where any step
     recomputes, K/V where any step copies)."""
     if placement == "gpu":
@@ -253,7 +281,8 @@ def plan_run(spec: ModelSpec, profile: HardwareProfile, *, placement: str, batch
     cost = CostModel(spec=spec, profile=profile, batch=batch, cuda_graphs=cuda_graphs and profile.device_type == "cuda")
     max_tokens = prompt_tokens + new_tokens
     resident = min(resident_tokens, max_tokens)
-    steps = tuple(plan_step(cost, seq_len=s, resident=resident, chunk_tokens=chunk_tokens, split=split)
+    steps = tuple(plan_step(cost, seq_len=s, resident=resident, chunk_tokens=chunk_tokens, split=split,
+                            recompute_off_why=recompute_off_why)
                   for s in range(prompt_tokens + 1, max_tokens + 1))
     act_hi = max((p.recompute_range[1] for p in steps if p.recompute_tokens), default=resident)
     kv_lo = min((p.recompute_range[1] for p in steps), default=resident)

@@ -1,0 +1,60 @@
+"""Errors after which this process can no longer use the GPU: illegal addresses, launch failures, device asserts.
+
+CUDA makes such errors sticky: the context is corrupted, every later CUDA call in the process returns the same
+error, and only a new process gets a working GPU again. The engine recognises them wherever a run fails, releases
+what it can (host memory is freed even where CUDA refuses to unregister it), marks the process as lost so that
+later runs are refused at once with the same explanation instead of failing somewhere odd, and says that the app
+must be restarted.
+"""
+
+from __future__ import annotations
+
+import threading
+
+# Phrases of the CUDA runtime's messages (as torch raises them) for errors that corrupt the context.
+STICKY_MARKERS = (
+    "illegal memory access", "cudaerrorillegaladdress", "illegal instruction", "unspecified launch failure",
+    "cudaerrorlaunchfailure", "misaligned address", "device-side assert", "invalid program counter",
+    "hardware stack error", "uncorrectable ecc", "cudaerrorecc", "an illegal address",
+)
+
+_lock = threading.Lock()
+_lost: str | None = None  # the first sticky error this process saw, as one line
+
+
+def is_context_lost(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a CUDA error that corrupts the GPU context."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).lower()
+        if any(marker in text for marker in STICKY_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def mark_lost(detail: str) -> None:
+    global _lost
+    with _lock:
+        if _lost is None:
+            _lost = detail
+
+
+def lost() -> str | None:
+    """The sticky error this process saw (None while the GPU works)."""
+    return _lost
+
+
+def lost_message(stage: str | None = None) -> str:
+    where = f" during {stage}" if stage else ""
+    return (f"The GPU reported an unrecoverable error{where} ({_lost}): the CUDA context of this process is lost and "
+            "no further GPU work can run in it. The run's host memory was released. Restart the app (or the Python "
+            "process) to continue; if it happens again with the same settings, choose decode attention 'torch' in "
+            "Settings or report the settings that led here.")
+
+
+def reset_for_tests() -> None:
+    global _lost
+    with _lock:
+        _lost = None

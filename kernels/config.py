@@ -16,6 +16,7 @@ class DecodeAttentionConfig:
     prefetch_distance: int = 1  # tiles ahead
     num_splits: int | None = None
     block_n: int | None = None  # keys per tile
+    num_stages: int | None = None  # depth of the cp.async K/V pipeline (1: none); None: a tuning table or the rules
 
     def __post_init__(self) -> None:
         if self.prefetch not in ("off", "on", "auto"):
@@ -26,6 +27,10 @@ class DecodeAttentionConfig:
             raise ValueError(f"num_splits must be None or an int in 1..{MAX_SPLITS}, got {self.num_splits!r}")
         if self.block_n is not None and self.block_n not in (16, 32, 64, 128):
             raise ValueError(f"block_n must be None or one of 16, 32, 64, 128, got {self.block_n!r}")
+        if self.num_stages is not None and (isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int)
+                                            or self.num_stages not in (1, 2, 3)):
+            raise ValueError(f"num_stages must be None (the launcher chooses) or 1, 2 or 3 pipeline stages, "
+                             f"got {self.num_stages!r}")
 
 
 MAX_HEAD_DIM = 256  # 256-wide heads run 32-key tiles 3 stages deep in ~96 KiB of shared memory (bf16)

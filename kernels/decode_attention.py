@@ -17,7 +17,9 @@ needs contiguous, 16-byte aligned key rows, so segments with strided rows run wi
 programs per SM (DESIGN.md). Measured here, the kernel's own 3-stage cp.async pipeline already requests the next
 2 tiles, so a prefetch 1-2 tiles ahead mostly races it (ncu: L2 hits rise, demand reads still miss) and moved
 times from 7 % slower to 1.5 % faster; it gained 10-30 % only on an unpipelined variant. Decisions are pure
-Python (`choose_launch`, `plan_segments`) and testable on CPU.
+Python (kernels/decode_plan.py's `choose_launch`, and `plan_segments` here) and testable on CPU; where the device
+has a measured tuning table (kernels/tuning.py, written by bench/suites/decode_attention_study.py), it decides
+`auto` prefetch and an unset pipeline depth for the shape classes it measured.
 """
 
 from __future__ import annotations
@@ -25,180 +27,68 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from kernels.config import MAX_HEAD_DIM, MAX_SPLITS, DecodeAttentionConfig
+from kernels.config import MAX_HEAD_DIM, MAX_SPLITS, DecodeAttentionConfig  # noqa: F401 - re-exported
+# The planner, re-exported: benches and tests import it from here, and plan_segments calls choose_launch through
+# this module's namespace (bench/suites/reliability.py patches it here to launch impossible tiles).
+from kernels.decode_plan import (  # noqa: F401
+    AUTO_PREFETCH_MAX_PROGRAMS_PER_SM,
+    BIG_TILE_MIN_WAVES,
+    HOPPER_SHARED_MEMORY_BYTES,
+    MIN_TILES_PER_SPLIT,
+    TARGET_PROGRAMS_PER_SM,
+    LaunchPlan,
+    Variant,
+    block_d_for,
+    choose_launch,
+    prefetch_refusal,
+    shared_memory_estimate,
+    variant_grid,
+)
 from kernels.segments import KVSegment, visible_keys
+from kernels.tuning import TuningTable, device_table, dtype_name
 
-# Measured on an H100 (bench/results/decode_attention*.md) unless said otherwise.
-# auto: prefetch only on grids with fewer programs per SM than this. With the 3-stage cp.async pipeline,
-# prefetch tied or lost (0-5 % at d=1, up to 7 % at d=2) on every bench shape, 0.97 to 7.8 programs/SM
-# (decode_attention.md, 2026-11-25); the streaming read of DESIGN.md gained 48 % only at 1 CTA/SM without
-# a pipeline. What is left for it: grids that leave most SMs idle (short, small batches), where one
-# program's pipeline is all that is in flight. That regime is not in the bench.
-AUTO_PREFETCH_MAX_PROGRAMS_PER_SM = 0.5
-# About one program per SM was fastest with the 3-stage pipeline (B1 Hkv8 S32768: 0.053 ms at 0.97/SM,
-# 0.057 ms at 3.9/SM); keep >= MIN_TILES_PER_SPLIT tiles in a split so the pipeline fills.
-TARGET_PROGRAMS_PER_SM = 1.0
-MIN_TILES_PER_SPLIT = 4
-# 16 KiB tiles at 16-bit (BLOCK_N x BLOCK_D = 8K elements: 64 keys of 128 dims, 128 of 64) were the measured
-# default; 32 KiB tiles keep twice the bytes in flight: 6 % faster on grids of 7.8 waves (B64/B128 GQA, D=128);
-# the 3-wave floor is a guess that keeps the last wave's tail small.
-TILE_ELEMENTS = 8192
-BIG_TILE_MIN_WAVES = 3.0
-# Hopper's shared memory per block (opt-in): 227 KiB. Triton's pipeline holds num_stages - 1 K and V tiles in
-# flight (fp32: at least two tiles, for the fp32 dot's operand layouts) plus up to 16 KiB of layout-conversion
-# scratch and the q tile: what tests/test_decode_attention_ptx.py compiles for sm_90 stays under this estimate.
-HOPPER_SHARED_MEMORY_BYTES = 227 * 1024
-_SCRATCH_BYTES = 16 * 1024
 _CPU_NUM_SMS = 8  # stand-in SM count for the interpreter, so CPU plans are deterministic
 _LOG2E = math.log2(math.e)
 
 
-@dataclass(frozen=True)
-class LaunchPlan:
-    """How one segment's split kernel is launched; no tensors. `why` says how prefetch, tiles and splits were
-    decided."""
-
-    num_splits: int
-    tiles_per_split: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    prefetch: bool
-    prefetch_distance: int
-    num_programs: int  # grid size of the split kernel
-    programs_per_sm: float
-    why: str
-    segment: int = 0  # index of the segment this plan launches over
-    shared_memory_bytes: int = 0  # estimated shared memory of one program
-
-
-def block_d_for(head_dim: int) -> int:
-    """The padded head dim of the kernel's tiles: a power of two >= 16 (tl.dot's smallest K)."""
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def shared_memory_estimate(block_n: int, head_dim: int, num_stages: int, *, element_bytes: int) -> int:
-    """Bytes of shared memory one program of the split kernel needs at this tile and pipeline depth (an upper
-    bound of what Triton 3.9 allocates for sm_90, checked by tests/test_decode_attention_ptx.py)."""
-    block_d = block_d_for(head_dim)
-    tile_bytes = block_n * block_d * element_bytes
-    in_flight = max(2 * (num_stages - 1), 2 if element_bytes == 4 else 1) * tile_bytes
-    return in_flight + _SCRATCH_BYTES + 16 * block_d * 4
-
-
-def choose_launch(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, num_sms: int,
-                  config: DecodeAttentionConfig = DecodeAttentionConfig(), *, element_bytes: int = 2,
-                  interpret: bool = False, prefetch_refused: str | None = None,
-                  shared_memory_bytes: int = HOPPER_SHARED_MEMORY_BYTES) -> LaunchPlan:
-    """Plan splits, tile size, pipeline depth and prefetch for (batch, KV heads, S, D) keys on `num_sms` SMs.
-
-    `max_seq_len` is the most keys one sequence can see in the segment (its slots, or the window if shorter).
-    `element_bytes` is the cache's element size (2 for bf16/fp16, 4 for fp32); `interpret` forces prefetch off
-    (the interpreter cannot run inline PTX), and so does `prefetch_refused`, the reason the segment's layout
-    cannot take a bulk prefetch.
-    """
-    for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads), ("max_seq_len", max_seq_len), ("num_sms", num_sms)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if element_bytes not in (2, 4):
-        raise ValueError(f"element_bytes must be 2 or 4, got {element_bytes!r}")
-    if not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be an int in 1..{MAX_HEAD_DIM}, got {head_dim!r}")
-    if not isinstance(config, DecodeAttentionConfig):
-        raise ValueError(f"config must be a DecodeAttentionConfig, got {type(config).__name__}")
-    rows = batch * num_kv_heads
-    block_d = block_d_for(head_dim)
-    if config.block_n is not None:
-        block_n = config.block_n
-    else:
-        block_n = min(128, max(16, TILE_ELEMENTS // block_d))
-        if element_bytes == 2 and block_d >= 128 and rows >= BIG_TILE_MIN_WAVES * num_sms:
-            block_n = min(128, 2 * block_n)
-    tile_why = ""
-    while block_n > 16 and shared_memory_estimate(block_n, head_dim, 1, element_bytes=element_bytes) > shared_memory_bytes:
-        block_n //= 2  # only an asked tile can be this large: say so
-        tile_why = (f" (block_n {config.block_n} asked: its tiles of head dim {head_dim} overflow "
-                    f"{shared_memory_bytes >> 10} KiB of shared memory)")
-    num_stages = 3 if block_n * block_d * element_bytes <= 32 * 1024 else 2
-    while num_stages > 1 and shared_memory_estimate(block_n, head_dim, num_stages, element_bytes=element_bytes) > shared_memory_bytes:
-        num_stages -= 1  # K and V tiles in flight must fit in shared memory
-    smem = shared_memory_estimate(block_n, head_dim, num_stages, element_bytes=element_bytes)
-    num_tiles = triton.cdiv(max_seq_len, block_n)
-    if config.num_splits is not None:
-        wanted, split_why = config.num_splits, f"{config.num_splits} splits asked"
-    else:
-        wanted = min(max(1, int(TARGET_PROGRAMS_PER_SM * num_sms // rows)), max(1, num_tiles // MIN_TILES_PER_SPLIT))
-        split_why = f"{rows} (seq, KV head) rows on {num_sms} SMs, aim {TARGET_PROGRAMS_PER_SM:g} program/SM"
-    tiles_per_split = triton.cdiv(num_tiles, max(1, min(wanted, num_tiles, MAX_SPLITS)))
-    num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no split is empty at max_seq_len keys
-    num_programs = rows * num_splits
-    per_sm = num_programs / num_sms
-    if interpret:
-        prefetch, why = False, "prefetch off: TRITON_INTERPRET cannot run inline PTX"
-    elif prefetch_refused is not None:
-        prefetch, why = False, f"prefetch off: {prefetch_refused}"
-    elif config.prefetch == "off":
-        prefetch, why = False, "prefetch off (asked)"
-    elif config.prefetch == "on":
-        prefetch, why = True, f"prefetch on (asked), {per_sm:.2f} programs/SM"
-    else:
-        prefetch = per_sm < AUTO_PREFETCH_MAX_PROGRAMS_PER_SM
-        why = (f"auto: {per_sm:.2f} programs/SM {'<' if prefetch else '>='} {AUTO_PREFETCH_MAX_PROGRAMS_PER_SM:g}"
-               f" -> prefetch {'on' if prefetch else 'off'}")
-    if prefetch:
-        why += f" d={config.prefetch_distance}"
-    return LaunchPlan(num_splits=num_splits, tiles_per_split=tiles_per_split, block_n=block_n, num_warps=4,
-                      num_stages=num_stages, prefetch=prefetch, prefetch_distance=config.prefetch_distance,
-                      num_programs=num_programs, programs_per_sm=per_sm, shared_memory_bytes=smem,
-                      why=f"{why}; {num_splits} splits x {tiles_per_split} tiles of {block_n} keys{tile_why} ({split_why}); "
-                          f"{num_stages} stages, ~{smem >> 10} KiB shared memory")
-
-
-def prefetch_refusal(k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why a bulk L2 prefetch cannot read this segment's key rows (None: it can): it reads one contiguous,
-    16-byte aligned run of rows. Reads only shapes, strides and addresses."""
-    head_dim, element_bytes = k.shape[3], k.element_size()
-    for name, t in (("key", k), ("value", v)):
-        if t.shape[2] > 1 and t.stride(2) != head_dim:
-            return (f"{name} rows of this segment are strided (row stride {t.stride(2)} elements), a bulk prefetch "
-                    "needs contiguous rows")
-        starts = (t.data_ptr(), t.stride(0) * element_bytes, t.stride(1) * element_bytes, head_dim * element_bytes)
-        if any(s % 16 for s in starts):
-            return f"{name} rows of this segment are not 16-byte aligned, a bulk prefetch needs aligned rows"
-    return None
-
-
 def plan_segments(segments: Sequence[KVSegment], *, window: int | None = None,
                   config: DecodeAttentionConfig = DecodeAttentionConfig(), num_sms: int | None = None,
-                  interpret: bool | None = None) -> tuple[LaunchPlan, ...]:
+                  interpret: bool | None = None,
+                  tuning: TuningTable | Literal["device"] | None = "device") -> tuple[LaunchPlan, ...]:
     """One plan per segment that holds slots, in order (`segment` is its index): how decode_attention_segments
     launches them. Pure Python over shapes and strides (no device work, no sync). `num_sms` None: the segments'
-    device's; `interpret` None: whether this process runs the Triton interpreter."""
+    device's; `interpret` None: whether this process runs the Triton interpreter; `tuning`: the measured table
+    ("device": the one written for this device, if any; None: the rules only)."""
     if not segments:
         raise ValueError("decode attention needs at least one K/V segment")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None or a positive int, got {window!r}")
+    device = segments[0].k.device
     interpret = _interpreting() if interpret is None else interpret
-    num_sms = _num_sms(segments[0].k.device) if num_sms is None else num_sms
+    num_sms = sm_count(device) if num_sms is None else num_sms
+    table = device_table(device) if tuning == "device" else tuning
     plans = []
     for index, seg in enumerate(segments):
         batch, num_kv_heads, num_slots, head_dim = seg.k.shape
         if num_slots == 0:
             continue
         keys = num_slots if window is None else min(num_slots, window)  # the most keys one sequence sees here
+        where = f"segment {index} (slots {seg.start}..{seg.end - 1}, {keys} keys planned"
+        tuned = None
+        if table is not None:
+            shape_class, tuned = table.lookup(batch * num_kv_heads, keys, head_dim, dtype_name(seg.k.dtype))
+            where += f"; class {shape_class} {'tuned' if tuned else 'not in the tuning table'}"
         plan = choose_launch(batch, num_kv_heads, keys, head_dim, num_sms, config,
                              element_bytes=seg.k.element_size(), interpret=interpret,
-                             prefetch_refused=prefetch_refusal(seg.k, seg.v))
-        where = f"segment {index} (slots {seg.start}..{seg.end - 1}, {keys} keys planned)"
-        plans.append(dataclasses.replace(plan, segment=index, why=f"{where}: {plan.why}"))
+                             prefetch_refused=prefetch_refusal(seg.k, seg.v), tuned=tuned)
+        plans.append(dataclasses.replace(plan, segment=index, why=f"{where}): {plan.why}"))
     if not plans:
         raise ValueError("every K/V segment is empty: decode attention has no key to read")
     return tuple(plans)
@@ -355,7 +245,8 @@ def _interpreting() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """The device's SM count (the interpreter: a fixed stand-in, so CPU plans are deterministic)."""
     if device.type != "cuda":
         return _CPU_NUM_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -449,7 +340,7 @@ def decode_attention_segments(q: torch.Tensor, segments: Sequence[KVSegment], se
     key start and splits, `plan_segments`), one merge over all of them. No host syncs and no data-dependent
     allocation, so it can be captured in a CUDA graph; the interpreter always runs without prefetch."""
     _check_inputs(q, segments, seq_lens, out, window, softcap)
-    plans = plan_segments(segments, window=window, config=config, num_sms=_num_sms(q.device))
+    plans = plan_segments(segments, window=window, config=config, num_sms=sm_count(q.device))
     out = torch.empty_like(q) if out is None else out
     return _launch(q, segments, plans, seq_lens, sm_scale=sm_scale, window=window, softcap=softcap, out=out)
 
@@ -465,7 +356,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     segments = [KVSegment(k_cache, v_cache, 0)]
     _check_inputs(q, segments, seq_lens, out, window, softcap)
     if plan is None:
-        plans = plan_segments(segments, window=window, config=config, num_sms=_num_sms(q.device))
+        plans = plan_segments(segments, window=window, config=config, num_sms=sm_count(q.device))
     else:
         plans = (dataclasses.replace(plan, segment=0),)
     out = torch.empty_like(q) if out is None else out

@@ -226,7 +226,7 @@ def test_empty_segments_are_skipped():
     gen = torch.Generator().manual_seed(6)
     seg = _segment("cache", 1, 1, 0, 20, 32, torch.float32, gen)
     empty = KVSegment(seg.k[:, :, :0], seg.v[:, :, :0], 20)
-    plans = plan_segments([seg, empty], num_sms=132, interpret=False)
+    plans = plan_segments([seg, empty], num_sms=132, interpret=False, tuning=None)
     assert [p.segment for p in plans] == [0]
     q = torch.randn(1, 2, 32, generator=gen)
     lens = torch.tensor([20], dtype=torch.int32)
@@ -298,7 +298,7 @@ def test_strided_segments_plan_prefetch_off_and_say_why():
     gen = torch.Generator().manual_seed(0)
     cache = _segment("cache", 4, 8, 0, 100, 128, torch.bfloat16, gen)
     staged = _segment("staged", 4, 8, 100, 50, 128, torch.bfloat16, gen)
-    plans = plan_segments([cache, staged], num_sms=132, interpret=False, config=DecodeAttentionConfig(prefetch="on"))
+    plans = plan_segments([cache, staged], num_sms=132, interpret=False, tuning=None, config=DecodeAttentionConfig(prefetch="on"))
     assert [p.segment for p in plans] == [0, 1]
     assert plans[0].prefetch and "prefetch on (asked)" in plans[0].why
     row_stride = 4 * 2 * 8 * 128
@@ -311,8 +311,8 @@ def test_strided_segments_plan_prefetch_off_and_say_why():
 def test_window_plans_splits_over_the_window_only():
     gen = torch.Generator().manual_seed(0)
     seg = _segment("cache", 1, 8, 0, 32768, 16, torch.bfloat16, gen)
-    full, = plan_segments([seg], num_sms=132, interpret=False)
-    windowed, = plan_segments([seg], window=4096, num_sms=132, interpret=False)
+    full, = plan_segments([seg], num_sms=132, interpret=False, tuning=None)
+    windowed, = plan_segments([seg], window=4096, num_sms=132, interpret=False, tuning=None)
     assert windowed.num_splits * windowed.tiles_per_split * windowed.block_n >= 4096
     assert windowed.tiles_per_split * windowed.block_n < full.tiles_per_split * full.block_n
     assert "4096 keys planned" in windowed.why
@@ -371,7 +371,7 @@ def test_any_head_dim_plans_16_kib_tiles_that_fit_shared_memory(head_dim, elemen
     asked = choose_launch(2, 8, 4096, head_dim, 132, DecodeAttentionConfig(block_n=128), element_bytes=element_bytes)
     assert asked.shared_memory_bytes <= HOPPER_SHARED_MEMORY_BYTES and asked.num_stages >= 1, asked.why
     if asked.block_n < 128:  # only fp32 D=256: a 128 KiB tile cannot be held even once, and the plan says so
-        assert (head_dim, element_bytes) == (256, 4) and "block_n 128 asked" in asked.why, asked.why
+        assert (head_dim, element_bytes) == (256, 4) and "128-key tiles 1 stage deep overflow" in asked.why, asked.why
     big = choose_launch(128, 8, 2048, 256, 132)  # many waves of 16-bit D=256: 32 KiB tiles, still 3 stages
     assert big.block_n == 64 and big.num_stages == 3 and big.shared_memory_bytes <= HOPPER_SHARED_MEMORY_BYTES
 

@@ -1,0 +1,161 @@
+"""The pipeline depth as a launch parameter, the study's variant grid and the measured tuning table (kernels/tuning.py),
+on CPU: a recorded table decides prefetch="auto" and an unset num_stages for shapes in its classes, the rules decide
+outside them, asked settings beat both; the study bench runs tiny shapes under the interpreter and writes a table
+the planner then reads."""
+
+import os
+
+# triton.jit picks the interpreter when a kernel module is imported: set this before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels.decode_attention import (  # noqa: E402
+    DecodeAttentionConfig,
+    _interpreting,
+    choose_launch,
+    plan_segments,
+    variant_grid,
+)
+from kernels.segments import KVSegment  # noqa: E402
+from kernels.tuning import (  # noqa: E402
+    TunedVariant,
+    TuningTable,
+    device_table,
+    load_table,
+    shape_class,
+    table_path,
+    write_table,
+)
+
+_NUM_SMS = 132
+
+
+def _segment(batch, num_kv_heads, num_slots, head_dim, dtype=torch.bfloat16, start=0):
+    k = torch.empty(batch, num_kv_heads, num_slots, head_dim, dtype=dtype)  # planning reads shapes and strides only
+    return KVSegment(k, torch.empty_like(k), start)
+
+
+def _table(**entries) -> TuningTable:
+    return TuningTable(device="test-gpu", measured_at="2026-12-02T00:00:00+00:00", entries=entries)
+
+
+# B1 Hkv8 S32768 D128 bf16: the under-occupied shape of the bench, in class rows<=8 keys<=32768 d128 bfloat16
+TUNED_CLASS = shape_class(8, 32768, 128, "bfloat16")
+TUNED = TunedVariant(num_stages=2, prefetch=True, prefetch_distance=2, gb_s=3400.0, measured_shape=(1, 32, 8, 32768))
+
+
+@pytest.mark.parametrize("value", [0, 4, True, 2.0, "3"])
+def test_num_stages_is_validated(value):
+    with pytest.raises(ValueError, match="num_stages must be None"):
+        DecodeAttentionConfig(num_stages=value)
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+def test_choose_launch_honours_num_stages_and_says_so(num_stages):
+    plan = choose_launch(1, 8, 32768, 128, _NUM_SMS, DecodeAttentionConfig(num_stages=num_stages))
+    assert plan.num_stages == num_stages
+    assert f"{num_stages} stage{'s' if num_stages > 1 else ''} (asked)" in plan.why
+    assert "(rule)" in choose_launch(1, 8, 32768, 128, _NUM_SMS).why
+
+
+def test_asked_stages_that_overflow_shared_memory_shrink_the_tile():
+    # fp32 D=256 with 128-key tiles 3 stages deep wants ~800 KiB: the tile halves until 3 stages fit
+    plan = choose_launch(1, 8, 4096, 256, _NUM_SMS, DecodeAttentionConfig(num_stages=3, block_n=128), element_bytes=4)
+    assert plan.num_stages == 3 and plan.block_n < 128 and plan.shared_memory_bytes <= 227 * 1024
+    assert "128-key tiles 3 stages deep overflow" in plan.why
+
+
+def test_variant_grid_covers_stages_by_prefetch_by_distance():
+    variants = variant_grid(1, 8, 32768, 128, _NUM_SMS)
+    assert len(variants) == 9 and len({v.name for v in variants}) == 9
+    settings = {(v.plan.num_stages, v.plan.prefetch, v.plan.prefetch_distance if v.plan.prefetch else None) for v in variants}
+    assert settings == {(s, p, d) for s in (1, 2, 3) for p, d in ((False, None), (True, 1), (True, 2))}
+    base = choose_launch(1, 8, 32768, 128, _NUM_SMS)
+    assert all((v.plan.num_splits, v.plan.block_n) == (base.num_splits, base.block_n) for v in variants)
+    assert not any(v.plan.prefetch for v in variant_grid(1, 8, 4096, 128, _NUM_SMS, interpret=True))
+
+
+def test_auto_picks_the_tables_variant_inside_its_class():
+    table = _table(**{TUNED_CLASS: TUNED})
+    for batch, num_kv_heads, slots in ((1, 8, 32768), (1, 5, 20000), (2, 4, 16385)):  # all in the class
+        plan, = plan_segments([_segment(batch, num_kv_heads, slots, 128)], num_sms=_NUM_SMS, interpret=False, tuning=table)
+        assert (plan.num_stages, plan.prefetch, plan.prefetch_distance) == (2, True, 2), plan.why
+        assert f"class {TUNED_CLASS} tuned" in plan.why and "auto, tuned" in plan.why and "(tuned)" in plan.why
+
+
+@pytest.mark.parametrize("batch, num_kv_heads, slots, head_dim, dtype", [
+    (1, 8, 8192, 128, torch.bfloat16),  # fewer keys: another class
+    (4, 8, 32768, 128, torch.bfloat16),  # more rows
+    (1, 8, 32768, 64, torch.bfloat16),  # another head dim
+    (1, 8, 32768, 128, torch.float32),  # another dtype
+])
+def test_rules_decide_outside_the_tables_classes(batch, num_kv_heads, slots, head_dim, dtype):
+    table = _table(**{TUNED_CLASS: TUNED})
+    plan, = plan_segments([_segment(batch, num_kv_heads, slots, head_dim, dtype)], num_sms=_NUM_SMS, interpret=False,
+                          tuning=table)
+    rules, = plan_segments([_segment(batch, num_kv_heads, slots, head_dim, dtype)], num_sms=_NUM_SMS, interpret=False,
+                           tuning=None)
+    assert (plan.num_stages, plan.prefetch, plan.prefetch_distance) == (rules.num_stages, rules.prefetch, rules.prefetch_distance)
+    assert "not in the tuning table" in plan.why and "auto:" in plan.why
+
+
+def test_asked_settings_beat_the_table():
+    table = _table(**{TUNED_CLASS: TUNED})
+    seg = [_segment(1, 8, 32768, 128)]
+    off, = plan_segments(seg, num_sms=_NUM_SMS, interpret=False, tuning=table, config=DecodeAttentionConfig(prefetch="off"))
+    assert not off.prefetch and off.num_stages == 2  # the table still picks the depth
+    deep, = plan_segments(seg, num_sms=_NUM_SMS, interpret=False, tuning=table, config=DecodeAttentionConfig(num_stages=3))
+    assert deep.num_stages == 3 and deep.prefetch and deep.prefetch_distance == 2  # and prefetch stays tuned
+    staging = torch.empty(32768, 1, 2, 8, 128, dtype=torch.bfloat16)  # (S, B, 2, Hkv, D), never touched
+    strided = KVSegment(staging[:, :, 0].permute(1, 2, 0, 3), staging[:, :, 1].permute(1, 2, 0, 3))
+    refused, = plan_segments([strided], num_sms=_NUM_SMS, interpret=False, tuning=table)
+    assert not refused.prefetch and "strided" in refused.why  # the layout beats the table too
+
+
+def test_table_round_trip_merge_and_bad_files(tmp_path):
+    path = tmp_path / "t.json"
+    first = _table(**{TUNED_CLASS: TUNED})
+    write_table(first, path)
+    assert load_table(path) == first
+    other = shape_class(64, 4096, 128, "bfloat16")
+    write_table(_table(**{other: TunedVariant(num_stages=3, prefetch=False, prefetch_distance=1, gb_s=4100.0)}), path)
+    merged = load_table(path)
+    assert set(merged.entries) == {TUNED_CLASS, other}  # the second study kept the first one's class
+    raw = json.loads(path.read_text())
+    assert raw["entries"][TUNED_CLASS]["num_stages"] == 2 and raw["version"] == 1
+    path.write_text("{not json")
+    assert load_table(path) is None  # unreadable: the rules decide
+    assert load_table(tmp_path / "missing.json") is None
+
+
+def test_plan_segments_reads_the_devices_table_from_the_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
+    assert device_table("cpu") is None
+    path = table_path("cpu")
+    assert path.parent == tmp_path / "hardware" and "triton" in path.name
+    write_table(_table(**{TUNED_CLASS: TUNED}), path)
+    plan, = plan_segments([_segment(1, 8, 32768, 128)], num_sms=_NUM_SMS, interpret=False)
+    assert (plan.num_stages, plan.prefetch, plan.prefetch_distance) == (2, True, 2), plan.why
+
+
+@pytest.mark.skipif(not _interpreting(), reason="triton was imported before TRITON_INTERPRET=1 was set")
+def test_study_bench_smoke_under_the_interpreter(tmp_path, monkeypatch):
+    from bench.suites.decode_attention_study import study
+
+    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
+    shapes = [(2, 4, 2, 40), (1, 2, 1, 33)]
+    notes: list[str] = []
+    rows, table = study(shapes, head_dim=32, dtype=torch.float32, device="cpu", notes=notes)
+    assert len(rows) == 9 * len(shapes)
+    assert all(r.ms and r.gb_s and r.extra["rel_err"] < 1e-4 and "error" not in r.extra for r in rows), notes
+    assert rows[0].bytes_moved == 2 * 2 * 2 * 40 * 32 * 4  # K and V bytes
+    classes = {shape_class(4, 40, 32, "float32"), shape_class(1, 33, 32, "float32")}
+    assert set(table.entries) == classes
+    assert load_table(table_path("cpu")) == table  # written to this device's table
+    tuned = table.entries[shape_class(4, 40, 32, "float32")]
+    plan, = plan_segments([_segment(2, 2, 40, 32, torch.float32)], num_sms=8, interpret=False)
+    assert plan.num_stages == tuned.num_stages and "tuned" in plan.why

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl as _pdl
 from kernels.rounding import round_to
 
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -40,7 +41,9 @@ def gated(g, u, ACT: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _gated_act_kernel(gu_ptr, out_ptr, stride_g, stride_o, width, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_act_kernel(gu_ptr, out_ptr, stride_g, stride_o, width, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
+    _pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -50,8 +53,8 @@ def _gated_act_kernel(gu_ptr, out_ptr, stride_g, stride_o, width, ACT: tl.conste
     tl.store(out_ptr + row * stride_o + cols, round_to(gated(g, u, ACT, dtype), dtype), mask=mask)
 
 
-def gated_act(gate_up: torch.Tensor, *, act: str = "silu") -> torch.Tensor:
-    """gate_up (..., 2 * I), gate in the first half -> act(gate) * up (..., I), a new tensor."""
+def gated_act(gate_up: torch.Tensor, *, act: str = "silu", pdl: bool = False) -> torch.Tensor:
+    """gate_up (..., 2 * I), gate in the first half -> act(gate) * up (..., I), a new tensor. pdl: kernels/pdl.py."""
     assert act in ACTIVATIONS, f"act {act!r}: one of {ACTIVATIONS}"
     assert gate_up.dtype in (torch.float32, torch.float16, torch.bfloat16), gate_up.dtype
     assert gate_up.shape[-1] % 2 == 0, f"[gate | up] needs an even last dim, got {gate_up.shape[-1]}"
@@ -66,9 +69,10 @@ def gated_act(gate_up: torch.Tensor, *, act: str = "silu") -> torch.Tensor:
     if rows.shape[0] == 0 or width == 0:
         return out
     block = min(1024, triton.next_power_of_2(width))
+    pdl = pdl and _pdl.usable(gate_up.device, interpreting=not isinstance(_gated_act_kernel, triton.runtime.jit.JITFunction))
     _gated_act_kernel[(rows.shape[0], triton.cdiv(width, block))](
-        gu_ptr=rows, out_ptr=out, stride_g=rows.stride(0), stride_o=width, width=width, ACT=act, BLOCK=block,
-        num_warps=4)
+        gu_ptr=rows, out_ptr=out, stride_g=rows.stride(0), stride_o=width, width=width, ACT=act, BLOCK=block, PDL=pdl,
+        num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -14,12 +14,15 @@ import triton.language as tl
 
 from kernels.rounding import round_to
 
-from kernels.rms_norm import MAX_HIDDEN, _rows
+from kernels import pdl as _pdl
+from kernels.rms_norm import MAX_HIDDEN, _interpreting, _rows
 
 
 @triton.jit
 def _add_layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, stride_x, stride_r, stride_s, stride_o,
-                           num_cols, eps, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                           num_cols, eps, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                           PDL: tl.constexpr):
+    _pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < num_cols
@@ -40,9 +43,9 @@ def _add_layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, strid
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-                   *, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   *, eps: float, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., n) [+ residual] -> (s = residual + x, layer_norm(s) * weight + bias), new tensors of x's shape
-    (residual None: s is x itself)."""
+    (residual None: s is x itself). pdl: as kernels/rms_norm.py's."""
     n = x.shape[-1]
     assert x.dtype in (torch.float32, torch.float16, torch.bfloat16), x.dtype
     assert weight is not None, "LayerNorm without a weight: pass ones"
@@ -63,11 +66,12 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     if x2.shape[0] == 0:
         return total, out
     block = triton.next_power_of_2(n)
+    pdl = pdl and _pdl.usable(x.device, interpreting=_interpreting())
     _add_layer_norm_kernel[(x2.shape[0],)](
         x_ptr=x2, res_ptr=r2, w_ptr=weight, b_ptr=weight if bias is None else bias, sum_ptr=s2, out_ptr=out,
         stride_x=x2.stride(0), stride_r=r2.stride(0), stride_s=s2.stride(0), stride_o=n, num_cols=n, eps=eps,
-        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK=block,
-        num_warps=max(1, min(16, block // 512)))
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl,
+        num_warps=max(1, min(16, block // 512)), **({"launch_pdl": True} if pdl else {}))
     return total, out
 
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl as _pdl
 from kernels.rounding import round_to
 
 MAX_HIDDEN = 32768
@@ -26,7 +27,9 @@ MAX_HIDDEN = 32768
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride_r, stride_s, stride_o, num_cols,
-                         eps, HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+                         eps, HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    _pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < num_cols
@@ -46,6 +49,11 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stri
     tl.store(out_ptr + row * stride_o + cols, round_to(y, dtype), mask=mask)
 
 
+def _interpreting() -> bool:
+    # triton.jit picks the interpreter when this module is imported, from TRITON_INTERPRET at that time.
+    return not isinstance(_add_rms_norm_kernel, triton.runtime.jit.JITFunction)
+
+
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
     assert t.dim() >= 1 and t.stride(-1) == 1, f"{name}: the last dim must be contiguous, got strides {t.stride()}"
     try:
@@ -56,10 +64,11 @@ def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, *, eps: float,
-                 unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 unit_offset: bool = False, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., n) [+ residual (..., n)] -> (s = residual + x, rms_norm(s) * weight), both new tensors of x's shape.
 
     residual None: s is x itself (no copy) and only the norm is computed. unit_offset: Gemma's (1 + weight).
+    pdl: launch with programmatic dependent launch where the device allows (kernels/pdl.py).
     """
     n = x.shape[-1]
     assert weight.shape == (n,) and weight.stride(0) == 1, (weight.shape, weight.stride(), n)
@@ -79,10 +88,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     if x2.shape[0] == 0:
         return total, out
     block = triton.next_power_of_2(n)
+    pdl = pdl and _pdl.usable(x.device, interpreting=_interpreting())
     _add_rms_norm_kernel[(x2.shape[0],)](
         x_ptr=x2, res_ptr=r2, w_ptr=weight, sum_ptr=s2, out_ptr=out, stride_x=x2.stride(0), stride_r=r2.stride(0),
         stride_s=s2.stride(0), stride_o=n, num_cols=n, eps=eps, HAS_RESIDUAL=residual is not None,
-        UNIT_OFFSET=unit_offset, BLOCK=block, num_warps=max(1, min(16, block // 512)))
+        UNIT_OFFSET=unit_offset, BLOCK=block, PDL=pdl, num_warps=max(1, min(16, block // 512)), **({"launch_pdl": True} if pdl else {}))
     return total, out
 
 

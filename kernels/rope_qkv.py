@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl as _pdl
 from kernels.rounding import round_to
 
 
@@ -25,7 +26,8 @@ def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr, 
                      stride_xb, stride_xt, stride_cb, stride_ct, stride_kb, stride_kh, stride_ks, stride_vb,
                      stride_vh, stride_vs, num_tokens, num_q_heads, num_kv_heads, head_dim, half_rotary, eps,
                      QK_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr, STORE: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    _pdl.enter(PDL)
     row = tl.program_id(0)
     b, t = (row // num_tokens).to(tl.int64), (row % num_tokens).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # (H, 1)
@@ -74,12 +76,13 @@ def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr, 
 def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_heads: int, num_kv_heads: int,
               head_dim: int, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
               eps: float = 1e-6, unit_offset: bool = False, k_cache: torch.Tensor | None = None,
-              v_cache: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+              v_cache: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+              pdl: bool = False) -> torch.Tensor:
     """Rotate the q and k heads of qkv (B, T, (Hq + 2 Hkv) * D) in place; cos/sin (B or 1, T, R), R even <= D.
 
     q_norm/k_norm (D,): per-head RMSNorm weights applied first (Qwen3; Gemma 3's (1 + w) with unit_offset).
     k_cache/v_cache (B, Hkv, S, D) with positions (B,): also write K and V of each sequence's token there (T must
-    be 1). Returns qkv.
+    be 1). pdl: kernels/pdl.py. Returns qkv.
     """
     batch, num_tokens, width = qkv.shape
     assert width == (num_heads + 2 * num_kv_heads) * head_dim, (qkv.shape, num_heads, num_kv_heads, head_dim)
@@ -111,6 +114,7 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_he
     heads = num_heads + (2 if store else 1) * num_kv_heads
     block_h = min(triton.next_power_of_2(heads), max(1, 2048 // block_d))
     dummy = qkv  # never read: the constexpr flags switch the pointer's use off
+    pdl = pdl and _pdl.usable(qkv.device, interpreting=not isinstance(_rope_qkv_kernel, triton.runtime.jit.JITFunction))
     _rope_qkv_kernel[(batch * num_tokens, triton.cdiv(heads, block_h))](
         qkv_ptr=qkv, cos_ptr=cos, sin_ptr=sin, qw_ptr=dummy if q_norm is None else q_norm,
         kw_ptr=dummy if k_norm is None else k_norm, kc_ptr=k_cache if store else dummy,
@@ -121,7 +125,7 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_he
         stride_vh=v_cache.stride(1) if store else 0, stride_vs=v_cache.stride(2) if store else 0,
         num_tokens=num_tokens, num_q_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         half_rotary=rotary // 2, eps=eps, QK_NORM=q_norm is not None, UNIT_OFFSET=unit_offset, STORE=store,
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
+        BLOCK_H=block_h, BLOCK_D=block_d, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return qkv
 
 

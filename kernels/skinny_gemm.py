@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl as _pdl
 from kernels.gated_act import ACTIVATIONS, gated
 from kernels.rounding import round_to
 
@@ -59,11 +60,11 @@ def _dot(x, w, acc, DOT_FP32: tl.constexpr):
 @triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K, stride_xm, stride_wn,
                         stride_ym, k_per_split, split_k, up_offset, split_stride, HAS_BIAS: tl.constexpr,
-                        ACT: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+                        ACT: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):
+    _pdl.enter(PDL)  # before any load or store: x is the previous kernel's output
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    GATED: tl.constexpr = ACT != ""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -160,7 +161,8 @@ def default_config(num_rows: int, out_features: int, in_features: int, *, gated:
     BLOCK_N keeps x's L2 re-reads at <= 1/4 of the weight's bytes (<= 1/2 at M = 64); split_k makes ~2 programs per
     SM with at least 4 K tiles each, so the cp.async pipeline has something to overlap."""
     block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
-    block_n = 32 if num_rows <= 8 or gated else 64 if num_rows <= 16 else 128
+    # weight rows per program: block_n (gated: 2 block_n, gate and up)
+    block_n = (32 if num_rows <= 16 else 64) if gated else 32 if num_rows <= 8 else 64 if num_rows <= 16 else 128
     block_k = 128 if block_m <= 32 else 64
     if dtype_bytes == 4:
         block_k //= 2
@@ -171,9 +173,10 @@ def default_config(num_rows: int, out_features: int, in_features: int, *, gated:
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, act: str = "",
-                config: SkinnyConfig | None = None) -> torch.Tensor:
+                config: SkinnyConfig | None = None, pdl: bool = False) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T (+ bias (N,)) -> (M, N), M <= 64. act "silu"/"gelu_tanh": weight is a fused
-    [gate; up] (2 I, K) (bias (2 I,)) and the result is act(x W_gate^T + b_gate) * (x W_up^T + b_up), (M, I)."""
+    [gate; up] (2 I, K) (bias (2 I,)) and the result is act(x W_gate^T + b_gate) * (x W_up^T + b_up), (M, I).
+    pdl: launch with programmatic dependent launch where the device allows (kernels/pdl.py)."""
     assert x.dim() == 2 and weight.dim() == 2, (x.shape, weight.shape)
     num_rows, in_features = x.shape
     assert 1 <= num_rows <= MAX_ROWS, f"skinny_gemm takes 1..{MAX_ROWS} rows, got {num_rows}"
@@ -196,17 +199,18 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(in_features, k_per_split)
     split = split_k > 1
+    pdl = pdl and _pdl.usable(x.device, interpreting=_interpreting())
     part = torch.empty(split_k, num_rows, (2 if act else 1) * out_features, dtype=torch.float32, device=x.device) \
         if split else y
     _skinny_gemm_kernel[(col_blocks, split_k)](
         x_ptr=x, w_ptr=weight, bias_ptr=weight if bias is None else bias, y_ptr=y, part_ptr=part,
         ticket_ptr=tickets(x.device) if split else y, M=num_rows, N=out_features, K=in_features,
         stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_ym=y.stride(0), k_per_split=k_per_split,
-        split_k=split_k, up_offset=out_features * weight.stride(0), split_stride=part[0].numel() if split else 0, HAS_BIAS=bias is not None, ACT=act, SPLIT=split,
-        EVEN_K=in_features % config.block_k == 0, BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        DOT_FP32=x.dtype == torch.float32 or _interpreting(),
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        split_k=split_k, up_offset=out_features * weight.stride(0), split_stride=part[0].numel() if split else 0,
+        HAS_BIAS=bias is not None, ACT=act, GATED=bool(act), SPLIT=split, EVEN_K=in_features % config.block_k == 0,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        DOT_FP32=x.dtype == torch.float32 or _interpreting(), PDL=pdl, num_warps=config.num_warps,
+        num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}))
     return y
 
 

@@ -150,3 +150,36 @@ def test_launcher_refuses_bad_inputs():
     with pytest.raises(AssertionError):  # more than one token with a cache
         rope_qkv_(torch.randn(2, 2, 128), *tables(2, 2, 16, torch.float32), **heads, k_cache=cache, v_cache=cache,
                   positions=torch.zeros(2, dtype=torch.long))
+
+
+# -- the one-launch K/V store (kernels/kv_store.py) ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("batch,heads,dim", [(1, 1, 128), (5, 3, 80), (54, 8, 64), (97, 2, 16)])
+def test_store_kv_writes_each_sequence_at_its_position_only(batch, heads, dim, dtype):
+    from kernels.kv_store import store_kv_, store_kv_reference
+
+    slots = 11
+    gen = torch.Generator().manual_seed(batch + heads)
+    # k and v as views into a fused [q | k | v] row, as the fast adapter returns them
+    qkv = torch.randn(batch, 1, (4 + 2 * heads) * dim, generator=gen).to(dtype)
+    k = qkv[..., 4 * dim:(4 + heads) * dim].unflatten(-1, (heads, dim))
+    v = qkv[..., (4 + heads) * dim:].unflatten(-1, (heads, dim))
+    positions = torch.randint(0, slots, (batch,), generator=gen)
+    caches = torch.randn(2, 2, batch, heads, slots, dim, generator=gen).to(dtype)  # (K/V, L, B, Hkv, S, D)
+    want = caches.clone()
+    store_kv_reference(k, v, want[0, 1], want[1, 1], positions)
+    store_kv_(k, v, caches[0, 1], caches[1, 1], positions)
+    assert torch.equal(caches, want)  # the written slots, and every other one untouched
+
+
+def test_store_kv_refuses_bad_inputs():
+    from kernels.kv_store import store_kv_
+
+    k = torch.randn(2, 1, 3, 16)
+    cache = torch.zeros(2, 3, 5, 16)
+    with pytest.raises(AssertionError):
+        store_kv_(k, k, cache, cache, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(AssertionError):
+        store_kv_(k, k, cache.half(), cache.half(), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(AssertionError):
+        store_kv_(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16), cache, cache, torch.zeros(2, dtype=torch.long))

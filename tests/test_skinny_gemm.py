@@ -96,11 +96,13 @@ def test_strided_rows_of_x_and_a_fused_weight_view():
 def test_default_config_fills_the_chip_and_keeps_x_rereads_small():
     cpu = torch.device("cpu")  # plans for 132 SMs where there is no GPU
     for rows, n, k, gated in [(1, 4096, 4096, False), (8, 4096, 4096, False), (8, 11008, 4096, True),
-                              (16, 4096, 11008, False), (64, 4096, 4096, False), (8, 32000, 4096, False)]:
+                              (16, 4096, 11008, False), (64, 4096, 4096, False), (8, 32000, 4096, False),
+                              (64, 14336, 4096, True), (1, 2304, 2304, False)]:
         c = default_config(rows, n, k, gated=gated, device=cpu)
         programs = -(-n // c.block_n) * c.split_k
+        weight_rows = (2 if gated else 1) * c.block_n
         assert programs >= 132 and rows <= c.block_m, (rows, n, k, c)
-        assert rows / c.block_n <= 0.5 and -(-k // c.block_k) // c.split_k >= 4, (rows, n, k, c)
+        assert rows / weight_rows <= 0.5 and -(-k // c.block_k) // c.split_k >= 4, (rows, n, k, c)
 
 
 def test_launcher_refuses_bad_inputs():

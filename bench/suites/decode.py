@@ -54,8 +54,10 @@ VARIANTS = {
     "auto, eager (no graph)": dict(cuda_graph=False), "compiled": dict(compile=True),
     "fused": dict(fused=True), "fused, compiled": dict(fused=True, compile=True),
     "fused, eager (no graph)": dict(fused=True, cuda_graph=False),
+    # the fast adapter's kernels launched with programmatic dependent launch (kernels/pdl.py; Hopper)
+    "fused, pdl": dict(fused=True, pdl=True),
 }
-DEFAULT_VARIANTS = ("auto", "fused")
+DEFAULT_VARIANTS = ("auto", "fused", "fused, pdl")  # on a CPU: without the PDL one
 
 
 def add_arguments(parser) -> None:
@@ -104,7 +106,7 @@ def _wanted_variants(args) -> list[str]:
         joined = f"{pieces[0]}, {pieces[1]}" if len(pieces) > 1 else None
         wanted.append(joined if joined in VARIANTS else pieces[0])
         del pieces[:2 if joined in VARIANTS else 1]
-    wanted = wanted or list(DEFAULT_VARIANTS)
+    wanted = wanted or [v for v in DEFAULT_VARIANTS if torch.cuda.is_available() or "pdl" not in v]
     unknown = [v for v in wanted if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown --ours variant(s) {unknown}; choose from {list(VARIANTS)}")
@@ -158,27 +160,29 @@ def compare_greedy(tokens: list[list[int]], logits: list[torch.Tensor], ref_toke
 
 
 class Engines:
-    """Our generators for one model: the plain one and, for fused variants, the fast adapter's."""
+    """Our generators for one model: the plain one and, for fused variants, the fast adapter's (the PDL one is always
+    the bench's own: the engine's knob selects the fast adapter, not how its kernels launch)."""
 
     def __init__(self, model) -> None:
-        self.model, self.plain, self._fast = model, Generator(model), None
+        self.model, self.plain, self._fast = model, Generator(model), {}
 
-    def generator(self, fused: bool) -> Generator:
-        if not fused or FUSED_KNOB:
+    def generator(self, fused: bool, pdl: bool = False) -> Generator:
+        if not fused or (FUSED_KNOB and not pdl):
             return self.plain
-        if self._fast is None:
+        if pdl not in self._fast:
             from engine.fast import fuse
 
-            self._fast = Generator(dataclasses.replace(self.model, adapter=fuse(self.model.adapter)))
-        return self._fast
+            adapter = fuse(self.model.adapter, pdl=pdl)
+            self._fast[pdl] = Generator(dataclasses.replace(self.model, adapter=adapter))
+        return self._fast[pdl]
 
     def generate(self, prompts, n: int, variant: str, *, keep_logits: bool = False):
         fields = dict(VARIANTS[variant])
-        fused = fields.pop("fused", False)
-        if fused and FUSED_KNOB:
+        fused, pdl = fields.pop("fused", False), fields.pop("pdl", False)
+        if fused and FUSED_KNOB and not pdl:
             fields["fused"] = True
         settings = GenerationSettings(max_new_tokens=n, ignore_eos=True, **fields)
-        engine = self.generator(fused)
+        engine = self.generator(fused, pdl)
         result = engine.generate(prompts, settings, keep_logits=keep_logits)
         self.last = engine
         return result
@@ -340,6 +344,8 @@ def run(args) -> SuiteResult:
                     info[f"ours_{name}_attention"] = engines.last.attention_why
                 except CompileError as exc:  # a compile that fails here is reported, not fatal to the other rows
                     notes.append(f"{case.label}: variant '{name}' did not run: {exc}")
+                except Exception as exc:  # noqa: BLE001 - e.g. a capture the driver refused: reported, the run goes on
+                    notes.append(f"{case.label}: variant '{name}' failed: {type(exc).__name__}: {str(exc)[:300]}")
             if "fused" in ours_ms and "auto" in ours_ms:
                 plain = engines.generate(prompt_lists, args.new_tokens, "auto", keep_logits=True)
                 fast = engines.generate(prompt_lists, args.new_tokens, "fused", keep_logits=True)
@@ -349,6 +355,13 @@ def run(args) -> SuiteResult:
                 notes.append(f"{case.label}: fused vs auto (same prompts, {args.new_tokens} greedy tokens): "
                              f"{c['match_fraction']:.0%} of sequences token-identical; logits rel. error median "
                              f"{c['median_logits_rel_err']:.2e}, max {c['max_logits_rel_err']:.2e}")
+                if "fused, pdl" in ours_ms:  # the same kernels launched early: any difference would be a race
+                    early = engines.generate(prompt_lists, args.new_tokens, "fused, pdl", keep_logits=True)
+                    c = info["pdl_vs_fused"] = compare_greedy(early.token_ids, early.logits, fast.token_ids,
+                                                              fast.logits)
+                    notes.append(f"{case.label}: fused with PDL vs without: {c['match_fraction']:.0%} of sequences "
+                                 f"token-identical, logits max rel. error {c['max_logits_rel_err']:.1e} (0 expected)")
+                    del early
                 del plain, fast
             peers: dict[str, float] = {}
             if first_case or args.peer_cases == "all":
@@ -462,7 +475,7 @@ def _exactness_headlines(exact: list[dict]) -> list[Headline]:
 def _headlines(cases: list[Case], wanted: list[str], by_key: dict, cuda: bool) -> list[Headline]:
     """Roofline percentages of the engine's fastest variant per target case, and its ratio to transformers static."""
     out = []
-    order = ("fused", "fused, compiled", "compiled", "auto")
+    order = ("fused, pdl", "fused", "fused, compiled", "compiled", "auto")
 
     def best(case):
         found = [(by_key[(case, v)][0].ms, v) for v in order if (case, v) in by_key]

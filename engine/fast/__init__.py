@@ -29,15 +29,17 @@ def why_not_fused(adapter: DecoderAdapter) -> str | None:
     return f"no fast adapter for the {adapter.family or type(adapter).__name__} family: it runs its plain adapter"
 
 
-def fuse(adapter: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | None = None) -> DecoderAdapter:
+def fuse(adapter: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | None = None,
+         pdl: bool = False) -> DecoderAdapter:
     """The fast version of `adapter` (itself when it is already fast or its family has none).
 
     kernels: "auto" (Triton kernels on CUDA tensors, torch elsewhere), "triton" (everywhere: CPU needs
     TRITON_INTERPRET=1), "torch" (fused weights only). plan: which GEMM each shape runs (default: the device's
-    cached measurements, engine/fast/plan.py)."""
+    cached measurements, engine/fast/plan.py). pdl: launch the kernels with programmatic dependent launch (Hopper;
+    kernels/pdl.py). An adapter that is already fast comes back as it is, whatever the arguments."""
     if isinstance(adapter, FAST_ADAPTERS) or why_not_fused(adapter) is not None:
         return adapter
-    return _FAST_FOR[type(adapter).__name__](adapter, kernels=kernels, plan=plan)
+    return _FAST_FOR[type(adapter).__name__](adapter, kernels=kernels, plan=plan, pdl=pdl)
 
 
 __all__ = ["FAST_ADAPTERS", "FusedGemmaAdapter", "FusedLlamaAdapter", "FusedPhi3Adapter", "GemmPlan", "fuse", "gemm_plan", "why_not_fused"]

@@ -54,7 +54,8 @@ class FusedGemmaAdapter(FusedLlamaAdapter):
             if s.qk_norm:
                 norms = dict(q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, eps=norm_eps(attn.q_norm),
                              unit_offset=True)
-            rope_qkv_(qkv, *rope, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, **norms)
+            rope_qkv_(qkv, *rope, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+                      pdl=self.policy.pdl, **norms)
             return q, k, v
         if s.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)

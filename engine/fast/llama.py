@@ -42,12 +42,13 @@ class _HandOver(threading.local):
 class FusedLlamaAdapter(DecoderAdapter):
     family = "llama"
 
-    def __init__(self, plain: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | None = None) -> None:
+    def __init__(self, plain: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | None = None,
+                 pdl: bool = False) -> None:
         # Not DecoderAdapter.__init__: the spec is the plain adapter's (same model, same shapes, same parameters).
         self.plain = plain
         self.hf_model, self.config, self.spec = plain.hf_model, plain.config, plain.spec
         self.decoder, self.layers = plain.decoder, plain.layers
-        self.policy = KernelPolicy(kernels)
+        self.policy = KernelPolicy(kernels, pdl=pdl)
         device = next(plain.hf_model.parameters()).device
         self.plan = plan if plan is not None else gemm_plan(device)
         self.act = ACTIVATIONS.get(getattr(self.config, "hidden_act", "silu"), "")
@@ -119,7 +120,8 @@ class FusedLlamaAdapter(DecoderAdapter):
             norms = {}
             if s.qk_norm:
                 norms = dict(q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, eps=norm_eps(attn.q_norm))
-            rope_qkv_(qkv, *rope, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, **norms)
+            rope_qkv_(qkv, *rope, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+                      pdl=self.policy.pdl, **norms)
             return q, k, v  # views of qkv, rotated in place
         if s.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)

@@ -3,7 +3,8 @@ and the plain torch computation the unfused adapter does (CPU, and whatever torc
 those ops itself, and dynamo cannot trace the launchers).
 
 `KernelPolicy.mode`: "auto" runs the kernels on CUDA tensors only, "triton" everywhere (tests on the interpreter),
-"torch" nowhere.
+"torch" nowhere. `KernelPolicy.pdl`: launch them with programmatic dependent launch (kernels/pdl.py), so that each
+may start while its predecessor drains; off by default.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
 @dataclass(frozen=True)
 class KernelPolicy:
     mode: str = "auto"
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -46,7 +48,7 @@ def add_norm(policy: KernelPolicy, x: torch.Tensor, residual: torch.Tensor | Non
     if policy.triton(x):
         from kernels.rms_norm import add_rms_norm
 
-        return add_rms_norm(x, residual, norm.weight, eps=norm_eps(norm), unit_offset=unit_offset)
+        return add_rms_norm(x, residual, norm.weight, eps=norm_eps(norm), unit_offset=unit_offset, pdl=policy.pdl)
     total = x if residual is None else residual + x
     return total, norm(total)
 
@@ -75,7 +77,7 @@ class Projection:
                 from kernels.skinny_gemm import skinny_gemm
 
                 y = skinny_gemm(x.reshape(rows, self.in_features), self.weight, self.bias, act=act if self.gated else "",
-                                config=config)
+                                config=config, pdl=policy.pdl)
                 return y.view(*lead, self.out_features)
         y = F.linear(x, self.weight, self.bias)
         if not self.gated:
@@ -83,6 +85,6 @@ class Projection:
         if act and policy.triton(x):
             from kernels.gated_act import gated_act
 
-            return gated_act(y, act=act)
+            return gated_act(y, act=act, pdl=policy.pdl)
         gate, up = y.chunk(2, dim=-1)
         return act_fn(gate) * up

@@ -35,6 +35,7 @@ def _span(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
+@torch.inference_mode(False)  # called inside inference mode, it must still make ordinary tensors of the weights
 def fuse_parameters(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
     """One tensor stacking `params` along dim 0; each parameter's data becomes a view of its rows."""
     data = [p.data for p in params]

@@ -20,7 +20,7 @@ from engine import presets
 from engine.adapters import DecoderAdapter, ModelSpec, adapter_for, check_supported
 from engine.errors import InvalidSettingsError, ModelLoadError
 from engine.memory import check_fits
-from engine.tokenizer import Tokenizer, byte_tokenizer, from_hf
+from engine.tokenizer import Tokenizer, byte_tokenizer, from_hf, unusable_reason
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 SYNTHETIC_PREFIX = "synthetic:"
@@ -137,11 +137,11 @@ def _load_synthetic(name: str, *, device: torch.device, dtype: torch.dtype, seed
     config = presets.preset_config(name)
     if max_positions is not None:
         config.max_position_embeddings = max_positions
-    check_supported(config.model_type)
+    family = check_supported(config.model_type)
     # Built on the meta device and materialised directly on the target: a 13B model's random weights
     # never pass through host memory.
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **_hf_kwargs(family, config.model_type))
     weight_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
     check_fits(weight_bytes, device, what=f"synthetic:{name} in {dtype_name(dtype)}",
                fix="choose a smaller preset (e.g. a tiny-* one), a 16-bit dtype, or a device with more memory.")
@@ -149,9 +149,18 @@ def _load_synthetic(name: str, *, device: torch.device, dtype: torch.dtype, seed
     init_random_weights_(model, std=_init_std(config), seed=seed)
     model.eval()
     tok = byte_tokenizer(bos=presets.SYNTHETIC_BOS_ID, eos=presets.SYNTHETIC_EOS_ID, pad=presets.SYNTHETIC_PAD_ID)
-    return LoadedModel(source=SYNTHETIC_PREFIX + name, name=name, hf_model=model, adapter=adapter_for(model),
+    adapter = adapter_for(model)
+    return LoadedModel(source=SYNTHETIC_PREFIX + name, name=name, hf_model=model, adapter=adapter,
                        tokenizer=tok, device=device, dtype=dtype, load_s=0.0,
-                       notes=["random weights (synthetic preset): the shapes are real, the text is not"])
+                       notes=["random weights (synthetic preset): the shapes are real, the text is not",
+                              *getattr(adapter, "notes", ())])
+
+
+def _hf_kwargs(family: type[DecoderAdapter], model_type: str) -> dict:
+    """What transformers must be told to build the model as its family computes (Gemma 2: eager attention, the only
+    one that soft-caps in every transformers 5 release). The reference and the engine share this model."""
+    attention = getattr(family, "HF_ATTENTION", {}).get(model_type)
+    return {} if attention is None else {"attn_implementation": attention}
 
 
 def _init_std(config) -> float:
@@ -160,27 +169,50 @@ def _init_std(config) -> float:
 
 @torch.no_grad()
 def init_random_weights_(model: torch.nn.Module, *, std: float, seed: int) -> None:
-    """Initialise every parameter and buffer in place on its device (after `to_empty`)."""
+    """Initialise every parameter and buffer in place on its device (after `to_empty`).
+
+    Buffers hold derived values, not weights: rotary tables are rebuilt from the config by the module's own class
+    (every RoPE variant, Gemma 3's per-layer-type tables included), the scaled embedding gets its scale. A buffer of
+    any other kind is refused: after `to_empty` it would hold whatever the memory held."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    done: set[int] = set()  # ids of the buffers set here
     for module in model.modules():
-        if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "inv_freq"):
-            fresh = type(module)(module.config)  # recomputes inv_freq (a few floats) for this config
+        if "RotaryEmbedding" in type(module).__name__:
+            fresh = type(module)(module.config)  # recomputes the tables (a few floats) for this config
             for buf_name, buf in fresh.named_buffers(recurse=False):
-                getattr(module, buf_name).copy_(buf)
-            module.attention_scaling = fresh.attention_scaling
+                target = getattr(module, buf_name)
+                target.copy_(buf)
+                done.add(id(target))
+            for name, value in vars(fresh).items():  # attention_scaling (per layer type), cached lengths
+                if not name.startswith("_") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    setattr(module, name, value)
             continue
+        if isinstance(getattr(module, "embed_scale", None), torch.Tensor) and hasattr(module, "scalar_embed_scale"):
+            module.embed_scale.fill_(module.scalar_embed_scale)  # Gemma: sqrt(hidden), rounded to the dtype on use
+            done.add(id(module.embed_scale))
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None)
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             weight.normal_(0.0, std, generator=gen)
         elif isinstance(weight, torch.Tensor) and weight.dim() == 1:  # LayerNorm / RMSNorm scales
-            weight.fill_(1.0)
+            # Gemma's RMSNorms scale by (1 + weight): 0 is their identity, as transformers initialises them.
+            weight.fill_(0.0 if _offset_norm(module) else 1.0)
         if isinstance(bias, torch.Tensor):
             if isinstance(module, torch.nn.Linear):
                 bias.normal_(0.0, std, generator=gen)  # non-zero so the bias path is exercised
             else:
                 bias.zero_()
+    unknown = [name for name, buf in model.named_buffers() if id(buf) not in done]
+    if unknown:
+        raise ModelLoadError(f"The synthetic loader does not know how to initialise the buffers {', '.join(unknown[:3])} "
+                             f"of {type(model).__name__}: load this architecture from a checkpoint directory instead.")
     model.tie_weights()
+
+
+def _offset_norm(module: torch.nn.Module) -> bool:
+    """RMSNorms that scale by (1 + weight) (Gemma's); transformers names them after their family."""
+    name = type(module).__name__
+    return name.startswith("Gemma") and name.endswith("RMSNorm")
 
 
 def _read_config(path: Path) -> dict:
@@ -201,7 +233,7 @@ def _read_config(path: Path) -> dict:
 
 def _load_directory(path: Path, *, device: torch.device, dtype: torch.dtype, source: str) -> LoadedModel:
     config = _read_config(path)
-    check_supported(config.get("model_type"), config.get("architectures"))
+    family = check_supported(config.get("model_type"), config.get("architectures"))
     weight_files = sorted(path.glob("*.safetensors"))
     if not weight_files:
         raise ModelLoadError(f"Directory {path} has no *.safetensors weights: KV Lab loads safetensors only "
@@ -221,26 +253,104 @@ def _load_directory(path: Path, *, device: torch.device, dtype: torch.dtype, sou
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
-                                                           low_cpu_mem_usage=True)
+                                                           low_cpu_mem_usage=True,
+                                                           **_hf_kwargs(family, config.get("model_type")))
+    except _config_errors() as exc:
+        raise ModelLoadError(f"config.json in {path} is not a valid {config.get('model_type')} configuration ({exc}): "
+                             "restore the checkpoint's own config.json.") from exc
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(f"Could not read the model in {path}: {exc}. Re-download or re-convert the weights.") from exc
     missing = [k for k in info.get("missing_keys", []) if "rotary_emb" not in k]
     if missing:
         raise ModelLoadError(f"The weights in {path} lack {len(missing)} tensors (e.g. {missing[0]}): the checkpoint "
                              "is incomplete or belongs to another model. Re-download it.")
+    notes = _check_unexpected(model, path, list(info.get("unexpected_keys", [])))
+    adapter = adapter_for(model)  # refuses what the engine cannot run, before the weights move to the device
     model = model.to(device).eval()
-    notes: list[str] = []
-    try:
-        from transformers import AutoTokenizer
-
-        tok = from_hf(AutoTokenizer.from_pretrained(path), model.generation_config)
-    except Exception as exc:  # noqa: BLE001 - any tokenizer failure falls back to bytes, and says so
-        cfg = model.config
-        tok = byte_tokenizer(bos=cfg.bos_token_id or 1, eos=cfg.eos_token_id or 2, pad=cfg.pad_token_id or 0)
-        notes.append(f"no usable tokenizer in {path.name} ({type(exc).__name__}); text is read as bytes")
+    tok, tokenizer_note = _load_tokenizer(path, model)
+    if tokenizer_note:
+        notes.append(tokenizer_note)
+    notes.extend(getattr(adapter, "notes", ()))
     name = "demo (Shakespeare)" if source == "demo" else path.name if path.name != "snapshots" else source
-    return LoadedModel(source=source, name=name, hf_model=model, adapter=adapter_for(model), tokenizer=tok,
+    return LoadedModel(source=source, name=name, hf_model=model, adapter=adapter, tokenizer=tok,
                        device=device, dtype=dtype, load_s=0.0, notes=notes)
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a config its validators reject (5.24: huggingface_hub's strict dataclasses, which
+    derive from no ValueError)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
+def _check_unexpected(model: torch.nn.Module, path: Path, unexpected: list[str]) -> list[str]:
+    """Checkpoint tensors the model built from config.json has no place for. -> notes; raises where they mean the
+    config does not describe the weights.
+
+    A tensor of a module the model runs (a q_proj.bias when config.json says there is none) would be dropped and the
+    answer silently wrong: refused. More such tensors than the model has: another architecture: refused. The rest
+    (layers past num_hidden_layers, modules of another head) are reported."""
+    if not unexpected:
+        return []
+    modules = dict(model.named_modules())
+    dropped = [k for k in unexpected if k.rpartition(".")[0] in modules]
+    if dropped:
+        raise ModelLoadError(
+            f"The weights in {path} hold {len(dropped)} tensors that the model described by config.json does not "
+            f"use although it has their module (e.g. {dropped[0]}): config.json does not match the checkpoint (a "
+            "bias, norm or projection switched off?). Restore the checkpoint's own config.json.")
+    expected = len(model.state_dict())
+    if len(unexpected) >= expected:
+        raise ModelLoadError(
+            f"The weights in {path} hold {len(unexpected)} tensors the model described by config.json has no place "
+            f"for (e.g. {unexpected[0]}), more than the {expected} it uses: the checkpoint belongs to another "
+            "architecture. Restore the checkpoint's own config.json.")
+    return [f"{len(unexpected)} tensors in the checkpoint are not used by this model and were ignored (e.g. "
+            f"{unexpected[0]})"]
+
+
+# Files a tokenizer is read from: when one exists, a failure to read it is the user's to fix, not a reason to
+# quietly read text as bytes.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+                    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _load_tokenizer(path: Path, model: torch.nn.Module) -> tuple[Tokenizer, str | None]:
+    """The directory's tokenizer, or bytes with a note saying why. transformers 5 builds a one-token tokenizer for a
+    directory without tokenizer files (Qwen2, Qwen3, OPT) instead of raising, so a loaded tokenizer is checked too."""
+    from transformers import AutoTokenizer
+
+    files = [name for name in _TOKENIZER_FILES if (path / name).is_file()] + sorted(p.name for p in path.glob("*.tiktoken"))
+    vocab = model.config.get_text_config().vocab_size
+    try:
+        hf_tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - tokenizer classes raise many types
+        why = f"failed to load ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+    else:
+        why = unusable_reason(hf_tok, vocab_size=vocab)
+        if why is None:
+            return from_hf(hf_tok, model.generation_config), None
+    cfg = model.config.get_text_config()
+    tok = byte_tokenizer(bos=_first_id(cfg.bos_token_id, 1), eos=_first_id(cfg.eos_token_id, 2),
+                         pad=_first_id(cfg.pad_token_id, 0), name="bytes (no usable tokenizer)")
+    fallback = ("text is read as UTF-8 bytes (ids 3..258), which this model was not trained on: replies will be "
+                "noise, profiling is unaffected")
+    if vocab < 3 + 256:
+        fallback = f"text cannot be read (the {vocab}-token vocabulary is too small for bytes): pass token ids"
+    if files:
+        return tok, (f"TOKENIZER NOT LOADED: the tokenizer files in {path.name} ({', '.join(files)}) {why}; {fallback}. "
+                     "Fix or replace them with the model's own tokenizer files.")
+    return tok, (f"no tokenizer files in {path.name} (tokenizer.json, tokenizer_config.json, ...); {fallback}. Copy "
+                 "the model's tokenizer files into the directory for real text.")
+
+
+def _first_id(value, default: int) -> int:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return default if value is None else int(value)
 
 
 def _check_safetensors(weight_file: Path) -> tuple[int, int]:

@@ -218,14 +218,15 @@ class LabSession:
         return True
 
     @staticmethod
-    def _fit_prompt(model: LoadedModel, turns: list[dict], message: str, new_tokens: int) -> tuple[str, int, int]:
-        """(prompt, its length in tokens, oldest turns dropped) for the newest history that leaves room for
-        `new_tokens`; with no history left, the message alone (the caller caps the reply)."""
+    def _fit_prompt(model: LoadedModel, turns: list[dict], message: str, new_tokens: int) -> tuple[list[int], int, int]:
+        """(prompt token ids, their number, oldest turns dropped) for the newest history that leaves room for
+        `new_tokens`; with no history left, the message alone (the caller caps the reply). The ids come from the
+        chat template with one BOS (re-encoding the template's text would add a second)."""
         context = model.spec.max_positions
         dropped = 0
         while True:
-            prompt = model.tokenizer.chat_prompt([*turns[dropped:], {"role": "user", "content": message}])
-            length = len(model.tokenizer.encode(prompt))
+            prompt = model.tokenizer.chat_ids([*turns[dropped:], {"role": "user", "content": message}])
+            length = len(prompt)
             if length + new_tokens <= context or dropped >= len(turns):
                 return prompt, length, dropped
             # Drop a user turn with the reply that followed it, so the transcript still alternates.

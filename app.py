@@ -1,7 +1,11 @@
 """KV Lab: `python app.py [--model M] [--host 127.0.0.1] [--port N] [--auth user:password]`.
 
 Opens on the embedded demo model, so it works offline with no GPU. In Jupyter, `from app import lab;
-lab()` builds the app and shows it inline.
+lab()` builds the app and shows it inline. Scripts drive it through its API (the README's "The app from a
+script"): every endpoint is listed by `gradio_client.Client(url).view_api()`.
+
+What is shared and what is not: the loaded model is one for everyone connected (there is one device to run it
+on); each browser tab and each API client has its own applied settings, chat and run in view.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine.access import is_loopback
+from engine.lab.access import is_loopback
 from engine.errors import KVLabError
-from engine.session import LabSession
+from engine.lab.session import LabSession
 from panels import chat_panel, compare_panel, explorer_panel, hardware_panel, model_panel, profile_panel, settings_panel
 
 # Uploads are exported traces (the Profile panel's import): a long run's gzipped trace is a few MB.
@@ -26,19 +30,20 @@ SAFE_DEFAULTS = dict(share=False, run_history=False, enable_monitoring=False, mc
 
 def build_app(session: LabSession) -> gr.Blocks:
     with gr.Blocks(title="KV Lab") as app:
-        gr.Markdown("# KV Lab\nSee and speed up LLM decoding when the KV cache outgrows the GPU.")
-        with gr.Tab("Model"):
-            model_panel.build(session)
+        gr.Markdown("# KV Lab\nSee and speed up LLM decoding when the KV cache outgrows the GPU. _The loaded model "
+                    "is shared by everyone connected; settings, chat and the run shown are this tab's own._")
+        with gr.Tab("Model") as tab:
+            model_key = model_panel.build(session, app=app, tab=tab)
         with gr.Tab("Settings"):
-            settings_panel.build(session)
+            settings_panel.build(session, app=app, model_key=model_key)
         with gr.Tab("Chat"):
             chat_panel.build(session)
-        with gr.Tab("Profile"):
-            profile_panel.build(session)
+        with gr.Tab("Profile") as tab:
+            profile_panel.build(session, app=app, tab=tab, model_key=model_key)
         with gr.Tab("Scheduler explorer"):
-            explorer_panel.build(session)
+            explorer_panel.build(session, app=app)
         with gr.Tab("Compare"):
-            compare_panel.build(session)
+            compare_panel.build(session, app=app)
         with gr.Tab("Hardware"):
             hardware_panel.build(session)
     return app
@@ -86,7 +91,30 @@ def _allowed_paths(export_dir: str | Path) -> list[str]:
     return [str(export_dir)]
 
 
-def lab(model: str = "demo", *, models_dir: str | None = None, **launch_options):
+class Lab:
+    """The app a notebook started: `.app` (the Blocks), `.session`, `.local_url`, `.close()`. Its repr is one line
+    (a notebook prints the last value of a cell: the Blocks' own repr is its whole component tree)."""
+
+    def __init__(self, app: gr.Blocks, session: LabSession) -> None:
+        self.app, self.session = app, session
+
+    @property
+    def local_url(self) -> str:
+        return self.app.local_url
+
+    @property
+    def share(self):
+        return self.app.share
+
+    def close(self) -> None:
+        self.app.close()
+
+    def __repr__(self) -> str:
+        model = self.session.model.name if self.session.model is not None else "no model"
+        return f"KV Lab at {self.app.local_url} ({model}); .close() stops it"
+
+
+def lab(model: str = "demo", *, models_dir: str | None = None, **launch_options) -> Lab:
     """Build the app in a notebook and show it inline (loopback, same defaults as the command line; an outward
     `server_name` needs `auth=(user, password)`, as `--host` needs `--auth`)."""
     host = launch_options.setdefault("server_name", "127.0.0.1")  # not GRADIO_SERVER_NAME from the environment
@@ -96,9 +124,10 @@ def lab(model: str = "demo", *, models_dir: str | None = None, **launch_options)
     session = LabSession(models_dir=models_dir)
     session.load(model)
     app = build_app(session)
-    options = SAFE_DEFAULTS | dict(inline=True, allowed_paths=_allowed_paths(session.export_dir)) | launch_options
+    options = SAFE_DEFAULTS | dict(inline=True, quiet=True, allowed_paths=_allowed_paths(session.export_dir)) \
+        | launch_options
     app.queue(default_concurrency_limit=1).launch(**options)
-    return app
+    return Lab(app, session)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Loaded {card['name']} on {card['device']} in {card['load_s']:.2f} s", flush=True)
     except Exception as exc:  # noqa: BLE001 - the app still opens; the Model panel can load another model
         print(f"Could not load {args.model!r}: {exc}", file=sys.stderr, flush=True)
-    build_app(session).queue(default_concurrency_limit=1).launch(**launch_kwargs(args, export_dir=session.export_dir))
+    app = build_app(session).queue(default_concurrency_limit=1)
+    # quiet: Gradio's own lines include "To create a public link, set share=True", which this app never does.
+    app.launch(quiet=True, prevent_thread_lock=True, **launch_kwargs(args, export_dir=session.export_dir))
+    where = "this machine only" if is_loopback(args.host) else f"{args.host}, with --auth"
+    print(f"KV Lab running on {app.local_url} ({where}; no share link). Ctrl+C stops it.", flush=True)
+    try:
+        app.block_thread()
+    except (KeyboardInterrupt, OSError):
+        app.close()
     return 0
 
 

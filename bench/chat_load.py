@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.memory import held_bytes
-from engine.offload_store import pinned_bytes
-from engine.session import LabSession, normalise_history
+from engine.offload.store import pinned_bytes
+from engine.lab.session import LabSession, normalise_history
 
 
 WARM_TURNS = 5  # turns per client before the warm memory sample (Gradio makes a session's state on first use)
@@ -147,15 +147,16 @@ def _client_turns(url: str, client: int, turns: int, max_new_tokens: int, auth, 
         message = f"Client {client}, turn {turn}: what news from the court?"
         began = time.perf_counter()
         try:
-            history_out, box, stats = api.predict(history, message, max_new_tokens, 0.0, 1.0, 0, 0, api_name="/chat")
+            out = api.predict(message, history, max_new_tokens, 0.0, 1.0, 0, 0, api_name="/chat")
         except Exception as exc:  # noqa: BLE001 - recorded: the run reports every failure, it does not stop
             transcript.problems.append(f"client {client} turn {turn}: {type(exc).__name__}: {exc}")
             continue
         transcript.latencies_ms.append((time.perf_counter() - began) * 1e3)
+        history_out = out["history"]
         turns_back = normalise_history(history_out)
         users = [t["content"] for t in turns_back if t["role"] == "user"]
-        if "Error" in str(stats) or box != "":
-            transcript.problems.append(f"client {client} turn {turn}: the app reported {stats!r}")
+        if out.get("finished") is None:
+            transcript.problems.append(f"client {client} turn {turn}: the reply did not finish: {out.get('status')!r}")
             continue
         if users != [*transcript.messages, message] or turns_back[-1]["role"] != "assistant":
             transcript.problems.append(f"client {client} turn {turn}: history out of order: {users[-3:]}")

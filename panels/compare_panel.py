@@ -1,15 +1,26 @@
 """Compare panel: profiling runs side by side (settings that differ, tok/s, step ms, % of the PCIe floor, deltas
-against the first run picked), exportable as CSV or JSON."""
+against the first run picked), exportable as CSV or JSON.
+
+On screen the table is turned so that each run is a column and each setting or figure a row: runs are few and
+settings many, so it fits the page and its headers are run numbers, not setting names broken letter by letter.
+The CSV keeps one row per run.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import gradio as gr
 import pandas as pd
 
 from engine.errors import InvalidSettingsError
-from engine.run_compare import CompareTable
-from engine.session import LabSession
+from engine.lab.compare import CompareTable
+from engine.lab.session import LabSession
+from panels.api import PRIVATE, endpoint
 from panels.errors import describe
+
+EMPTY = ("_No runs yet: run a profile in the Profile tab (or import one there), then pick two or more runs here; the "
+         "first picked is the baseline of the deltas._")
 
 
 def run_choices(session: LabSession) -> list[tuple[str, str]]:
@@ -28,24 +39,27 @@ def run_ids(selected) -> list[int]:
 
 
 def table_frame(table: CompareTable) -> pd.DataFrame:
-    rows = [["—" if cell is None else cell for cell in row] for row in table.rows]
-    return pd.DataFrame(rows, columns=list(table.columns))
+    """The table turned: one column per run (the baseline first), one row per differing setting and figure."""
+    runs = [row[0] + (" (baseline)" if n == 0 else "") for n, row in enumerate(table.rows)]
+    rows = [[column, *("—" if row[i] is None else row[i] for row in table.rows)]
+            for i, column in enumerate(table.columns) if column != "run"]
+    return pd.DataFrame(rows, columns=["", *runs]).astype(str)
 
 
 def diff_markdown(table: CompareTable) -> str:
     differing = ", ".join(f"`{key}`" for key in table.differing) or "nothing (same settings and shape)"
-    return f"Baseline: run #{table.baseline_run_id} (deltas are against it). Differing: {differing}."
+    note = f" _{table.note}._" if table.note else ""
+    return f"Baseline: run #{table.baseline_run_id} (deltas are against it). Differing: {differing}.{note}"
 
 
-def build(session: LabSession) -> None:
+def build(session: LabSession, *, app: gr.Blocks) -> None:
     with gr.Row():
         picker = gr.Dropdown(run_choices(session), multiselect=True, allow_custom_value=True,
-                             label="Runs (the first picked is the baseline)",
-                             scale=4)
+                             label="Runs (the first picked is the baseline)", scale=4)
         refresh = gr.Button("Refresh runs", scale=1)
     compare = gr.Button("Compare", variant="primary")
-    table = gr.Dataframe(interactive=False, wrap=True)
-    diff = gr.Markdown("")
+    table = gr.Dataframe(interactive=False, wrap=False, show_search="none", max_height=520)
+    diff = gr.Markdown(EMPTY)
     with gr.Row():
         fmt = gr.Radio(["csv", "json"], value="csv", label="Export format")
         export = gr.Button("Export")
@@ -54,7 +68,8 @@ def build(session: LabSession) -> None:
     def on_refresh():
         choices = run_choices(session)
         recent = [value for _, value in choices[-2:]]
-        return gr.Dropdown(choices=choices, value=recent), f"{len(choices)} runs in this session."
+        note = f"{len(choices)} runs kept (every tab's)." if choices else EMPTY
+        return gr.Dropdown(choices=choices, value=recent), note
 
     def on_compare(selected):
         try:
@@ -69,7 +84,29 @@ def build(session: LabSession) -> None:
         except Exception as exc:  # noqa: BLE001
             return None, f"**Error:** {describe(exc)}"
 
-    refresh.click(on_refresh, None, [picker, diff], api_name="list_runs", queue=False)
-    picker.focus(on_refresh, None, [picker, diff], api_name=False, queue=False)
-    compare.click(on_compare, picker, [table, diff], api_name="compare", queue=False)
-    export.click(on_export, [picker, fmt], [exported, diff], api_name="export_compare", queue=False)
+    refresh.click(on_refresh, None, [picker, diff], queue=False, **PRIVATE)
+    picker.focus(lambda: gr.update(choices=run_choices(session)), None, picker, queue=False, **PRIVATE)
+    compare.click(on_compare, picker, [table, diff], queue=False, **PRIVATE)
+    export.click(on_export, [picker, fmt], [exported, diff], queue=False, **PRIVATE)
+    app.load(lambda: (gr.update(choices=run_choices(session)), EMPTY if not session.runs else ""), None,
+             [picker, diff], queue=False, **PRIVATE)
+
+    def compare_api(run_ids: list[int]) -> dict:
+        """Kept runs side by side, the first the baseline: the settings that differ and each run's tok/s, step ms,
+        predicted ms and % of the PCIe floor (GPU runs only), with deltas against the baseline."""
+        result = session.compare(_ids(run_ids))
+        return {"columns": list(result.columns), "rows": [list(row) for row in result.rows],
+                "differing": list(result.differing), "baseline_run_id": result.baseline_run_id, "note": result.note}
+
+    def export_compare(run_ids: list[int], format: Literal["csv", "json"] = "csv") -> gr.FileData:  # noqa: A002
+        """The comparison as CSV (the table, one row per run) or JSON (the table and every run's full record)."""
+        return gr.FileData(path=str(session.export_compare(_ids(run_ids), fmt=format)))
+
+    endpoint(compare_api, api_name="compare", output="table", queue=False)
+    endpoint(export_compare, api_name="export_compare", output="comparison", queue=False)
+
+
+def _ids(values) -> list[int]:
+    if not isinstance(values, list):
+        raise InvalidSettingsError(f"run_ids must be a list of run numbers, got {values!r}: e.g. [1, 2].")
+    return run_ids(values)

@@ -1,4 +1,5 @@
-"""Number, slider and chat components that answer a bad value from an API client with a message, not a crash.
+"""Number, slider and chat components that answer a bad value from an API client with a message, not a crash; and
+`as_number`, the same check for the values the app's typed API endpoints receive.
 
 A browser cannot type "abc" into a number box; a script calling the API can send anything. Gradio's own
 components then fail inside their preprocessing (comparing a string with a bound, rounding a string) and the
@@ -14,6 +15,8 @@ import math
 import gradio as gr
 from gradio.components.chatbot import ChatbotDataMessages
 from pydantic import ValidationError
+
+from engine.errors import InvalidSettingsError
 
 
 def _parse(name: str, payload, *, whole: bool, low: float | None, high: float | None):
@@ -31,11 +34,36 @@ def _parse(name: str, payload, *, whole: bool, low: float | None, high: float | 
     if not math.isfinite(payload) and (whole or low is not None or high is not None):
         kind = "whole number" if whole else "number"
         raise gr.Error(f"{name} must be a finite {kind}, got {payload}: enter a {kind}{span}.")
+    if whole and not float(payload).is_integer():  # Gradio would round 1.5 to 2 without a word
+        raise gr.Error(f"{name} must be a whole number, got {payload:g}: enter a whole number{span}.")
     if low is not None and payload < low:
         raise gr.Error(f"{name}: value {payload:g} is less than minimum value {low:g}: enter a number{span}.")
     if high is not None and payload > high:
         raise gr.Error(f"{name}: value {payload:g} is greater than maximum value {high:g}: enter a number{span}.")
     return payload
+
+
+def as_number(name: str, value, *, whole: bool, auto: bool = False):
+    """A setting's value as a number, or InvalidSettingsError naming it: API clients may send strings, and floats
+    for whole numbers (refused when not whole, where Gradio would round them). `auto`: "auto" (or None) is a
+    value, returned as None."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        if value is None or auto:
+            return None
+        raise InvalidSettingsError(f"{name} must be a number, got {value!r}: enter a number.")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidSettingsError(f"{name} must be a number, got {value!r}: enter a number"
+                                       f"{' or auto' if auto else ''}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidSettingsError(f"{name} must be a number, got {value!r}: enter a number.")
+    if whole and isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise InvalidSettingsError(f"{name} must be a whole number, got {value:g}: enter a whole number.")
+        return int(value)
+    return value
 
 
 class _Named:
@@ -96,4 +124,4 @@ class ChatHistory(gr.Chatbot):
     data_model = _CheckedMessages
 
 
-__all__ = ["ChatHistory", "NumberBox", "SliderBox"]
+__all__ = ["ChatHistory", "NumberBox", "SliderBox", "as_number"]

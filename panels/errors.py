@@ -6,7 +6,7 @@ import traceback
 
 from engine.errors import KVLabError
 
-GPU_QUEUE = "gpu"  # every handler that runs the model shares this queue: one job at a time
+DEVICE_QUEUE = "device"  # handlers that run the model: they wait for the session's device lock, saying so
 
 
 def describe(exc: BaseException) -> str:

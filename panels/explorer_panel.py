@@ -1,14 +1,24 @@
-"""Scheduler explorer: predicted step time against the recompute split for the loaded model, the applied
-placement and the profiling shape; the scheduler's auto choice, KVPR's rule, and measured runs of the same shape."""
+"""Scheduler explorer: predicted step time against the recompute split for the loaded model, this tab's applied
+placement and profiling shape; the scheduler's auto choice, KVPR's rule, and measured runs of the same shape.
+
+The predictions are GPU step times from the device's measured PCIe and GPU speeds: on a machine without a GPU
+there is nothing for them to mean, so the panel says so instead of drawing a curve.
+"""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from engine.explorer import ExploreResult
-from engine.session import LabSession
-from panels.errors import GPU_QUEUE, describe
-from panels.plots import explorer_figure
+from engine.errors import InvalidSettingsError
+from engine.lab.explorer import ExploreResult
+from engine.lab.session import LabSession
+from panels.api import PRIVATE, endpoint, owner
+from panels.errors import describe
+from panels.plots import explorer_figure, placeholder
+
+NO_GPU = ("**No predictions here: the model runs on the CPU.** The scheduler predicts GPU step times from the "
+          "device's measured PCIe copy and GPU speeds; a CPU has neither, so a curve would mean nothing. Load the "
+          "model on a GPU to explore, or import a run measured on one (Profile tab) to compare it.")
 
 
 def explorer_markdown(result: ExploreResult) -> str:
@@ -31,19 +41,49 @@ def explorer_markdown(result: ExploreResult) -> str:
     return "\n\n".join(lines)
 
 
-def build(session: LabSession) -> None:
+def _explore(session: LabSession, who: str | None) -> ExploreResult:
+    model = session.require_model()
+    if model.device.type != "cuda":
+        raise InvalidSettingsError(NO_GPU.replace("**", ""))
+    settings, shape = session.settings_for(who)
+    return session.explore(settings, batch=shape.batch, prompt_tokens=shape.prompt_tokens)
+
+
+def build(session: LabSession, *, app: gr.Blocks) -> None:
     gr.Markdown("What the scheduler predicts for every split of the offloaded tokens between recomputation "
-                "(activations over PCIe, then K/V = X·W) and plain K/V copies, with this machine's measured speeds.")
+                "(activations over PCIe, then K/V = X·W) and plain K/V copies, with this machine's measured speeds, "
+                "for this tab's applied settings.")
     predict = gr.Button("Predict for the applied settings", variant="primary")
-    plot = gr.Plot(show_label=False)
+    plot = gr.Plot(placeholder("Step time against the split", "Press Predict: the curve for the loaded model and "
+                               "this tab's applied shape appears here.", height=380), show_label=False)
     info = gr.Markdown("")
 
-    def on_predict():
+    def on_predict(request: gr.Request):
+        model = session.model
+        if model is not None and model.device.type != "cuda":
+            return gr.skip(), NO_GPU
         try:
-            settings, shape = session.settings, session.shape
-            result = session.explore(settings, batch=shape.batch, prompt_tokens=shape.prompt_tokens)
+            result = _explore(session, owner(request))
         except Exception as exc:  # noqa: BLE001 - shown in the panel
             return gr.skip(), f"**Error:** {describe(exc)}"
         return explorer_figure(result), explorer_markdown(result)
 
-    predict.click(on_predict, None, [plot, info], concurrency_id=GPU_QUEUE, concurrency_limit=1, api_name="explore")
+    def on_page():
+        model = session.model
+        return NO_GPU if model is not None and model.device.type != "cuda" else ""
+
+    predict.click(on_predict, None, [plot, info], **PRIVATE)
+    app.load(on_page, None, info, queue=False, **PRIVATE)
+
+    def explore(request: gr.Request = None) -> dict:
+        """The predicted step time for every recompute split (0: copy all K/V, 1: recompute all) for the loaded
+        model under this client's applied placement and shape, the scheduler's auto choice, KVPR's rule and the
+        measured runs of that shape. GPU only: on a CPU there is nothing for the predictions to mean."""
+        result = _explore(session, owner(request))
+        return {"placement": result.placement, "splits": list(result.splits), "predicted_ms": list(result.predicted_ms),
+                "floor_ms": list(result.floor_ms), "auto_split": result.auto_split, "auto_ms": result.auto_ms,
+                "auto_reason": result.auto_reason, "paper_split": result.paper_split,
+                "offloaded_tokens": result.offloaded_tokens, "note": result.note,
+                "measured": [{"run_id": p.run_id, "split": p.split, "step_ms": p.step_ms} for p in result.measured]}
+
+    endpoint(explore, api_name="explore", output="curve")

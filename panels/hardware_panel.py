@@ -1,45 +1,96 @@
 """Hardware panel: the profiler's measurements of this machine (what the scheduler predicts with), its ceilings,
-and whether NVML and CUPTI can sample here."""
+and whether NVML and CUPTI can sample here.
+
+On a GPU the rows are the PCIe copies, device memory, decode attention and recompute GEMMs the scheduler uses. On
+a CPU the same measurements are host-memory copies and CPU arithmetic: they are named as such, in units that show
+their size, and the GPU-only ones (both copy directions at once) say they were not measured.
+"""
 
 from __future__ import annotations
 
 import gradio as gr
 import pandas as pd
 
-from engine.profiler import HardwareProfile
-from engine.session import LabSession
-from panels.errors import GPU_QUEUE, describe
+from engine.lab.session import LabSession
+from engine.offload.profiler import HardwareProfile
+from panels.api import PRIVATE, endpoint
+from panels.errors import describe
+
+COLUMNS = ["what", "size", "measured"]
+EMPTY = ("_Press Show measurements: the profiler's figures for the loaded model's device. A device measured for the "
+         "first time is measured then (some seconds; a GPU's figures are cached per GPU, driver and torch version)._")
+
+
+def _flops(tflop_s: float) -> str:
+    return f"{tflop_s:.1f} TFLOP/s" if tflop_s >= 1 else f"{tflop_s * 1e3:.1f} GFLOP/s"
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:g} {unit}"
+    return f"{num_bytes} B"
+
+
+def rows(profile: HardwareProfile) -> list[tuple[str, str, str]]:
+    """(what, size, figure) rows, named for the device they were measured on."""
+    gpu = profile.device_type == "cuda"
+    if gpu:
+        out = [("pinned H2D copy", _size(p.size), f"{p.rate:.1f} GB/s") for p in profile.h2d]
+        out += [("pinned D2H copy", _size(p.size), f"{p.rate:.1f} GB/s") for p in profile.d2h]
+        out.append(("H2D + D2H at once", _size(max(p.size for p in profile.h2d)),
+                    f"{profile.bidirectional_gb_s:.1f} GB/s total"))
+        out.append(("device copy (read + write)", "", f"{profile.hbm_copy_gb_s:.0f} GB/s"))
+        out.append(("decode attention (KV read)", "", f"{profile.attention_gb_s:.0f} GB/s"))
+    else:
+        out = [("host memory copy (stands in for H2D)", _size(p.size), f"{p.rate:.1f} GB/s") for p in profile.h2d]
+        out += [("host memory copy (stands in for D2H)", _size(p.size), f"{p.rate:.1f} GB/s") for p in profile.d2h]
+        out.append(("H2D + D2H at once", "", "not measured: no GPU, no PCIe link"))
+        out.append(("host memory copy (read + write)", "", f"{profile.hbm_copy_gb_s:.1f} GB/s"))
+        out.append(("decode attention (torch SDPA on the CPU, KV read)", "", f"{profile.attention_gb_s:.2f} GB/s"))
+    for curve in profile.gemm:
+        for p in curve.points:
+            out.append((f"recompute GEMM {curve.hidden}->{curve.out_features}" + ("" if gpu else " (CPU, fp32)"),
+                        f"{p.size} rows", _flops(p.rate)))
+    out.append(("kernel launch (host)" if gpu else "op dispatch (host)", "", f"{profile.launch_us:.1f} µs"))
+    return out
 
 
 def ceilings_markdown(profile: HardwareProfile, sources: dict[str, str]) -> str:
+    gpu = profile.device_type == "cuda"
     best_gemm = max(p.rate for curve in profile.gemm for p in curve.points)
-    both_ways = f"{profile.bidirectional_gb_s:.1f} GB/s total" if profile.bidirectional_gb_s else "not measured (no GPU)"
-    lines = [
-        f"**{profile.device_name}** · driver {profile.driver} · torch {profile.torch_version} · measured {profile.measured_at}",
-        "",
-        "| ceiling | figure |", "|---|---|",
-        f"| best H2D copy | {profile.peak_h2d_gb_s:.1f} GB/s |",
-        f"| best D2H copy | {max(p.rate for p in profile.d2h):.1f} GB/s |",
-        f"| H2D + D2H at once | {both_ways} |",
-        f"| device copy (read + write) | {profile.hbm_copy_gb_s:.0f} GB/s |",
-        f"| decode attention (KV read) | {profile.attention_gb_s:.0f} GB/s |",
-        f"| best recompute GEMM | {best_gemm:.1f} TFLOP/s |",
-        f"| kernel launch (host) | {profile.launch_us:.1f} µs |",
-        "",
-        *(f"- **{name}:** {why}" for name, why in sources.items()),
-        *(f"- {note}" for note in profile.notes),
-    ]
+    head = f"**{profile.device_name}** · driver {profile.driver} · torch {profile.torch_version} · measured {profile.measured_at}"
+    if gpu:
+        both = f"{profile.bidirectional_gb_s:.1f} GB/s total" if profile.bidirectional_gb_s else "not measured"
+        table = [("best H2D copy", f"{profile.peak_h2d_gb_s:.1f} GB/s"),
+                 ("best D2H copy", f"{max(p.rate for p in profile.d2h):.1f} GB/s"), ("H2D + D2H at once", both),
+                 ("device copy (read + write)", f"{profile.hbm_copy_gb_s:.0f} GB/s"),
+                 ("decode attention (KV read)", f"{profile.attention_gb_s:.0f} GB/s"),
+                 ("best recompute GEMM", _flops(best_gemm)), ("kernel launch (host)", f"{profile.launch_us:.1f} µs")]
+        intro = ""
+    else:
+        table = [("best host memory copy", f"{profile.peak_h2d_gb_s:.1f} GB/s"),
+                 ("host memory copy (read + write)", f"{profile.hbm_copy_gb_s:.1f} GB/s"),
+                 ("decode attention on the CPU", f"{profile.attention_gb_s:.2f} GB/s"),
+                 ("best recompute GEMM on the CPU", _flops(best_gemm)),
+                 ("op dispatch (host)", f"{profile.launch_us:.1f} µs")]
+        intro = ("\n\n_No GPU here: these are the CPU's own figures (host-memory copies stand in for PCIe copies). "
+                 "They let the offload path run and be tested; they are not what a GPU run would see, so the app "
+                 "shows no GPU predictions from them._")
+    lines = [head + intro, "", "| ceiling | figure |", "|---|---|", *(f"| {k} | {v} |" for k, v in table), "",
+             *(f"- **{name}:** {why}" for name, why in sources.items()),
+             *(f"- {note}" for note in profile.notes)]
     return "\n".join(lines)
 
 
 def build(session: LabSession) -> None:
-    gr.Markdown("The profiler measures copies, recompute GEMMs, device memory and attention once per GPU, driver "
+    gr.Markdown("The profiler measures copies, recompute GEMMs, device memory and attention once per device, driver "
                 "and torch version, and caches them; the scheduler's predictions use these figures only.")
     with gr.Row():
         show = gr.Button("Show measurements", variant="primary")
         measure = gr.Button("Measure again")
-    header = gr.Markdown("")
-    table = gr.Dataframe(headers=["what", "size", "measured"], interactive=False)
+    header = gr.Markdown(EMPTY)
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True)
 
     def on_show(refresh: bool):
         try:
@@ -47,9 +98,19 @@ def build(session: LabSession) -> None:
             sources = session.telemetry_sources()
         except Exception as exc:  # noqa: BLE001 - shown in the panel
             return f"**Error:** {describe(exc)}", gr.skip()
-        return ceilings_markdown(profile, sources), pd.DataFrame(profile.rows(), columns=["what", "size", "measured"])
+        return ceilings_markdown(profile, sources), pd.DataFrame(rows(profile), columns=COLUMNS)
 
-    show.click(lambda: on_show(False), None, [header, table], concurrency_id=GPU_QUEUE, concurrency_limit=1,
-               api_name="hardware")
-    measure.click(lambda: on_show(True), None, [header, table], concurrency_id=GPU_QUEUE, concurrency_limit=1,
-                  api_name="measure_hardware")
+    show.click(lambda: on_show(False), None, [header, table], concurrency_id="hardware", concurrency_limit=1, **PRIVATE)
+    measure.click(lambda: on_show(True), None, [header, table], concurrency_id="hardware", concurrency_limit=1,
+                  **PRIVATE)
+
+    def hardware(refresh: bool = False) -> dict:
+        """The profiler's measurements of the loaded model's device (`refresh`: measure again, refused while a job
+        uses the device), whether NVML and CUPTI can sample here, and the table the panel shows."""
+        profile = session.hardware(refresh=refresh)
+        return {"device": profile.device_name, "device_type": profile.device_type, "driver": profile.driver,
+                "torch": profile.torch_version, "measured_at": profile.measured_at,
+                "rows": [list(row) for row in rows(profile)], "sources": session.telemetry_sources(),
+                "notes": list(profile.notes)}
+
+    endpoint(hardware, api_name="hardware", output="hardware", concurrency_id="hardware", concurrency_limit=1)

@@ -1,9 +1,9 @@
-"""Plotly figures of the lab: the lane timeline, PCIe GB/s, step time and tokens/s, the scheduler explorer.
+"""Figures drawn on the server: the scheduler explorer, placeholders that say what a plot will show, and a static
+lane timeline for committed images (bench/render_trace.py). The Profile panel's live plots are drawn by the page
+itself (panels/live_plots.js).
 
-Times are in ms since the run's recorder origin (the recorder's µs / 1000), so spans, steps and NVML
-samples share one axis. The timeline draws each lane as one WebGL trace of line segments (x: start, end,
-gap) rather than `px.timeline`, which converts numbers to dates; it is downsampled on the server first.
-Every figure sets `uirevision` per run, so a user's zoom survives the live updates of that run.
+The static timeline draws each lane as one WebGL trace of line segments (x: start, end, gap) rather than
+`px.timeline`, which converts numbers to dates; it is downsampled first. Times are ms since the recorder's origin.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
-from engine.explorer import ExploreResult
-from engine.lab_runs import LabStep
-from engine.telemetry import LANE_LABELS, LANES, NvmlSample, Span, downsample_segments
-from engine.telemetry.export import COUNTER_PM_PCIE
+import json
+
+from gradio.components.plot import PlotData
+
+from engine.lab.explorer import ExploreResult
+from engine.telemetry import LANE_LABELS, LANES, Span, downsample_segments
 
 MAX_SEGMENTS = 4000  # bars the browser draws per update; more spans are merged across their smallest gaps
 LANE_COLOURS = {"h2d_act": "#4c78a8", "h2d_kv": "#72b7b2", "recompute": "#f58518", "attention": "#e45756",
@@ -33,6 +34,15 @@ def _empty(title: str, message: str, *, height: int) -> go.Figure:
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig
+
+
+def placeholder(title: str, message: str, *, height: int) -> PlotData:
+    """An empty figure saying what will appear (plain Plotly JSON, no figure object to build)."""
+    figure = {"data": [], "layout": {"title": {"text": title}, "height": height, "plot_bgcolor": "white",
+                                     "xaxis": {"visible": False}, "yaxis": {"visible": False},
+                                     "annotations": [{"text": message, "showarrow": False, "x": 0.5, "y": 0.5,
+                                                      "xref": "paper", "yref": "paper"}]}}
+    return PlotData(type="plotly", plot=json.dumps(figure))
 
 
 def human_bytes(num_bytes: int) -> str:
@@ -81,60 +91,6 @@ def timeline_figure(spans: Sequence[Span], *, run_id: int, max_segments: int = M
     return fig
 
 
-def pcie_figure(steps: Sequence[LabStep], link: Sequence[NvmlSample], *, run_id: int,
-                pm_counters: dict | None = None) -> go.Figure:
-    """Payload GB/s per step and direction (the engine's bytes over its copies' time); NVML link GB/s if sampled;
-    CUPTI PM-sampled PCIe GB/s (at <= 1 ms resolution) once a run that sampled it has ended."""
-    title = "PCIe GB/s"
-    if not steps and not link:
-        return _empty(title, "No steps measured yet.", height=280)
-    fig = go.Figure()
-    xs = [s.metrics.start_us / 1e3 for s in steps]
-    for direction, name in (("h2d", "payload H2D"), ("d2h", "payload D2H")):
-        fig.add_trace(go.Scatter(x=xs, y=[s.metrics.payload_gb_s.get(direction, 0.0) for s in steps],
-                                 mode="lines+markers", name=name))
-    if link:
-        link_xs = [sample.t_us / 1e3 for sample in link]
-        fig.add_trace(go.Scatter(x=link_xs, y=[sample.rx_gb_s for sample in link], mode="lines", name="link H2D (NVML)",
-                                 line=dict(dash="dot")))
-        fig.add_trace(go.Scatter(x=link_xs, y=[sample.tx_gb_s for sample in link], mode="lines", name="link D2H (NVML)",
-                                 line=dict(dash="dot")))
-    pm = (pm_counters or {}).get(COUNTER_PM_PCIE, [])
-    if pm:
-        pm_xs = [t_us / 1e3 for t_us, _ in pm]
-        for key, name in (("read", "PCIe read (CUPTI)"), ("write", "PCIe write (CUPTI)")):
-            fig.add_trace(go.Scattergl(x=pm_xs, y=[values[key] for _, values in pm], mode="lines", name=name,
-                                       line=dict(width=1)))
-    fig.update_layout(LAYOUT, title=title, height=280, uirevision=f"pcie-{run_id}",
-                      legend=dict(orientation="h", y=-0.3))
-    fig.update_xaxes(title="ms since the run started")
-    fig.update_yaxes(title="GB/s", rangemode="tozero")
-    return fig
-
-
-def step_figure(steps: Sequence[LabStep], *, run_id: int) -> go.Figure:
-    """Measured and predicted step time per decode step, tokens/s on the right axis."""
-    title = "Step time (measured vs predicted) and tokens/s"
-    if not steps:
-        return _empty(title, "No steps measured yet.", height=280)
-    numbers = [s.metrics.step for s in steps]
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(go.Scatter(x=numbers, y=[s.metrics.step_ms for s in steps], mode="lines+markers",
-                             name="measured ms"), secondary_y=False)
-    predicted = [(n, s.predicted_ms) for n, s in zip(numbers, steps) if s.predicted_ms is not None]
-    if predicted:
-        fig.add_trace(go.Scatter(x=[n for n, _ in predicted], y=[ms for _, ms in predicted], mode="lines",
-                                 name="predicted ms", line=dict(dash="dash")), secondary_y=False)
-    fig.add_trace(go.Scatter(x=numbers, y=[s.metrics.tokens_per_s for s in steps], mode="lines", name="tokens/s",
-                             line=dict(color="#54a24b")), secondary_y=True)
-    fig.update_layout(LAYOUT, title=title, height=280, uirevision=f"steps-{run_id}",
-                      legend=dict(orientation="h", y=-0.3))
-    fig.update_xaxes(title="decode step")
-    fig.update_yaxes(title="ms", rangemode="tozero", secondary_y=False)
-    fig.update_yaxes(title="tokens/s", rangemode="tozero", secondary_y=True, showgrid=False)
-    return fig
-
-
 def explorer_figure(result: ExploreResult) -> go.Figure:
     """Predicted step time against the split, the PCIe floor, the auto choice, KVPR's rule and measured runs."""
     fig = go.Figure()
@@ -144,10 +100,14 @@ def explorer_figure(result: ExploreResult) -> go.Figure:
                              line=dict(dash="dot", color="#888")))
     fig.add_trace(go.Scatter(x=[result.auto_split], y=[result.auto_ms], mode="markers", name="auto (scheduler)",
                              marker=dict(symbol="star", size=16, color="#e45756")))
+    # The axis is the curve's: a measured point far above it is drawn at the top edge, its value in its label.
+    top = 1.15 * max([*result.predicted_ms, *result.floor_ms, result.auto_ms])
     if result.measured:
-        fig.add_trace(go.Scatter(x=[p.split for p in result.measured], y=[p.step_ms for p in result.measured],
-                                 mode="markers+text", name="measured runs", text=[f"#{p.run_id}" for p in result.measured],
-                                 textposition="top center", hovertext=[p.label for p in result.measured],
+        fig.add_trace(go.Scatter(x=[p.split for p in result.measured], y=[min(p.step_ms, top * 0.97) for p in result.measured],
+                                 mode="markers+text", name="measured runs",
+                                 text=[f"#{p.run_id}" + (f" ({p.step_ms:.1f} ms, off the axis)" if p.step_ms > top else "")
+                                       for p in result.measured],
+                                 textposition="top center", hovertext=[f"{p.label}: {p.step_ms:.3f} ms" for p in result.measured],
                                  marker=dict(symbol="diamond", size=11, color="#54a24b")))
     fig.add_vline(x=result.paper_split, line_dash="dash", line_color="#b279a2",
                   annotation_text=f"KVPR rule {result.paper_split:.2f}", annotation_position="top")
@@ -156,8 +116,8 @@ def explorer_figure(result: ExploreResult) -> go.Figure:
                             f"{result.new_tokens} new tokens: step time vs split",
                       uirevision="explorer")
     fig.update_xaxes(title="fraction of offloaded tokens recomputed from activations", range=[-0.03, 1.03])
-    fig.update_yaxes(title="ms per decode step", rangemode="tozero")
+    fig.update_yaxes(title="ms per decode step", range=[0, top])
     return fig
 
 
-__all__ = ["MAX_SEGMENTS", "explorer_figure", "human_bytes", "pcie_figure", "step_figure", "timeline_figure"]
+__all__ = ["MAX_SEGMENTS", "explorer_figure", "human_bytes", "placeholder", "timeline_figure"]

@@ -1,110 +1,135 @@
 """Settings panel: placement, GPU KV budget, split, chunking, L2 prefetch, profiling shape and sampling.
 
 The controls become one `GenerationSettings` (with its `OffloadSettings` and `DecodeAttentionConfig`) and one
-`RunShape`, built by keyword; the engine validates them and its message is shown when a value is refused.
-Applied settings are what Chat (placement and kernel; chat keeps its own sampling), Profile and the scheduler
-explorer use.
+`RunShape`, built by keyword, checked against the loaded model and its device as a run would check them, and
+applied for this client only: each browser tab and API client has its own settings (the model is shared). The
+page shows, on every load, the settings that will run: this browser's last applied ones (kept in its local
+storage) when they still pass the checks, else the defaults, saying so. An API call of /apply_settings changes
+only the parameters it names.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import gradio as gr
 
 from engine.errors import InvalidSettingsError
-from engine.session import LabSession
+from engine.lab.session import LabSession
 from engine.settings import (ATTENTION_BACKENDS, PLACEMENTS, GenerationSettings, OffloadSettings, RunShape,
                              SamplingSettings)
 from kernels.config import DecodeAttentionConfig
-from panels.controls import NumberBox, SliderBox
+from panels.api import PRIVATE, endpoint, owner
+from panels.controls import NumberBox, SliderBox, as_number as _number
 from panels.errors import describe
 
-
-def _number(name: str, value, *, whole: bool):
-    """A control's value as a number; API clients may send strings, browsers send floats for whole numbers."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise InvalidSettingsError(f"{name} must be a number, got {value!r}: enter a number"
-                                       f"{' or auto' if name == 'GPU KV budget' else ''}.") from None
-    if whole and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+# The parameters of /apply_settings, in the form's order; None (left out) keeps the applied value.
+PARAMETERS = ("placement", "gpu_kv_budget_gib", "split", "chunk_tokens", "prefetch", "prefetch_distance", "attention",
+              "batch", "prompt_tokens", "max_new_tokens", "prompt_seed", "temperature", "top_p", "top_k",
+              "sampling_seed")
+SHARED = ("**This tab's settings.** The loaded model is shared by everyone connected (one device); the settings "
+          "below, the chat and the run shown in Profile belong to this tab (an API client has its own).")
+NO_GPU = "no GPU here: "
 
 
-def build_settings(*, placement, gpu_kv_budget_gib, split_mode, split, chunk_tokens, prefetch, prefetch_distance,
-                   attention, max_new_tokens, temperature, top_p, top_k, sampling_seed) -> GenerationSettings:
-    """The controls as one settings object; raises InvalidSettingsError with the engine's message."""
-    budget = _number("GPU KV budget", gpu_kv_budget_gib, whole=False)
+def params_of(settings: GenerationSettings, shape: RunShape) -> dict:
+    """The applied settings as /apply_settings parameters (what /settings returns and the browser keeps)."""
+    o, k, s = settings.offload, settings.kernel, settings.sampling
+    return {"placement": o.placement, "gpu_kv_budget_gib": "auto" if o.gpu_kv_budget_gib is None else o.gpu_kv_budget_gib,
+            "split": o.split, "chunk_tokens": o.chunk_tokens, "prefetch": k.prefetch,
+            "prefetch_distance": k.prefetch_distance, "attention": settings.attention, "batch": shape.batch,
+            "prompt_tokens": shape.prompt_tokens, "max_new_tokens": settings.max_new_tokens, "prompt_seed": shape.seed,
+            "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+            "sampling_seed": -1 if s.seed is None else s.seed}
+
+
+def settings_from(params: dict, settings: GenerationSettings, shape: RunShape) -> tuple[GenerationSettings, RunShape]:
+    """`settings` and `shape` with the parameters `params` names (None: unchanged) -> a new pair; raises
+    InvalidSettingsError with the engine's message when a value is refused."""
+    unknown = sorted(set(params) - set(PARAMETERS))
+    if unknown:
+        raise InvalidSettingsError(f"Unknown setting(s) {', '.join(unknown)}: the settings are {', '.join(PARAMETERS)}.")
+    p = params_of(settings, shape) | {k: v for k, v in params.items() if v is not None}
+    placement = p["placement"]
+    budget = _number("gpu_kv_budget_gib", p["gpu_kv_budget_gib"], whole=False, auto=True)
     if isinstance(budget, float) and not math.isfinite(budget):  # refused whatever the placement, not dropped
         raise InvalidSettingsError(f"gpu_kv_budget_gib must be a finite number, got {budget}: enter a number of GiB "
                                    "or auto.")
+    split = p["split"]
+    split = "auto" if isinstance(split, str) and split.strip().lower() == "auto" else \
+        _number("split", split, whole=False)
     offload = OffloadSettings(placement=placement, gpu_kv_budget_gib=budget if placement == "hybrid" else None,
-                              split="auto" if split_mode == "auto" else _number("split", split, whole=False),
-                              chunk_tokens=_number("chunk_tokens", chunk_tokens, whole=True))
+                              split=split, chunk_tokens=_number("chunk_tokens", p["chunk_tokens"], whole=True))
     try:
-        kernel = DecodeAttentionConfig(prefetch=prefetch, prefetch_distance=_number("prefetch distance",
-                                                                                     prefetch_distance, whole=True))
+        kernel = DecodeAttentionConfig(prefetch=p["prefetch"],
+                                       prefetch_distance=_number("prefetch_distance", p["prefetch_distance"], whole=True))
     except ValueError as exc:  # the kernel's config is importable without the engine and raises plain ValueError
+        if isinstance(exc, InvalidSettingsError):
+            raise
         raise InvalidSettingsError(f"Decode-attention kernel: {exc}.") from exc
-    seed = _number("sampling seed", sampling_seed, whole=True)
-    sampling = SamplingSettings(temperature=_number("temperature", temperature, whole=False),
-                                top_p=_number("top_p", top_p, whole=False), top_k=_number("top_k", top_k, whole=True),
-                                seed=None if seed in (None, -1) else seed)
-    return GenerationSettings(max_new_tokens=_number("max_new_tokens", max_new_tokens, whole=True), sampling=sampling,
-                              attention=attention, kernel=kernel, offload=offload)
+    seed = _number("sampling_seed", p["sampling_seed"], whole=True)
+    sampling = SamplingSettings(temperature=_number("temperature", p["temperature"], whole=False),
+                                top_p=_number("top_p", p["top_p"], whole=False),
+                                top_k=_number("top_k", p["top_k"], whole=True), seed=None if seed in (None, -1) else seed)
+    new = GenerationSettings(max_new_tokens=_number("max_new_tokens", p["max_new_tokens"], whole=True),
+                             sampling=sampling, attention=p["attention"], kernel=kernel, offload=offload)
+    return new, RunShape(batch=_number("batch", p["batch"], whole=True),
+                         prompt_tokens=_number("prompt_tokens", p["prompt_tokens"], whole=True),
+                         seed=_number("prompt_seed", p["prompt_seed"], whole=True))
 
 
-def build_shape(*, batch, prompt_tokens, prompt_seed) -> RunShape:
-    return RunShape(batch=_number("batch", batch, whole=True),
-                    prompt_tokens=_number("prompt_tokens", prompt_tokens, whole=True),
-                    seed=_number("prompt seed", prompt_seed, whole=True))
-
-
-def describe_settings(settings: GenerationSettings, shape: RunShape) -> str:
+def describe_settings(settings: GenerationSettings, shape: RunShape, notes: list[str] = ()) -> str:
     """One line per concern, for the panel."""
     o, k, s = settings.offload, settings.kernel, settings.sampling
-    where = {"gpu": "KV cache on the GPU", "cpu": "KV cache offloaded to host memory",
+    where = {"gpu": "KV cache on the GPU (resident)", "cpu": "KV cache offloaded to host memory",
              "hybrid": "KV cache split between GPU and host"}[o.placement]
     if o.placement == "hybrid":
         where += f" (GPU budget {'auto' if o.gpu_kv_budget_gib is None else f'{o.gpu_kv_budget_gib:g} GiB'})"
     if o.offloaded:
         where += f"; recompute split {o.split if o.auto_split else f'{o.split:g} (manual)'}, chunks of {o.chunk_tokens} tokens"
     sampling = "greedy" if s.greedy else f"temperature {s.temperature:g}, top-p {s.top_p:g}, top-k {s.top_k}"
-    return "\n".join([
+    lines = [
         f"- **placement:** {where}",
         f"- **decode attention:** {settings.attention}; L2 prefetch {k.prefetch}, distance {k.prefetch_distance} tile(s)",
         f"- **profiling run:** batch {shape.batch} × prompt {shape.prompt_tokens} tokens (seed {shape.seed}), "
         f"{settings.max_new_tokens} new tokens, {sampling}",
-    ])
+    ]
+    return "\n".join(lines + [f"- _{note}_" for note in notes])
 
 
-def build(session: LabSession) -> None:
+def gpu_controls(session: LabSession) -> tuple[dict, dict, dict]:
+    """Updates of the GPU-only controls (L2 prefetch, its distance, the hybrid GPU budget) for the loaded model's
+    device: disabled, saying why, on a CPU."""
+    model = session.model
+    if model is not None and model.device.type == "cuda":
+        return (gr.update(interactive=True, info="auto gates it by occupancy"),
+                gr.update(interactive=True, info="tiles ahead"),
+                gr.update(interactive=True, info="a number, or auto: what is free after the weights and the run's buffers"))
+    why = NO_GPU + ("the decode attention runs torch SDPA on the CPU" if model is not None else "no model loaded")
+    return (gr.update(interactive=False, info=f"{why}; the L2 prefetch is a Triton-kernel feature"),
+            gr.update(interactive=False, info=why),
+            gr.update(interactive=False, info=f"{why}: every slot is in host memory, so there is no GPU memory to budget"))
+
+
+def build(session: LabSession, *, app: gr.Blocks, model_key: gr.Textbox) -> None:
     current, shape = session.settings, session.shape
-    gr.Markdown("One settings object for the engine. **Apply** validates it; Chat, Profile and the Scheduler "
-                "explorer then run under it (Chat keeps its own sampling and reply length).")
+    gr.Markdown(SHARED + " **Apply** checks them against the loaded model and device; Chat, Profile and the "
+                "Scheduler explorer then run under them (Chat keeps its own sampling and reply length).")
     with gr.Row():
         placement = gr.Radio(list(PLACEMENTS), value=current.offload.placement, label="KV cache placement",
                              info="gpu: all on the GPU; cpu: offloaded to pinned host memory; hybrid: GPU up to a budget")
         # A textbox, so that "auto" (size the budget from the free GPU memory) is a value, not an empty number.
-        budget = gr.Textbox(value="auto" if current.offload.gpu_kv_budget_gib is None else
-                            f"{current.offload.gpu_kv_budget_gib:g}", label="GPU KV budget, GiB (hybrid)",
-                            info="a number, or auto: what is free after the weights and the run's buffers")
+        budget = gr.Textbox(value="auto", label="GPU KV budget, GiB (hybrid)")
     with gr.Row():
         split_mode = gr.Radio(["auto", "manual"], value="auto" if current.offload.auto_split else "manual",
                               label="Recompute split", info="auto: the scheduler chooses per step")
-        split = SliderBox.named("split", minimum=0.0, maximum=1.0, step=0.05,
-                                value=0.5 if current.offload.auto_split else current.offload.split,
+        split = SliderBox.named("split", minimum=0.0, maximum=1.0, step=0.05, value=0.5,
                                 label="manual split (fraction of offloaded tokens recomputed)")
         chunk = NumberBox.named("chunk_tokens", value=current.offload.chunk_tokens, precision=0,
                                 label="activation chunk (tokens)")
     with gr.Row():
-        prefetch = gr.Radio(["off", "on", "auto"], value=current.kernel.prefetch, label="L2 prefetch",
-                            info="auto gates it by occupancy")
+        prefetch = gr.Radio(["off", "on", "auto"], value=current.kernel.prefetch, label="L2 prefetch")
         distance = gr.Radio([1, 2], value=current.kernel.prefetch_distance, label="prefetch distance (tiles)")
         attention = gr.Dropdown(list(ATTENTION_BACKENDS), value=current.attention, label="decode attention")
     with gr.Row():
@@ -119,27 +144,89 @@ def build(session: LabSession) -> None:
                                           label="temperature (0 = greedy)")
             top_p = NumberBox.named("top_p", value=current.sampling.top_p, label="top-p")
             top_k = NumberBox.named("top_k", value=current.sampling.top_k, precision=0, label="top-k (0 = off)")
-            sampling_seed = NumberBox.named("sampling seed", precision=0, label="sampling seed (-1 = random)",
-                                            value=-1 if current.sampling.seed is None else current.sampling.seed)
+            sampling_seed = NumberBox.named("sampling seed", precision=0, label="sampling seed (-1 = random)", value=-1)
     apply = gr.Button("Apply settings", variant="primary")
     status = gr.Markdown(describe_settings(current, shape))
+    saved = gr.BrowserState(None, storage_key="kvlab-settings")  # this browser's last applied settings
+
+    form = [placement, budget, split_mode, split, chunk, prefetch, distance, attention, batch, prompt_tokens,
+            new_tokens, prompt_seed, temperature, top_p, top_k, sampling_seed]
+
+    def form_values(settings: GenerationSettings, run_shape: RunShape) -> list:
+        p = params_of(settings, run_shape)
+        manual = p["split"] != "auto"
+        return [p["placement"], str(p["gpu_kv_budget_gib"]), "manual" if manual else "auto",
+                p["split"] if manual else 0.5, p["chunk_tokens"], p["prefetch"], p["prefetch_distance"],
+                p["attention"], p["batch"], p["prompt_tokens"], p["max_new_tokens"], p["prompt_seed"],
+                p["temperature"], p["top_p"], p["top_k"], p["sampling_seed"]]
 
     def on_apply(placement, gpu_kv_budget_gib, split_mode, split, chunk_tokens, prefetch, prefetch_distance,
                  attention, batch, prompt_tokens, max_new_tokens, prompt_seed, temperature, top_p, top_k,
-                 sampling_seed):
+                 sampling_seed, request: gr.Request):
+        who = owner(request)
+        applied, applied_shape = session.settings_for(who)
         try:
-            settings = build_settings(placement=placement, gpu_kv_budget_gib=gpu_kv_budget_gib, split_mode=split_mode,
-                                      split=split, chunk_tokens=chunk_tokens, prefetch=prefetch,
-                                      prefetch_distance=prefetch_distance, attention=attention,
-                                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                      top_k=top_k, sampling_seed=sampling_seed)
-            run_shape = build_shape(batch=batch, prompt_tokens=prompt_tokens, prompt_seed=prompt_seed)
-            session.apply_settings(settings, run_shape)
+            # The form shows every value, so Apply sends them all; a manual split's value only counts when manual.
+            params = dict(placement=placement, gpu_kv_budget_gib=gpu_kv_budget_gib,
+                          split="auto" if split_mode == "auto" else split, chunk_tokens=chunk_tokens, prefetch=prefetch,
+                          prefetch_distance=prefetch_distance, attention=attention, batch=batch,
+                          prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, prompt_seed=prompt_seed,
+                          temperature=temperature, top_p=top_p, top_k=top_k, sampling_seed=sampling_seed)
+            settings, run_shape = settings_from(params, applied, applied_shape)
+            notes = session.apply_settings(settings, run_shape, owner=who)
         except Exception as exc:  # noqa: BLE001 - shown in the panel; the applied settings are unchanged
             return (f"**Invalid:** {describe(exc)} The applied settings are unchanged.\n\n"
-                    + describe_settings(session.settings, session.shape))
-        return "**Applied.**\n\n" + describe_settings(settings, run_shape)
+                    + describe_settings(applied, applied_shape)), gr.skip()
+        return "**Applied.**\n\n" + describe_settings(settings, run_shape, notes), params_of(settings, run_shape)
 
-    inputs = [placement, budget, split_mode, split, chunk, prefetch, distance, attention, batch, prompt_tokens,
-              new_tokens, prompt_seed, temperature, top_p, top_k, sampling_seed]
-    apply.click(on_apply, inputs, status, api_name="apply_settings", queue=False)
+    def on_page_load(kept: dict | None, request: gr.Request):
+        """The form as this tab will run it: the browser's last applied settings restored when they still pass the
+        checks against the loaded model, else the defaults."""
+        who = owner(request)
+        settings, run_shape = session.settings_for(who)
+        line = "Defaults (nothing applied in this browser yet)."
+        if isinstance(kept, dict) and kept:
+            try:
+                restored = settings_from({k: v for k, v in kept.items() if k in PARAMETERS}, settings, run_shape)
+                notes = session.apply_settings(*restored, owner=who)
+                settings, run_shape = restored
+                line = "Restored this browser's last applied settings." + "".join(f"\n- _{n}_" for n in notes)
+            except Exception as exc:  # noqa: BLE001 - said in the panel; the defaults stay
+                line = f"This browser's last applied settings no longer apply ({describe(exc)}): the defaults are applied."
+        return [*form_values(settings, run_shape), f"{line}\n\n{describe_settings(settings, run_shape)}",
+                *gpu_controls(session)]
+
+    apply.click(on_apply, form, [status, saved], queue=False, **PRIVATE)
+    app.load(on_page_load, saved, [*form, status, prefetch, distance, budget], queue=False, **PRIVATE)
+    model_key.change(lambda: gpu_controls(session), None, [prefetch, distance, budget], queue=False, **PRIVATE)
+
+    def settings_api(request: gr.Request) -> dict:
+        """This client's applied settings, as /apply_settings parameters, and the run they describe."""
+        settings, run_shape = session.settings_for(owner(request))
+        return {"settings": params_of(settings, run_shape), "description": describe_settings(settings, run_shape)}
+
+    def apply_settings(placement: Literal["gpu", "cpu", "hybrid"] | None = None,
+                       gpu_kv_budget_gib: float | Literal["auto"] | None = None,
+                       split: float | Literal["auto"] | None = None, chunk_tokens: int | None = None,
+                       prefetch: Literal["off", "on", "auto"] | None = None, prefetch_distance: int | None = None,
+                       attention: Literal["auto", "torch", "triton"] | None = None, batch: int | None = None,
+                       prompt_tokens: int | None = None, max_new_tokens: int | None = None,
+                       prompt_seed: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                       top_k: int | None = None, sampling_seed: int | None = None,
+                       request: gr.Request = None) -> dict:
+        """Apply settings for this client (its chat, profiles and explorer); parameters left out keep their applied
+        values. Checked against the loaded model and device as a run would check them: a refused value raises
+        with the run's message and nothing changes. placement: gpu, cpu or hybrid; gpu_kv_budget_gib: GiB or
+        "auto" (hybrid only); split: the fraction of offloaded tokens recomputed, 0..1, or "auto"; chunk_tokens:
+        activation chunk; prefetch: off, on or auto; prefetch_distance: 1 or 2 tiles; batch, prompt_tokens,
+        max_new_tokens, prompt_seed: the profiling run; temperature, top_p, top_k, sampling_seed (-1: random):
+        its sampling. Returns the applied settings and notes on what does nothing on this device."""
+        params = {name: value for name, value in locals().items() if name in PARAMETERS}
+        who = owner(request)
+        settings, run_shape = settings_from(params, *session.settings_for(who))
+        notes = session.apply_settings(settings, run_shape, owner=who)
+        return {"settings": params_of(settings, run_shape), "notes": notes,
+                "description": describe_settings(settings, run_shape)}
+
+    endpoint(settings_api, api_name="settings", output="settings", queue=False)
+    endpoint(apply_settings, api_name="apply_settings", output="applied", queue=False)

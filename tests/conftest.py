@@ -39,7 +39,7 @@ def tiny():
 def served_demo_app():
     """The app on the demo model (CPU), served on loopback with the command line's launch defaults."""
     import app as lab_app
-    from engine.session import LabSession
+    from engine.lab.session import LabSession
 
     session = LabSession()
     session.load("demo", device="cpu")
@@ -56,7 +56,7 @@ def profile_cache(tmp_path_factory):
     os.environ["KVLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("kvlab-cache"))
     import torch
 
-    from engine.profiler import hardware_profile
+    from engine.offload.profiler import hardware_profile
 
     # The CPU profile is keyed by thread count too: measure it for the one-thread tests (one_thread) as well.
     threads = torch.get_num_threads()

@@ -1,6 +1,6 @@
 """Remote clients may not load models by filesystem path unless the operator allowed a models directory.
 
-The policy alone (engine/access.py) over awkward paths, then the app served on this machine's non-loopback
+The policy alone (engine/lab/access.py) over awkward paths, then the app served on this machine's non-loopback
 address (with auth, as the app requires there) and called over it, so the request really comes from "another
 machine" as the server sees it.
 """
@@ -13,9 +13,9 @@ import pytest
 
 import app as lab_app
 from network import non_loopback_ipv4
-from engine.access import AccessDeniedError, SourcePolicy
+from engine.lab.access import AccessDeniedError, SourcePolicy
 from engine.errors import ModelLoadError
-from engine.session import LabSession
+from engine.lab.session import LabSession
 
 DEMO_DIR = Path(lab_app.__file__).resolve().parent / "assets" / "demo-model"
 
@@ -90,7 +90,13 @@ def remote_address():
 
 
 def _load(client, source: str) -> str:
-    return client.predict(source, "cpu", "auto", api_name="/load_model")[0]
+    """What the client is told: "Loaded <name>", or the refusal's message."""
+    from gradio_client.exceptions import AppError
+
+    try:
+        return f"Loaded {client.predict(source, 'cpu', 'auto', api_name='/load_model')['model']['name']}"
+    except AppError as exc:
+        return str(exc)
 
 
 def test_over_the_network_a_path_is_refused_and_the_model_kept(remote_address):

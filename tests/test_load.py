@@ -13,9 +13,9 @@ import time
 import pytest
 
 import app as lab_app
-import engine.forward
+import engine.decode.forward
 from bench.chat_load import MemoryProbe, replay, run_load
-from engine.session import LabSession
+from engine.lab.session import LabSession
 
 CLIENTS, TURNS, NEW_TOKENS = 4, 50, 6
 # The process's resident set (server and the four clients, all in this process) may grow by at most this much
@@ -63,24 +63,26 @@ def test_a_load_pressed_while_a_reply_streams_is_refused_at_once(served, monkeyp
     from gradio_client import Client
 
     demo, session = served
-    original = engine.forward.decode_step
+    original = engine.decode.forward.decode_step
 
     def slow(*args, **kwargs):
         time.sleep(0.02)
         return original(*args, **kwargs)
-    monkeypatch.setattr(engine.forward, "decode_step", slow)
+    monkeypatch.setattr(engine.decode.forward, "decode_step", slow)
     api = Client(demo.local_url, verbose=False)
-    chat = api.submit([], "a long speech, please", 60, 0.0, 1.0, 0, 0, api_name="/chat")
+    chat = api.submit("a long speech, please", [], 60, 0.0, 1.0, 0, 0, api_name="/chat")
     deadline = time.monotonic() + 30
     while session.busy() != "a chat reply":
         assert time.monotonic() < deadline
         time.sleep(0.005)
+    from gradio_client.exceptions import AppError
+
     began = time.monotonic()
-    status, card = api.predict("synthetic:tiny-opt", "cpu", "auto", api_name="/load_model")
+    with pytest.raises(AppError) as refused:
+        api.predict("synthetic:tiny-opt", "cpu", "auto", api_name="/load_model")
     assert time.monotonic() - began < 1.0  # answered at once, not after the reply
+    status = str(refused.value)
     assert "Cannot load a model while a chat reply is running" in status and "Stop" in status and "kept" in status
-    history, _, stats = chat.result(timeout=60)
-    assert "finished" in stats and session.model.name == "tiny-llama"
+    assert chat.result(timeout=60)["finished"] and session.model.name == "tiny-llama"
     monkeypatch.undo()
-    status, _ = api.predict("synthetic:tiny-llama", "cpu", "float32", api_name="/load_model")
-    assert "Loaded" in status
+    assert api.predict("synthetic:tiny-llama", "cpu", "float32", api_name="/load_model")["model"]["name"] == "tiny-llama"

@@ -22,7 +22,7 @@ import pytest
 
 import app as lab_app
 from network import non_loopback_ipv4
-from engine.session import LabSession
+from engine.lab.session import LabSession
 
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's `st` column
 
@@ -197,7 +197,7 @@ def test_the_right_password_works_and_a_wrong_one_is_refused(authed):
     demo, host = authed
     _, port = _host_port(demo)
     client = Client(demo.local_url, auth=("user", "secret"), verbose=False)
-    assert client.predict(api_name="/stop_profile")[0] == "No profile is running."
+    assert client.predict(api_name="/stop_profile")["message"] == "No profile of yours is running."
     with pytest.raises(ValueError, match="Could not login"):
         Client(demo.local_url, auth=("user", "wrong"), verbose=False)
     with pytest.raises(ValueError, match="Could not login"):

@@ -10,9 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-import engine.forward
+import engine.decode.forward
 from engine.errors import BusyError, InvalidSettingsError, PromptTooLongError
-from engine.session import LabSession, normalise_history
+from engine.lab.session import LabSession, normalise_history
 from engine.settings import GenerationSettings, SamplingSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread", "profile_cache")  # conftest.py
@@ -93,12 +93,12 @@ def test_valid_unicode_of_every_kind_gets_a_reply(session, message):
 
 
 def slow_steps(monkeypatch, seconds: float) -> None:
-    original = engine.forward.decode_step
+    original = engine.decode.forward.decode_step
 
     def slow(*args, **kwargs):
         time.sleep(seconds)
         return original(*args, **kwargs)
-    monkeypatch.setattr(engine.forward, "decode_step", slow)
+    monkeypatch.setattr(engine.decode.forward, "decode_step", slow)
 
 
 def wait_until_busy(session, prefix: str) -> None:

@@ -1,6 +1,6 @@
 """The scheduler explorer: predicted step time against the recompute split, for one model, placement and shape.
 
-For each split fraction the run is planned with that split fixed (engine/placement.py `plan_for`, the same
+For each split fraction the run is planned with that split fixed (engine/offload/placement.py `plan_for`, the same
 path a run takes) and the plan's per-step predictions are averaged over the run's steps; the auto choice is
 planned the same way, so its point lies where the scheduler would put the run. KVPR's own rule
 (`paper_split`, fixed A100 constants) is given for comparison. Measured points come from the session's runs.
@@ -15,9 +15,9 @@ import torch
 
 from engine.adapters import ModelSpec
 from engine.errors import InvalidSettingsError
-from engine.placement import plan_for
-from engine.profiler import HardwareProfile
-from engine.scheduler import RunPlan, paper_split
+from engine.offload.placement import plan_for
+from engine.offload.profiler import HardwareProfile
+from engine.offload.scheduler import RunPlan, paper_split
 from engine.settings import OffloadSettings
 
 DEFAULT_SPLITS: tuple[float, ...] = tuple(i / 20 for i in range(21))

@@ -5,14 +5,16 @@
 predicted for them, tokens/s, PCIe payload GB/s (the engine's own bytes over its copies' time), NVML link
 GB/s where a GPU lets it be sampled (else why not), where the L2 figure comes from, and the spans recorded
 since the last update. The last update carries the frozen `RunRecord` that Compare, the scheduler explorer
-and the trace export read. `LiveRun` holds what the Profile panel polls while a run goes on.
+and the trace export read; `engine/lab/live.py` holds what watchers read while a run goes on.
+
+A run's first decode steps can be much slower than the rest (CUDA-graph capture, compilation, first-touch
+allocations): `warmup_steps` finds them, and the record's tokens/s is over the steps after them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
-import threading
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -22,17 +24,23 @@ import torch
 
 from engine.errors import InvalidSettingsError, RunFailedError
 from engine.generator import Generator
+from engine.lab.live import LiveRun
 from engine.loader import LoadedModel
-from engine.placement import plan_for
-from engine.profiler import HardwareProfile
-from engine.scheduler import RunPlan
+from engine.offload.placement import plan_for
+from engine.offload.profiler import HardwareProfile
+from engine.offload.scheduler import RunPlan
 from engine.settings import GenerationSettings, RunShape
-from engine.telemetry.export import (COUNTER_L2, COUNTER_LINK, COUNTER_PM_DRAM, COUNTER_PM_PCIE, cupti_counters,
-                                     spans_from_trace)
+from engine.telemetry.export import COUNTER_LINK, PM_TRACKS, spans_from_trace
 from engine.telemetry import (NCU_FALLBACK, CuptiPmSampler, NvmlSample, NvmlSampler, Recorder, Span, StepMetrics,
                               step_metrics)
 
 NVML_PERIOD_S = 0.02  # the PCIe byte counters are 32-bit and wrap every ~78 ms at full speed
+# Warm-up: leading steps slower than WARMUP_FACTOR x the median of the steps after them, at most MAX_WARMUP_STEPS.
+WARMUP_FACTOR = 1.5
+MAX_WARMUP_STEPS = 3
+# Said in the place of a prediction, a PCIe floor or a measured/predicted ratio on a run without a GPU.
+NO_GPU_PREDICTION = ("no GPU: the cost model predicts GPU steps from measured PCIe and GPU speeds, which this CPU run "
+                     "has none of")
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,15 @@ class RunRecord:
     # CUPTI PM-sampling series on the spans' µs axis (engine.telemetry.export.cupti_counters): PCIe and DRAM GB/s,
     # L2 hit % where the chip samples it; empty when CUPTI did not run.
     pm_counters: dict[str, list] = field(default_factory=dict)
+    pm_labels: dict[str, str] = field(default_factory=dict)  # pm_counters track -> what its values are (CUPTI)
     device_name: str = ""  # the GPU's (or CPU's) name, e.g. "NVIDIA H100 80GB HBM3"
+    warmup_steps: int = 0  # leading steps left out of tokens_per_s (see warmup_steps())
+    tokens_per_s_all: float | None = None  # over every decode step, warm-up included
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the run ran on a GPU: only then do its predictions, PCIe floor and ratios mean anything."""
+        return self.device.startswith("cuda")
 
     @property
     def pct_of_floor(self) -> float | None:
@@ -107,7 +123,8 @@ class RunRecord:
                "pct_of_floor": self.pct_of_floor, "split": self.split, "plan_reason": self.plan_reason,
                "prefill_ms": self.prefill_ms, "link_note": self.link_note, "l2_note": self.l2_note,
                "l2_hit_pct": self.l2_hit_pct, "notes": list(self.notes), "created_at": self.created_at,
-               "num_spans": len(self.spans)}
+               "num_spans": len(self.spans), "warmup_steps": self.warmup_steps,
+               "tokens_per_s_all": self.tokens_per_s_all, "pm_labels": dict(self.pm_labels)}
         if with_steps:
             out["steps"] = [step.as_dict() for step in self.steps]
         return out
@@ -131,6 +148,7 @@ class ProfileUpdate:
     new_steps: tuple[LabStep, ...]
     new_link: tuple[NvmlSample, ...]
     record: RunRecord | None = None  # on the last update only
+    waiting_for: str | None = None  # before the run starts: what holds the device
 
 
 def flat_settings(settings: GenerationSettings) -> dict[str, Any]:
@@ -193,38 +211,65 @@ def _start_l2(cupti: CuptiPmSampler | None, device: torch.device) -> tuple[bool,
     return True, f"L2 hit % ({probe.l2_formula}) by CUPTI PM sampling: the run's mean is shown when it ends"
 
 
-def _stop_l2(cupti: CuptiPmSampler, *, origin_wall_ns: int) -> tuple[float | None, str, dict[str, list]]:
-    """-> (mean L2 hit %, what the L2 figure is, CUPTI counter tracks on the recorder's axis)."""
+def _stop_l2(cupti: CuptiPmSampler, *,
+             origin_wall_ns: int) -> tuple[float | None, str, dict[str, list], dict[str, str]]:
+    """-> (mean L2 hit %, what the L2 figure is, CUPTI counter tracks on the recorder's axis, their labels)."""
     try:
-        samples = cupti.stop()
+        pm = cupti.run_result(cupti.stop(), origin_wall_ns=origin_wall_ns)
     except Exception as exc:  # noqa: BLE001
-        return None, f"CUPTI PM sampling failed ({type(exc).__name__}: {exc}); L2 figures: see {NCU_FALLBACK}", {}
-    counters = cupti_counters(samples, origin_wall_ns=origin_wall_ns)
-    values = [s.l2_hit_pct for s in samples if s.l2_hit_pct is not None]
-    if not values:
-        why = ("the chip takes no L2 hit-rate counters in the same pass" if cupti.l2_formula is None
-               else "no L2 samples")
-        return None, (f"CUPTI PM sampled {', '.join(cupti.metrics)} ({len(samples)} samples, every "
-                      f"{cupti.interval_us} µs) but no L2 hit rate: {why}; L2 figures: see {NCU_FALLBACK}"), counters
-    mean = statistics.fmean(values)
-    return mean, f"L2 hit {mean:.1f} % ({cupti.l2_formula}), mean of {len(values)} CUPTI PM samples", counters
+        return None, f"CUPTI PM sampling failed ({type(exc).__name__}: {exc}); L2 figures: see {NCU_FALLBACK}", {}, {}
+    return pm.l2_hit_pct, pm.note, pm.counters, pm.labels
 
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShape, *, run_id: int,
-                hardware: HardwareProfile, cupti: CuptiPmSampler | None = None) -> Iterator[ProfileUpdate]:
-    """Decode `shape.batch` random prompts under `settings` with telemetry attached; one update per step."""
+def warmup_steps(step_ms: list[float]) -> int:
+    """How many leading steps are warm-up: each slower than WARMUP_FACTOR x the median of the steps after it, at
+    most MAX_WARMUP_STEPS, and none unless three or more steps follow them."""
+    count = 0
+    while count < min(MAX_WARMUP_STEPS, len(step_ms) - 3) and \
+            step_ms[count] > WARMUP_FACTOR * statistics.median(step_ms[count + 1:]):
+        count += 1
+    return count
+
+
+def steady_tokens_per_s(steps: tuple[LabStep, ...] | list[LabStep], warmup: int) -> float:
+    """Decode tokens of all sequences over the time of the steps after the warm-up."""
+    steady = steps[warmup:] or steps
+    ms = sum(s.metrics.step_ms for s in steady)
+    return sum(s.metrics.tokens for s in steady) / (ms * 1e-3) if ms > 0 else 0.0
+
+
+def check_profile_settings(settings: GenerationSettings) -> None:
+    """What a profiling run needs of its settings beyond their own checks (also checked when they are applied)."""
     if settings.max_new_tokens < 2:
         raise InvalidSettingsError(f"max_new_tokens={settings.max_new_tokens}: a profiling run needs at least 2 "
                                    "new tokens (the first comes from the prefill, decode steps make the rest).")
+
+
+def _placement_note(plan: RunPlan | None, settings: GenerationSettings, device: torch.device) -> str | None:
+    """Where the run kept its K/V, in words true for its device."""
+    if device.type != "cuda" and not settings.offload.offloaded:
+        return ("KV cache resident (placement 'gpu'): the model runs on the CPU, so it stays in host memory and "
+                "nothing crosses PCIe")
+    return plan.gpu_budget_note if plan is not None and plan.gpu_budget_note else None
+
+
+def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShape, *, run_id: int,
+                hardware: HardwareProfile, cupti: CuptiPmSampler | None = None,
+                live: LiveRun | None = None) -> Iterator[ProfileUpdate]:
+    """Decode `shape.batch` random prompts under `settings` with telemetry attached; one update per step. `live`:
+    the LiveRun that watchers read, which follows the generator's progress through the prefill."""
+    check_profile_settings(settings)
     spec, device = model.spec, model.device
     run_settings = replace(settings, ignore_eos=True, stop_strings=())  # every run decodes the same steps
     prompts = random_prompts(spec.vocab_size, shape)
     generator = Generator(model)
     generator.profile = hardware
+    if live is not None:
+        live.follow(lambda: generator.progress)
     recorder = Recorder(device)
     generator.recorder = recorder
     # GPU-resident runs have no offload plan; the scheduler's cost model still predicts their step time.
@@ -278,10 +323,10 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
             yield collect()
         recorder.flush()
         final = collect()  # steps resolved after the last event
-        l2_pct, pm_counters = None, {}
+        l2_pct, pm_counters, pm_labels = None, {}, {}
         if l2_started:
             l2_started = False
-            l2_pct, l2_note, pm_counters = _stop_l2(cupti, origin_wall_ns=recorder.origin_wall_ns)
+            l2_pct, l2_note, pm_counters, pm_labels = _stop_l2(cupti, origin_wall_ns=recorder.origin_wall_ns)
         if not lab_steps:
             raise RunFailedError(f"Telemetry failed: the span recorder timed no decode step of run #{run_id} "
                                  f"({recorder.error or 'no error reported'}); the run is not kept and its memory was "
@@ -295,16 +340,21 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
         if recorder.error is not None:
             notes.append(f"the span recorder failed mid-run ({recorder.error}): later steps are missing from the "
                          "timeline")
-        if plan is not None and plan.gpu_budget_note:
-            notes.append(plan.gpu_budget_note)
-        if settings.offload.offloaded:
-            notes.append(generator.offload_layers_why)
+        placement_note = _placement_note(plan, settings, device)
+        if placement_note:
+            notes.append(placement_note)
+        if generator.layers_why:
+            notes.append(generator.layers_why)
+        if not all_spans:
+            notes.append("no per-layer spans: the engine times only whole decode steps for this placement, so the "
+                         "timeline shows each step's interval")
         if recorder.dropped:
             notes.append(f"{recorder.dropped} spans fell out of the recorder's ring: the timeline misses them")
+        warmup = warmup_steps([s.metrics.step_ms for s in lab_steps])
         record = RunRecord(
             run_id=run_id, model=model.name, source=model.source, device=str(device), batch=shape.batch,
             prompt_tokens=shape.prompt_tokens, new_tokens=settings.max_new_tokens, seed=shape.seed,
-            settings=flat_settings(run_settings), tokens_per_s=final.tokens_per_s or 0.0,
+            settings=flat_settings(run_settings), tokens_per_s=steady_tokens_per_s(lab_steps, warmup),
             median_step_ms=statistics.median(s.metrics.step_ms for s in lab_steps),
             predicted_ms=_median([s.predicted_ms for s in lab_steps if s.predicted_ms is not None]),
             pcie_floor_ms=_median([s.pcie_floor_ms for s in lab_steps if s.pcie_floor_ms is not None]),
@@ -312,8 +362,8 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
             plan_reason=plan.reason if plan is not None else "no plan",
             prefill_ms=prefill_ms, steps=tuple(lab_steps), spans=tuple(all_spans), link=tuple(link_samples),
             link_note=link_note, l2_note=l2_note, l2_hit_pct=l2_pct, notes=tuple(notes),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), pm_counters=pm_counters,
-            device_name=hardware.device_name)
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), pm_counters=pm_counters, pm_labels=pm_labels,
+            device_name=hardware.device_name, warmup_steps=warmup, tokens_per_s_all=final.tokens_per_s or 0.0)
         yield replace(final, l2_note=l2_note, link_note=link_note, record=record)
     finally:
         recorder.close()
@@ -321,6 +371,38 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
             link.close()
         if l2_started:
             _stop_l2(cupti, origin_wall_ns=recorder.origin_wall_ns)
+
+
+MAX_TRACE_SPANS = 200_000  # spans a trace keeps one by one (~30 MB of JSON); later steps are merged per lane
+
+
+def trace_spans(record: RunRecord, max_spans: int = MAX_TRACE_SPANS) -> tuple[tuple[Span, ...], str]:
+    """The spans a trace of `record` holds: every one while they number `max_spans` or fewer; past that the first
+    steps one by one and each later step's spans merged into one per lane (layer -1). -> (spans, what was merged)."""
+    spans = record.spans
+    if len(spans) <= max_spans:
+        return spans, ""
+    steps = sorted({s.step for s in spans})
+    per_step = defaultdict(list)
+    for span in spans:
+        per_step[span.step].append(span)
+    kept: list[Span] = []
+    merged: list[Span] = []
+    for n, step in enumerate(steps):
+        step_spans = per_step[step]
+        if len(kept) + len(step_spans) + (len(steps) - n) * 6 <= max_spans and not merged:
+            kept.extend(step_spans)
+            continue
+        by_lane = defaultdict(list)
+        for span in step_spans:
+            by_lane[span.lane].append(span)
+        merged += [Span(step=step, layer=-1, lane=lane, start_us=min(s.start_us for s in group),
+                        end_us=max(s.end_us for s in group), nbytes=sum(s.nbytes for s in group))
+                   for lane, group in by_lane.items()]
+    first_merged = merged[0].step if merged else None
+    return tuple(kept + merged), (f"{len(spans):,} spans: steps from {first_merged} on are merged into one slice per "
+                                  "lane (layer -1) to keep the trace under "
+                                  f"{max_spans:,} slices")
 
 
 def record_from_trace(trace: dict[str, Any], *, run_id: int, note: str = "") -> RunRecord:
@@ -353,78 +435,25 @@ def _record(trace: dict[str, Any], meta: dict[str, Any], *, run_id: int, note: s
                  for t, a in counters.get(COUNTER_LINK, ()))
     steps = tuple(LabStep(metrics=StepMetrics.from_dict(row), predicted_ms=row.get("predicted_ms"),
                           pcie_floor_ms=row.get("pcie_floor_ms"), split=row.get("split")) for row in meta["steps"])
-    pm = {name: counters[name] for name in (COUNTER_PM_PCIE, COUNTER_PM_DRAM, COUNTER_L2) if counters.get(name)}
+    pm = {name: counters[name] for name in PM_TRACKS if counters.get(name)}
     notes = tuple(meta.get("notes", ())) + ((note,) if note else ())
+    # Traces exported before warm-up was told apart hold tokens/s over every step: both are recomputed from the steps.
+    warmup = warmup_steps([s.metrics.step_ms for s in steps])
+    all_ms = sum(s.metrics.step_ms for s in steps)
     return RunRecord(
         run_id=run_id, model=meta["model"], source=meta.get("source", meta["model"]), device=meta.get("device", "?"),
         batch=int(meta["batch"]), prompt_tokens=int(meta["prompt_tokens"]), new_tokens=int(meta["new_tokens"]),
-        seed=int(meta.get("seed", 0)), settings=dict(meta["settings"]), tokens_per_s=float(meta["tokens_per_s"]),
+        seed=int(meta.get("seed", 0)), settings=dict(meta["settings"]),
+        tokens_per_s=steady_tokens_per_s(steps, warmup) if steps else float(meta["tokens_per_s"]),
         median_step_ms=float(meta["median_step_ms"]), predicted_ms=meta.get("predicted_ms"),
         pcie_floor_ms=meta.get("pcie_floor_ms"), split=meta.get("split"), plan_reason=meta.get("plan_reason", ""),
         prefill_ms=float(meta.get("prefill_ms", 0.0)), steps=steps, spans=tuple(spans_from_trace(trace)), link=link,
         link_note=meta.get("link_note", ""), l2_note=meta.get("l2_note", ""), l2_hit_pct=meta.get("l2_hit_pct"),
-        notes=notes, created_at=meta.get("created_at", ""), pm_counters=pm, device_name=meta.get("device_name", ""))
+        notes=notes, created_at=meta.get("created_at", ""), pm_counters=pm, pm_labels=dict(meta.get("pm_labels") or {}),
+        device_name=meta.get("device_name", ""),
+        warmup_steps=warmup,
+        tokens_per_s_all=sum(s.metrics.tokens for s in steps) / (all_ms * 1e-3) if all_ms > 0 else None)
 
 
-@dataclass(frozen=True)
-class LiveView:
-    """A snapshot of the current (or last) profiling run, for a poller."""
-
-    run_id: int
-    status: str  # "running", "done", "stopped" or "failed: <message>"
-    version: int  # grows with every change, so a poller can skip what it has already drawn
-    step: int
-    num_steps: int
-    spans: tuple[Span, ...]
-    steps: tuple[LabStep, ...]
-    link: tuple[NvmlSample, ...]
-    link_note: str
-    l2_note: str
-    record: RunRecord | None
-
-
-class LiveRun:
-    """What a profiling run has produced so far: the engine's thread adds updates, pollers read views."""
-
-    def __init__(self, run_id: int, *, num_steps: int) -> None:
-        self.run_id = run_id
-        self._lock = threading.Lock()
-        self._status = "running"
-        self._version = 0
-        self._step, self._num_steps = 0, num_steps
-        self._spans: list[Span] = []
-        self._steps: list[LabStep] = []
-        self._link: list[NvmlSample] = []
-        self._link_note = self._l2_note = ""
-        self._record: RunRecord | None = None
-
-    def add(self, update: ProfileUpdate) -> None:
-        with self._lock:
-            self._spans.extend(update.new_spans)
-            self._steps.extend(update.new_steps)
-            self._link.extend(update.new_link)
-            self._step, self._num_steps = update.step, update.num_steps
-            self._link_note, self._l2_note = update.link_note, update.l2_note
-            if update.record is not None:
-                self._record = update.record
-            self._version += 1
-
-    @property
-    def status(self) -> str:
-        return self._status
-
-    def end(self, status: str) -> None:
-        with self._lock:
-            self._status = status
-            self._version += 1
-
-    def view(self) -> LiveView:
-        with self._lock:
-            return LiveView(run_id=self.run_id, status=self._status, version=self._version, step=self._step,
-                            num_steps=self._num_steps, spans=tuple(self._spans), steps=tuple(self._steps),
-                            link=tuple(self._link), link_note=self._link_note, l2_note=self._l2_note,
-                            record=self._record)
-
-
-__all__ = ["LabStep", "LiveRun", "LiveView", "ProfileUpdate", "RunRecord", "flat_settings", "profile_run",
-           "random_prompts", "record_from_trace"]
+__all__ = ["LabStep", "ProfileUpdate", "RunRecord", "flat_settings", "profile_run", "random_prompts",
+           "record_from_trace", "steady_tokens_per_s", "warmup_steps"]

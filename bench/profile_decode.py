@@ -115,12 +115,13 @@ def step_breakdown(model, adapter, *, batch: int, prompt_len: int, attention: st
 def format_breakdown(b: dict, title: str) -> str:
     lines = [title, "| kind | ms/step | % | kernels/step |", "|---|---|---|---|"]
     for kind, v in b["kinds"].items():
-        lines.append(f"| {kind} | {v['ms']:.3f} | {100 * v['ms'] / max(b['total_ms'], 1e-9):.1f} | {v['kernels']:.0f} |")
+        share = 100 * v["ms"] / max(b["total_ms"], 1e-9)
+        lines.append(f"| {kind} | {v['ms']:.3f} | {share:.1f} | {v['kernels']:.0f} |")
     lines.append(f"| total | {b['total_ms']:.3f} | 100 | {b['kernels']:.0f} |")
     if b.get("graph_ms") is not None:
         gap = b["graph_ms"] - b["total_ms"]
-        lines.append(f"\nCUDA-graph replay of the same step: {b['graph_ms']:.3f} ms ({gap:+.3f} ms against the kernels' "
-                     f"sum: launch gaps, {1e3 * gap / max(b['kernels'], 1):.2f} µs per kernel)")
+        lines.append(f"\nCUDA-graph replay of the same step: {b['graph_ms']:.3f} ms ({gap:+.3f} ms against the "
+                     f"kernels' sum: launch gaps, {1e3 * gap / max(b['kernels'], 1):.2f} µs per kernel)")
     lines.append("")
     lines += [f"{ms:8.3f} ms  {name[:110]}" for name, ms in b["top"]]
     return "\n".join(lines)

@@ -69,7 +69,8 @@ def gated_act(gate_up: torch.Tensor, *, act: str = "silu", pdl: bool = False) ->
     if rows.shape[0] == 0 or width == 0:
         return out
     block = min(1024, triton.next_power_of_2(width))
-    pdl = pdl and _pdl.usable(gate_up.device, interpreting=not isinstance(_gated_act_kernel, triton.runtime.jit.JITFunction))
+    interpreting = not isinstance(_gated_act_kernel, triton.runtime.jit.JITFunction)
+    pdl = pdl and _pdl.usable(gate_up.device, interpreting=interpreting)
     _gated_act_kernel[(rows.shape[0], triton.cdiv(width, block))](
         gu_ptr=rows, out_ptr=out, stride_g=rows.stride(0), stride_o=width, width=width, ACT=act, BLOCK=block, PDL=pdl,
         num_warps=4, **({"launch_pdl": True} if pdl else {}))

@@ -92,7 +92,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     _add_rms_norm_kernel[(x2.shape[0],)](
         x_ptr=x2, res_ptr=r2, w_ptr=weight, sum_ptr=s2, out_ptr=out, stride_x=x2.stride(0), stride_r=r2.stride(0),
         stride_s=s2.stride(0), stride_o=n, num_cols=n, eps=eps, HAS_RESIDUAL=residual is not None,
-        UNIT_OFFSET=unit_offset, BLOCK=block, PDL=pdl, num_warps=max(1, min(16, block // 512)), **({"launch_pdl": True} if pdl else {}))
+        UNIT_OFFSET=unit_offset, BLOCK=block, PDL=pdl, num_warps=max(1, min(16, block // 512)),
+        **({"launch_pdl": True} if pdl else {}))
     return total, out
 
 

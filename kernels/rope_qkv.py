@@ -114,13 +114,15 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_he
     heads = num_heads + (2 if store else 1) * num_kv_heads
     block_h = min(triton.next_power_of_2(heads), max(1, 2048 // block_d))
     dummy = qkv  # never read: the constexpr flags switch the pointer's use off
-    pdl = pdl and _pdl.usable(qkv.device, interpreting=not isinstance(_rope_qkv_kernel, triton.runtime.jit.JITFunction))
+    interpreting = not isinstance(_rope_qkv_kernel, triton.runtime.jit.JITFunction)
+    pdl = pdl and _pdl.usable(qkv.device, interpreting=interpreting)
     _rope_qkv_kernel[(batch * num_tokens, triton.cdiv(heads, block_h))](
         qkv_ptr=qkv, cos_ptr=cos, sin_ptr=sin, qw_ptr=dummy if q_norm is None else q_norm,
         kw_ptr=dummy if k_norm is None else k_norm, kc_ptr=k_cache if store else dummy,
         vc_ptr=v_cache if store else dummy, pos_ptr=positions if store else dummy,
         stride_xb=qkv.stride(0), stride_xt=qkv.stride(1), stride_cb=cos.stride(0) if cos.shape[0] > 1 else 0,
-        stride_ct=cos.stride(1), stride_kb=k_cache.stride(0) if store else 0, stride_kh=k_cache.stride(1) if store else 0,
+        stride_ct=cos.stride(1), stride_kb=k_cache.stride(0) if store else 0,
+        stride_kh=k_cache.stride(1) if store else 0,
         stride_ks=k_cache.stride(2) if store else 0, stride_vb=v_cache.stride(0) if store else 0,
         stride_vh=v_cache.stride(1) if store else 0, stride_vs=v_cache.stride(2) if store else 0,
         num_tokens=num_tokens, num_q_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,

@@ -8,9 +8,9 @@ holds ~2 programs, and each program streams its (BLOCK_N, BLOCK_K) tiles through
 pipeline (16-byte loads along K, each weight byte read once; x, M x K, is re-read from L2 by every column block:
 M / BLOCK_N of the weight traffic, so BLOCK_N grows with M).
 
-Split-K partial sums (fp32, M x N per split) go to a workspace; the last program of a column block to finish (an acq_rel ticket
-per block, reset by that program) adds them and runs the epilogue, so the launch is one kernel with no memset
-and no reduction kernel: one CUDA-graph node. Epilogues: bias; or, over a fused [gate | up] weight (GATED), the
+Split-K partial sums (fp32, M x N per split) go to a workspace; the last program of a column block to finish (an
+acq_rel ticket per block, reset by that program) adds them and runs the epilogue, so the launch is one kernel with
+no memset and no reduction kernel: one CUDA-graph node. Epilogues: bias; or, over a fused [gate | up] weight (GATED), the
 gated MLP's act(gate) * up, written as (M, N) with N the intermediate size (kernels/gated_act.py's rounding).
 Rounding: fp32 accumulation, one rounding of acc + bias, as cuBLAS; the gated epilogue rounds gate and up first as
 transformers' two separate projections do.
@@ -60,7 +60,8 @@ def _dot(x, w, acc, DOT_FP32: tl.constexpr):
 @triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K, stride_xm, stride_wn,
                         stride_ym, k_per_split, split_k, up_offset, split_stride, HAS_BIAS: tl.constexpr,
-                        ACT: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        ACT: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):
     _pdl.enter(PDL)  # before any load or store: x is the previous kernel's output
     pid_n = tl.program_id(0)
@@ -182,7 +183,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     assert 1 <= num_rows <= MAX_ROWS, f"skinny_gemm takes 1..{MAX_ROWS} rows, got {num_rows}"
     assert weight.shape[1] == in_features, (x.shape, weight.shape)
     assert x.stride(1) == 1 and weight.stride(1) == 1, f"K must be contiguous: x {x.stride()}, weight {weight.stride()}"
-    assert x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32), (x.dtype, weight.dtype)
+    assert x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32), \
+        (x.dtype, weight.dtype)
     assert x.device == weight.device, (x.device, weight.device)
     assert act == "" or act in ACTIVATIONS, f"act {act!r}: '' or one of {ACTIVATIONS}"
     out_features = weight.shape[0] // 2 if act else weight.shape[0]
@@ -224,5 +226,6 @@ def skinny_gemm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     gate_b, up_b = (None, None) if bias is None else bias.chunk(2)
     gate = torch.nn.functional.linear(x, gate_w, gate_b)
     up = torch.nn.functional.linear(x, up_w, up_b)
-    activation = torch.nn.functional.silu if act == "silu" else lambda g: torch.nn.functional.gelu(g, approximate="tanh")
-    return activation(gate) * up
+    if act == "silu":
+        return torch.nn.functional.silu(gate) * up
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up

@@ -206,7 +206,8 @@ def test_a_measured_plan_picks_cublas_or_the_skinny_kernel(models, monkeypatch):
     fast = fuse(model.adapter, kernels="triton", plan=plan)
     launched = []
     real = skinny.skinny_gemm
-    monkeypatch.setattr(skinny, "skinny_gemm", lambda x, w, *a, **k: launched.append(tuple(w.shape)) or real(x, w, *a, **k))
+    monkeypatch.setattr(skinny, "skinny_gemm",
+                        lambda x, w, *a, **k: launched.append(tuple(w.shape)) or real(x, w, *a, **k))
     x = torch.randn(2, 1, spec.hidden_size)
     with torch.inference_mode():
         fast.qkv[0](x, policy=fast.policy, plan=plan)  # measured: cuBLAS

@@ -67,8 +67,9 @@ ptx["rope_qkv"] = build(_rope_qkv_kernel, bf16("qkv_ptr", "cos_ptr", "sin_ptr", 
                         dict(QK_NORM=True, UNIT_OFFSET=False, STORE=True, BLOCK_H=16, BLOCK_D=128))
 ptx["gemm_pdl"] = build(_skinny_gemm_kernel, gemm_types, dict(HAS_BIAS=False, EVEN_K=True, DOT_FP32=False, ACT="",
                         GATED=False, SPLIT=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PDL=True), num_stages=4)
-ptx["rms_norm_pdl"] = build(_add_rms_norm_kernel, bf16("x_ptr", "res_ptr", "w_ptr", "sum_ptr", "out_ptr") | {"eps": "fp32"},
-                            dict(HAS_RESIDUAL=True, UNIT_OFFSET=False, BLOCK=4096, PDL=True), num_warps=8)
+ptx["rms_norm_pdl"] = build(_add_rms_norm_kernel, bf16("x_ptr", "res_ptr", "w_ptr", "sum_ptr", "out_ptr")
+                            | {"eps": "fp32"}, dict(HAS_RESIDUAL=True, UNIT_OFFSET=False, BLOCK=4096, PDL=True),
+                            num_warps=8)
 ptx["kv_store"] = build(_kv_store_kernel, bf16("k_ptr", "v_ptr", "kc_ptr", "vc_ptr") | {"pos_ptr": "*i64"},
                         dict(BLOCK_H=32, BLOCK_D=128))
 ptx["stream_read"] = build(_stream_read_kernel, bf16("src_ptr") | {"out_ptr": "*fp32", "num_elements": "i64"},

@@ -59,7 +59,8 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("rows,out_features,in_features,config", CASES,
-                         ids=[f"M{m}-N{n}-K{k}-{'default' if c is None else f'split{c.split_k}'}" for m, n, k, c in CASES])
+                         ids=[f"M{m}-N{n}-K{k}-{'default' if c is None else f'split{c.split_k}'}"
+                              for m, n, k, c in CASES])
 @pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
 def test_skinny_gemm_matches_torch(rows, out_features, in_features, config, dtype, bias, poisoned):
     x, w, b = _problem(rows, out_features, in_features, dtype, bias=bias, seed=rows + in_features)
@@ -68,8 +69,8 @@ def test_skinny_gemm_matches_torch(rows, out_features, in_features, config, dtyp
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("rows,out_features,in_features,config", [(1, 160, 64, None), (5, 100, 300, SkinnyConfig(16, 32, 64, 3)),
-                                                                  (54, 48, 128, SkinnyConfig(64, 16, 32, 2))])
+@pytest.mark.parametrize("rows,out_features,in_features,config", [
+    (1, 160, 64, None), (5, 100, 300, SkinnyConfig(16, 32, 64, 3)), (54, 48, 128, SkinnyConfig(64, 16, 32, 2))])
 def test_skinny_gemm_gated_epilogue_matches_the_mlp(rows, out_features, in_features, config, act, dtype, poisoned):
     x, w, b = _problem(rows, out_features, in_features, dtype, gated=True, bias=rows == 5, seed=rows)
     y = _check(x, w, b, act, config)

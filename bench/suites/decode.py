@@ -75,8 +75,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--exact-seqs", type=int, default=16, help="sequences in the GPU exactness check (0: skip)")
     parser.add_argument("--exact-tokens", type=int, default=32)
     parser.add_argument("--exact-models", default="", help="extra models for the exactness check, comma list")
-    parser.add_argument("--ours", default="", help=f"comma list of our variants (default: {', '.join(DEFAULT_VARIANTS)}); "
-                        f"any of: {', '.join(VARIANTS)}")
+    parser.add_argument("--ours", default="", help=f"comma list of our variants (default: "
+                        f"{', '.join(DEFAULT_VARIANTS)}); any of: {', '.join(VARIANTS)}")
     parser.add_argument("--no-tune", action="store_true", help="do not measure the GEMM plan (use the cached one)")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-step kernel breakdown")
     parser.add_argument("--tag", default="", help="suffix of the result files' name (decode_<tag>)")
@@ -237,7 +237,8 @@ def _exactness_notes(e: dict) -> list[str]:
              f"{e['median_logits_rel_err']:.2e}, median at the prefill {e['median_prefill_logits_rel_err']:.2e}"]
     for key, who in (("compiled_vs_transformers", "ours compiled vs transformers"),
                      ("fused_vs_transformers", "ours fused vs transformers"), ("fused_vs_ours", "ours fused vs ours"),
-                     ("ours_vs_fp32", "ours vs transformers fp32"), ("fused_vs_fp32", "ours fused vs transformers fp32"),
+                     ("ours_vs_fp32", "ours vs transformers fp32"),
+                     ("fused_vs_fp32", "ours fused vs transformers fp32"),
                      ("transformers_bf16_vs_fp32", "transformers vs its own fp32")):
         if key in e:
             f = e[key]

@@ -42,4 +42,5 @@ def fuse(adapter: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | Non
     return _FAST_FOR[type(adapter).__name__](adapter, kernels=kernels, plan=plan, pdl=pdl)
 
 
-__all__ = ["FAST_ADAPTERS", "FusedGemmaAdapter", "FusedLlamaAdapter", "FusedPhi3Adapter", "GemmPlan", "fuse", "gemm_plan", "why_not_fused"]
+__all__ = ["FAST_ADAPTERS", "FusedGemmaAdapter", "FusedLlamaAdapter", "FusedPhi3Adapter", "GemmPlan", "fuse",
+           "gemm_plan", "why_not_fused"]

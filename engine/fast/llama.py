@@ -24,7 +24,7 @@ import threading
 import torch
 
 from engine.adapters.base import DecoderAdapter
-from engine.adapters.llama import LlamaAdapter, apply_rope
+from engine.adapters.llama import apply_rope
 from engine.fast.ops import ACTIVATIONS, KernelPolicy, Projection, add_norm, norm_eps
 from engine.fast.plan import GemmPlan, gemm_plan
 from engine.fast.weights import fuse_linears
@@ -157,7 +157,8 @@ class FusedLlamaAdapter(DecoderAdapter):
 
 
 class FusedPhi3Adapter(FusedLlamaAdapter):
-    """Phi-3/Phi-4: qkv_proj and gate_up_proj are fused in the checkpoint ([q | k | v], [gate | up]), taken as they are."""
+    """Phi-3/Phi-4: qkv_proj and gate_up_proj come fused in the checkpoint ([q | k | v], [gate | up]): taken as
+    they are."""
 
     family = "phi3"
 

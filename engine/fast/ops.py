@@ -76,8 +76,8 @@ class Projection:
             if config is not None:
                 from kernels.skinny_gemm import skinny_gemm
 
-                y = skinny_gemm(x.reshape(rows, self.in_features), self.weight, self.bias, act=act if self.gated else "",
-                                config=config, pdl=policy.pdl)
+                y = skinny_gemm(x.reshape(rows, self.in_features), self.weight, self.bias,
+                                act=act if self.gated else "", config=config, pdl=policy.pdl)
                 return y.view(*lead, self.out_features)
         y = F.linear(x, self.weight, self.bias)
         if not self.gated:

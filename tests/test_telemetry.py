@@ -14,13 +14,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.telemetry import (COUNTER_L2, COUNTER_LINK, COUNTER_PAYLOAD, COUNTER_TOKENS, L2_FORMULA_PLAIN,
-                              L2_FORMULA_SERVED, LANE_LABELS, LANES, NCU_FALLBACK, PCIE_DIRECTION, PCIE_LANES,
-                              PROCESS_NAME, CounterUnwrapper, CuptiPmSampler, NvmlSampler, Recorder, Span,
-                              StepMetrics, StepRecord, build_trace, check_lane, choose_metrics, downsample_segments,
-                              l2_counters, l2_hit_pct, lanes_in_direction, nvml_counters, read_json, read_trace,
-                              spans_from_trace, step_counters, step_metrics, to_csv, to_json, union_us, write_trace)
-from engine.telemetry.cupti_sampler import FABRIC_LOOKUP_HITS, SECTOR_HIT_RATE, TEX_LOOKUP_HITS, TEX_READS
+from engine.telemetry import (COUNTER_L2, COUNTER_LINK, COUNTER_PAYLOAD, COUNTER_TOKENS, LANE_LABELS, LANES,
+                              PCIE_DIRECTION, PCIE_LANES, PROCESS_NAME, CounterUnwrapper, NvmlSampler, Recorder, Span,
+                              StepMetrics, StepRecord, build_trace, check_lane, downsample_segments, l2_counters,
+                              lanes_in_direction, nvml_counters, read_json, read_trace, spans_from_trace, step_counters,
+                              step_metrics, to_csv, to_json, union_us, write_trace)
+
+# Names of L2 series (any formula string labels the series; the CUPTI counters' own are in test_cupti_sampler.py).
+L2_FORMULA_SERVED = "(tex lookup hits + ltcfabric lookup hits) / tex reads"
+L2_FORMULA_PLAIN = "lts__t_sector_hit_rate"
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -674,150 +676,7 @@ def test_nvml_failure_mid_run_stops_the_thread_and_leaves_the_caller_alone():
     assert sampler.status == "failed: FakeNvmlError: GPU is lost"
 
 
-# ---- CUPTI -----------------------------------------------------------------------------------------
-
-def test_cupti_probe_on_this_machine_says_not_installed_and_points_to_ncu_results():
-    try:
-        import cupti  # noqa: F401
-
-        pytest.skip("cupti-python is installed here")
-    except ImportError:
-        pass
-    sampler = CuptiPmSampler()
-    assert sampler.probe().available is False
-    assert sampler.why_unavailable.startswith("cupti-python not installed")
-    assert sampler.fallback == NCU_FALLBACK and (REPO / NCU_FALLBACK).is_file()
-    with pytest.raises(RuntimeError, match="not installed"):
-        sampler.start()
-    assert sampler.poll() == [] and sampler.stop() == []
-
-
-def missing(name: str):
-    raise ModuleNotFoundError(f"No module named {name!r}")
-
-
-def test_cupti_unavailable_reasons():
-    assert CuptiPmSampler(importer=missing).why_unavailable.startswith("cupti-python not installed")
-
-    def broken(name):
-        raise OSError("libcupti.so.13: cannot open shared object file")
-
-    assert "could not load: OSError: libcupti.so.13" in CuptiPmSampler(importer=broken).why_unavailable
-    installed = lambda name: SimpleNamespace()  # noqa: E731
-    no_gpu = CuptiPmSampler(importer=installed, cuda_available=lambda: False)
-    assert no_gpu.why_unavailable.startswith("no GPU")
-    assert no_gpu.fallback == NCU_FALLBACK
-    if not torch.cuda.is_available():  # and the real torch check on this machine
-        assert CuptiPmSampler(importer=installed).why_unavailable.startswith("no GPU")
-    with pytest.raises(ValueError, match="1..1000"):
-        CuptiPmSampler(interval_us=2000)
-
-
-def fake_cupti(*, accepted=frozenset(), max_per_pass=7, enable_error=None, configure_error=None):
-    """A stand-in for cupti-python's modules, recording what the sampler asks of it."""
-    calls: list = []
-
-    class Collector:
-        def __init__(self, device_index=0):
-            calls.append(("collector", device_index))
-
-        def enable(self):
-            if enable_error is not None:
-                raise enable_error
-            calls.append("enable")
-
-        def configure(self, **kwargs):
-            if configure_error is not None:
-                raise configure_error
-            calls.append(("configure", kwargs))
-
-        def disable(self):
-            calls.append("disable")
-
-    class ProfilerHost:
-        def __init__(self, chip, profiler_type):
-            assert (chip, profiler_type) == ("GH100", "pm")
-
-        def initialize(self):
-            calls.append("host-init")
-
-        def create_config_image(self, metrics):
-            if not set(metrics) <= accepted:
-                raise ValueError("metric not supported on this chip")
-            return tuple(metrics)
-
-        def deinitialize(self):
-            calls.append("host-deinit")
-
-    class ChipParams:
-        @property
-        def ptr(self):
-            return self
-
-    def device_get_chip_name(params):
-        params.p_chip_name = "GH100"
-
-    modules = {
-        "cupti": SimpleNamespace(),
-        "cupti.pm_sampling": SimpleNamespace(Collector=Collector,
-                                             TriggerMode=SimpleNamespace(GPU_TIME_INTERVAL="time")),
-        "cupti.profiler_host": SimpleNamespace(ProfilerHost=ProfilerHost, ProfilerType=SimpleNamespace(PM_SAMPLING="pm"),
-                                               get_num_of_passes=lambda image: 1 if len(image) <= max_per_pass else 2),
-        "cupti.cupti": SimpleNamespace(DeviceGetChipNameParams=ChipParams, DEVICE_GET_CHIP_NAME_PARAMS_STRUCT_SIZE=24,
-                                       device_get_chip_name=device_get_chip_name),
-    }
-    return modules.__getitem__, calls
-
-
-def test_cupti_probe_with_a_fake_gpu_path():
-    gpu = lambda: True  # noqa: E731
-    importer, _ = fake_cupti(enable_error=PermissionError("CUPTI_ERROR_INSUFFICIENT_PRIVILEGES"))
-    assert CuptiPmSampler(importer=importer, cuda_available=gpu).why_unavailable.startswith(
-        "no permission for GPU performance counters")
-
-    importer, calls = fake_cupti(accepted=frozenset(), max_per_pass=7)
-    assert "counters refused: none of" in CuptiPmSampler(importer=importer, cuda_available=gpu).why_unavailable
-    assert calls[-1] == "disable"
-
-    importer, calls = fake_cupti(accepted=frozenset({SECTOR_HIT_RATE, "pcie__read_bytes.sum"}),
-                                 configure_error=RuntimeError("CUPTI_ERROR_NOT_SUPPORTED"))
-    assert "counters refused: RuntimeError: CUPTI_ERROR_NOT_SUPPORTED" in \
-        CuptiPmSampler(importer=importer, cuda_available=gpu).why_unavailable
-    assert calls[-1] == "disable"
-
-    importer, calls = fake_cupti(accepted=frozenset(m for m in [SECTOR_HIT_RATE, TEX_READS, TEX_LOOKUP_HITS,
-                                                                "pcie__read_bytes.sum", "pcie__write_bytes.sum",
-                                                                "dram__bytes_read.sum"]))
-    sampler = CuptiPmSampler(importer=importer, cuda_available=gpu, interval_us=500)
-    probe = sampler.probe()
-    assert probe.available and sampler.why_unavailable is None and sampler.fallback is None
-    assert probe.chip == "GH100" and probe.l2_formula == L2_FORMULA_PLAIN  # the fabric counter was refused
-    assert probe.metrics == ("pcie__read_bytes.sum", "pcie__write_bytes.sum", "dram__bytes_read.sum", SECTOR_HIT_RATE)
-    configure = next(c[1] for c in calls if isinstance(c, tuple) and c[0] == "configure")
-    assert configure["sampling_interval"] == 500_000 and configure["metrics"] == list(probe.metrics)
-    assert calls[-1] == "disable" and "host-deinit" in calls  # the probe leaves nothing enabled
-
-
-def test_choose_metrics_prefers_the_l2_served_formula_within_one_pass():
-    everything = lambda metrics: True  # noqa: E731
-    metrics, formula = choose_metrics(everything)
-    assert formula == L2_FORMULA_SERVED and SECTOR_HIT_RATE not in metrics
-    assert metrics == (TEX_READS, TEX_LOOKUP_HITS, FABRIC_LOOKUP_HITS, "pcie__read_bytes.sum", "pcie__write_bytes.sum",
-                       "dram__bytes_read.sum")
-    four_per_pass = lambda metrics: len(metrics) <= 4  # noqa: E731
-    assert choose_metrics(four_per_pass) == ((TEX_READS, TEX_LOOKUP_HITS, FABRIC_LOOKUP_HITS, "pcie__read_bytes.sum"),
-                                             L2_FORMULA_SERVED)
-    no_l2 = lambda metrics: not any(m.startswith("lts__") for m in metrics)  # noqa: E731
-    assert choose_metrics(no_l2) == (("pcie__read_bytes.sum", "pcie__write_bytes.sum", "dram__bytes_read.sum"), None)
-
-
-def test_l2_hit_pct_formulas():
-    values = {TEX_READS: 1000.0, TEX_LOOKUP_HITS: 300.0, FABRIC_LOOKUP_HITS: 200.0, SECTOR_HIT_RATE: 31.0}
-    assert l2_hit_pct(values, L2_FORMULA_SERVED) == 50.0
-    assert l2_hit_pct(values, L2_FORMULA_PLAIN) == 31.0
-    assert l2_hit_pct({TEX_READS: 0.0}, L2_FORMULA_SERVED) is None
-    assert l2_hit_pct(values, None) is None
-
+# ---- CUPTI (the sampler, its counter choice and calibration: tests/test_cupti_sampler.py) -----------------
 
 def test_cupti_counters_land_on_the_recorders_axis_in_gb_per_s():
     from engine.telemetry.cupti_sampler import CuptiSample
@@ -844,15 +703,3 @@ def test_recorder_wall_origin_matches_its_perf_counter_origin():
     after = time.time_ns()
     assert before <= rec.origin_wall_ns <= after
     rec.close()
-
-
-def test_choose_metrics_falls_back_to_all_source_read_hits():
-    from engine.telemetry.cupti_sampler import ALL_READ_HITS, ALL_READS, L2_FORMULA_READS
-
-    accepted = {"pcie__read_bytes.sum", "pcie__write_bytes.sum", ALL_READS, ALL_READ_HITS}
-    metrics, formula = choose_metrics(lambda ms: set(ms) <= accepted)
-    assert formula == L2_FORMULA_READS
-    assert metrics == ("pcie__read_bytes.sum", "pcie__write_bytes.sum", ALL_READS, ALL_READ_HITS)
-    assert l2_hit_pct({ALL_READS: 200.0, ALL_READ_HITS: 50.0}, L2_FORMULA_READS) == 25.0
-    assert l2_hit_pct({ALL_READS: 0.0, ALL_READ_HITS: 0.0}, L2_FORMULA_READS) is None
-    assert choose_metrics(lambda ms: False) == ((), None)

@@ -23,13 +23,16 @@ from typing import Any
 from engine.telemetry.lanes import LANE_INDEX, LANE_LABELS, LANES, check_lane
 from engine.telemetry.metrics import StepMetrics
 from engine.telemetry.nvml_sampler import NvmlSample
+# CUPTI PM-sampling tracks (L2 hit %, PCIe, DRAM, stalls): named, filled and labelled beside the counter choice.
+from engine.telemetry.pm_metrics import (  # noqa: F401 - re-exported
+    COUNTER_L2, COUNTER_PM_DRAM, COUNTER_PM_DRAM_PCT, COUNTER_PM_L2_ALL, COUNTER_PM_L2_SECTORS, COUNTER_PM_PCIE,
+    COUNTER_PM_STALL, PM_TRACKS, cupti_counters)
 from engine.telemetry.recorder import Span
 
 PROCESS_NAME = "KV Lab decode"
 PID = 1
 COUNTER_LINK = "PCIe link GB/s (NVML)"
 COUNTER_PAYLOAD = "PCIe payload GB/s"
-COUNTER_L2 = "L2 hit %"
 COUNTER_TOKENS = "tokens/s"
 # Traces above this size are gzipped even when the name does not ask for it (Perfetto opens .json.gz).
 GZIP_OVER_BYTES = 32 << 20
@@ -61,31 +64,6 @@ def l2_counters(points: Iterable[tuple[float, float]], *,
     """L2 hit % at (ts_us, pct) points; the series is named by the formula so the trace says which it is."""
     track = [(t_us, {formula: pct}) for t_us, pct in points]
     return {COUNTER_L2: track} if track else {}
-
-
-COUNTER_PM_PCIE = "PCIe GB/s (CUPTI PM sampling)"
-COUNTER_PM_DRAM = "DRAM read GB/s (CUPTI PM sampling)"
-
-
-def cupti_counters(samples: Iterable[Any], *, origin_wall_ns: int) -> dict[str, list[tuple[float, dict[str, float]]]]:
-    """CUPTI PM samples (GPU global-timer ns, on the host's wall clock) as counter tracks on the recorder's µs
-    axis: PCIe read/write and DRAM read GB/s over each sample's interval, and the L2 hit % where sampled."""
-    pcie, dram, l2 = [], [], []
-    for sample in samples:
-        dur_ns = sample.end_ns - sample.start_ns
-        if dur_ns <= 0:
-            continue
-        t_us = (sample.start_ns - origin_wall_ns) / 1000.0
-        values = sample.values
-        if "pcie__read_bytes.sum" in values or "pcie__write_bytes.sum" in values:
-            pcie.append((t_us, {"read": values.get("pcie__read_bytes.sum", 0.0) / dur_ns,
-                                "write": values.get("pcie__write_bytes.sum", 0.0) / dur_ns}))
-        if "dram__bytes_read.sum" in values:
-            dram.append((t_us, {"read": values["dram__bytes_read.sum"] / dur_ns}))
-        if sample.l2_hit_pct is not None:
-            l2.append((t_us, {"L2 hit %": sample.l2_hit_pct}))
-    tracks = {COUNTER_PM_PCIE: pcie, COUNTER_PM_DRAM: dram, COUNTER_L2: l2}
-    return {name: track for name, track in tracks.items() if track}
 
 
 # ---- trace ------------------------------------------------------------------------------------------

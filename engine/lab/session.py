@@ -523,7 +523,7 @@ class LabSession:
 
         device = self._device()
         return KernelStudy(device, cupti=self._cupti_sampler(device) if device.type == "cuda" else None,
-                           device_job=lambda: self._device_job("a kernel study", wait=False, refused="run a kernel study"))
+                           device_job=lambda: self._device_job("a kernel study", refused="run a kernel study"))
 
 
 def _quoted_short(exc: KVLabError, source) -> KVLabError:

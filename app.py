@@ -19,7 +19,8 @@ import gradio as gr
 from engine.lab.access import is_loopback
 from engine.errors import KVLabError
 from engine.lab.session import LabSession
-from panels import chat_panel, compare_panel, explorer_panel, hardware_panel, model_panel, profile_panel, settings_panel
+from panels import (chat_panel, compare_panel, explorer_panel, hardware_panel, kernel_panel, model_panel, profile_panel,
+                    settings_panel)
 
 # Uploads are exported traces (the Profile panel's import): a long run's gzipped trace is a few MB.
 MAX_UPLOAD = "64mb"
@@ -46,6 +47,8 @@ def build_app(session: LabSession) -> gr.Blocks:
             compare_panel.build(session, app=app)
         with gr.Tab("Hardware"):
             hardware_panel.build(session)
+        with gr.Tab("Kernels"):
+            kernel_panel.build(session)
     return app
 
 

@@ -61,9 +61,10 @@ def test_auto_follows_this_devices_recorded_tuning_cache(tmp_path, monkeypatch):
 
 
 def test_the_engine_reads_the_same_tuning_cache_for_its_decode_attention(tmp_path, monkeypatch, tiny, one_thread):
-    """A decode run with the Triton kernel (interpreter) plans each segment through the device's tuning table: the
-    generator's attention line says the class was tuned and runs its depth."""
+    """A decode run with the Triton kernel (interpreter) plans every launch through the device's tuning table: each
+    plan of the run's decode steps is the tuned depth of its class."""
     monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
+    import kernels.decode_attention as kda
     from engine.generator import Generator
     from engine.settings import GenerationSettings
 
@@ -72,9 +73,19 @@ def test_the_engine_reads_the_same_tuning_cache_for_its_decode_attention(tmp_pat
     settings = GenerationSettings(max_new_tokens=2, attention="triton", ignore_eos=True)
     _tuned_table("cpu", rows=len(prompt) * spec.num_kv_heads, keys=len(prompt[0]) + settings.max_new_tokens,
                  head_dim=spec.head_dim, dtype="float32", stages=2, prefetch=False)
-    generator = Generator(tiny)
-    generator.generate(prompt, settings)
-    assert "tuned)" in generator.attention_why and "2 stages (tuned)" in generator.attention_why
+    planned = []
+    real = kda.choose_launch
+
+    def choose_launch(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        planned.append((kwargs.get("tuned"), plan))
+        return plan
+
+    monkeypatch.setattr(kda, "choose_launch", choose_launch)
+    Generator(tiny).generate(prompt, settings)
+    assert planned and all(tuned is not None and tuned.num_stages == 2 and plan.num_stages == 2
+                           for tuned, plan in planned)
+    assert all("2 stages (tuned)" in plan.why for _, plan in planned)
 
 
 def _write_committed(results: Path) -> None:

@@ -195,7 +195,7 @@ class FakeCupti:
         if list_sets:
             profiler_host.get_single_pass_sets = lambda chip: list(fake.sets)
             profiler_host.get_metrics_in_single_pass_set = lambda chip, name: list(fake.sets[name])
-        return {
+        modules = {
             "cupti": SimpleNamespace(),
             "cupti.pm_sampling": SimpleNamespace(Collector=Collector,
                                                  TriggerMode=SimpleNamespace(GPU_TIME_INTERVAL="time")),
@@ -203,3 +203,7 @@ class FakeCupti:
             "cupti.cupti": SimpleNamespace(DeviceGetChipNameParams=ChipParams, DEVICE_GET_CHIP_NAME_PARAMS_STRUCT_SIZE=24,
                                            device_get_chip_name=device_get_chip_name),
         }
+        profiler_host.get_supported_chips = lambda: [fake.chip]
+        for name in ("pm_sampling", "profiler_host", "cupti"):  # `import cupti.profiler_host as ph` reads these
+            setattr(modules["cupti"], name, modules[f"cupti.{name}"])
+        return modules

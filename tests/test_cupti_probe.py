@@ -34,3 +34,32 @@ def test_the_probes_decode_and_kernel_parts_write_their_record(tmp_path, profile
     assert probe.details["kernel_study"]["measured"] is False and len(probe.details["kernel_study"]["rows"]) == 11
     probe.write()
     assert (tmp_path / "cupti_live.json").is_file() and (tmp_path / "cupti_live.md").is_file()
+
+
+def test_the_probe_on_a_fake_gh100_lists_sets_chooses_counters_and_survives_failing_parts(tmp_path, monkeypatch):
+    """main() with cupti-python faked (GH100's sets) and no GPU behind it: the sets, the choice and the L2 headline
+    are written; the parts that need the GPU fail, each saying so, and the probe still exits 0."""
+    import functools
+    import json
+
+    import torch
+
+    import cupti_probe
+    import engine.telemetry
+    from cupti_fake import FakeCupti
+
+    fake = FakeCupti()
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H200")
+    monkeypatch.setattr(engine.telemetry, "CuptiPmSampler",
+                        functools.partial(engine.telemetry.CuptiPmSampler, cuda_available=lambda: True))
+    assert cupti_probe.main(["--out", str(tmp_path), "--kernel-shape", "", "--budget-s", "600"]) == 0
+    doc = json.loads((tmp_path / "cupti_live.json").read_text())
+    details = doc["details"]
+    assert details["chip"] == "GH100" and details["single_pass_sets"]["TriageCompute"][0].startswith("LTS.")
+    assert details["metrics"][0].endswith("srcunit_tex_realtime.pct") and details["set_name"] == "TriageCompute"
+    assert {h["key"]: h["value"] for h in doc["headlines"]} == {"l2_live_available": 1.0}
+    assert "decode" in details["errors"] and any(n.startswith("decode failed") for n in doc["notes"])
+    assert any("calibration" in n for n in doc["notes"])

@@ -299,3 +299,9 @@ def test_the_probe_bench_without_cupti_writes_why_and_exits_0(tmp_path):
     assert doc["suite"] == "cupti_live" and doc["details"]["available"] is False
     assert [h["key"] for h in doc["headlines"]] == ["l2_live_available"] and doc["headlines"][0]["value"] == 0.0
     assert json.loads((tmp_path / "summary.json").read_text())["l2_live_available"]["value"] == 0.0
+
+
+def test_a_member_listed_without_its_set_prefix_is_tried_with_it():
+    bare = {"TriageCompute": ["lts__average_t_sector_hit_rate_srcunit_tex_realtime", "dramc__read_throughput"]}
+    choice = choose_counters("GH100", bare, lambda ms, s: gh100_accepts(ms, s))
+    assert choice.l2_metric == L2_SM_METRIC  # the bare .pct/.ratio refused, LTS.TriageCompute.<name>.pct taken

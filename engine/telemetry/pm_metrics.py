@@ -108,18 +108,24 @@ class CounterChoice:
         return self.roles[role] if role else None
 
 
-def _candidates(role: str, listed: str, submetrics: Callable[[str], Sequence[str] | None] | None) -> list[str]:
-    if _SUBMETRIC.search(split_name(listed)[2] or "-"):
+def _candidates(role: str, listed: str, set_name: str,
+                submetrics: Callable[[str], Sequence[str] | None] | None) -> list[str]:
+    """Configurable names for a listed member, most wanted first: its sub-metrics (the chip's list where it gives
+    one), then, for a member listed without its unit/set prefix, the prefixed form ("LTS.<set>.lts__x.pct") that
+    set members take, with .pct/.ratio only."""
+    prefix, base, suffix = split_name(listed)
+    if _SUBMETRIC.search(suffix or "-"):
         return [listed]  # listed with its sub-metric already
     wanted = _SUFFIXES[role]
     offered = submetrics(listed) if submetrics is not None else None
+    names = [listed + s for s in wanted]
     if offered:  # "pct", ".pct" or the whole "lts__x.pct": each as ".pct"
-        base = split_name(listed)[1]
         normalised = {"." + s.split(base, 1)[-1].lstrip(".") for s in offered}
         kept = [s for s in wanted if s in normalised]
-        if kept:
-            return [listed + s for s in kept]
-    return [listed + s for s in wanted]
+        names = [listed + s for s in kept] or names
+    if not prefix and set_name:
+        names += [f"{base.split('__')[0].upper()}.{set_name}.{base}{s}" for s in (".pct", ".ratio") if s in wanted]
+    return names
 
 
 def choose_counters(chip: str, sets: Mapping[str, Sequence[str]] | None,
@@ -166,8 +172,8 @@ def choose_counters(chip: str, sets: Mapping[str, Sequence[str]] | None,
     def add_member(role: str) -> None:
         if role not in found:
             return
-        _, listed = found[role]
-        for name in _candidates(role, listed, submetrics):
+        set_name, listed = found[role]
+        for name in _candidates(role, listed, set_name, submetrics):
             if try_add(role, [name]):
                 roles[role] = name
                 return

@@ -162,6 +162,21 @@ def test_failure_reason_finds_the_main_programs_error_among_interleaved_thread_t
     assert failure_reason("warming up\nAssertionError: Torch not compiled with CUDA enabled\n") == \
         "AssertionError: Torch not compiled with CUDA enabled"
     assert failure_reason("", "Killed") == "Killed"
+    # RECORDED too (CPU, FlexGen 0.1.8 with --cpu-cache-compute): threads wrote into the main traceback's lines
+    mangled = """\
+Exception in thread Exception in thread Thread-2 (copy_worker_func):
+Traceback (most recent call last):
+  File "threading.py", line 1045, in _bootstrap_inner
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+self.run()  File "torch/cuda/__init__.py", line 689, in set_device
+AttributeError: module 'torch._C' has no attribute '_cuda_setDevice'
+AttributeError:     ^^^^^^^^^^^^^module 'torch._C' has no attribute '_cuda_setDevice'    model = OptLM(opt_config,
+AttributeError: module 'torch._C' has no attribute '_cuda_setDevice'
+    raise RuntimeError("torch.cuda.Stream requires CUDA support")
+RuntimeError: torch.cuda.Stream requires CUDA support
+"""
+    assert failure_reason(mangled) == "RuntimeError: torch.cuda.Stream requires CUDA support"
 
 
 # -- schedules, shapes, commands ------------------------------------------------------------------------------------

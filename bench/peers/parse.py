@@ -87,27 +87,37 @@ def _main_header(lines: list[str]) -> int | None:
 
 
 def main_traceback_printed(stderr: str) -> bool:
-    return _main_header(stderr.splitlines()) is not None
+    """Whether the main program printed a traceback (threads' output may split its lines, so any of its frames)."""
+    return "Traceback (most recent call last)" in stderr and (
+        "_run_module_as_main" in stderr or re.search(r"line \d+, in <module>", stderr) is not None)
+
+
+def _mangled(line: str) -> bool:
+    """A line two threads wrote into at once: caret markers or a run of spaces inside it."""
+    return "^^" in line or re.search(r"\S {4,}\S", line) is not None
 
 
 def failure_reason(stderr: str, stdout: str = "", *, limit: int = 600) -> str:
     """The error that stopped a peer. FlexGen's four disk-copy threads can fail beside its main program and their
     tracebacks interleave with the main one, line by line; so: of the exception lines after the main program's
-    traceback began (less those of "Exception ignored in" blocks, printed at shutdown), the one printed fewest times
-    (the threads print theirs once each), the first of those; else the last exception anywhere; else the last line
-    the peer printed."""
+    traceback began (less those of "Exception ignored in" blocks, printed at shutdown), the one whose message was
+    printed fewest times (each thread prints its own, even where another thread's output splits the line), the first
+    of those; else the last exception anywhere; else the last line the peer printed. Lines two threads wrote into at
+    once are not taken as the error."""
     lines = stderr.splitlines()
     errors, ignored = [], False
     for i, line in enumerate(lines):
         if line.startswith("Exception ignored in"):
             ignored = True
-        elif _ERROR_LINE.match(line):
+        elif _ERROR_LINE.match(line) and not _mangled(line):
             errors.append((i, line.strip(), ignored))
             ignored = False
     header = _main_header(lines)
+    if header is None and main_traceback_printed(stderr):  # its first lines split by a thread's: from its first
+        header = next(i for i, line in enumerate(lines) if line.startswith("Traceback"))
     candidates = [(i, text) for i, text, ign in errors if header is not None and i > header and not ign]
-    if candidates:
-        counts = {text: sum(t == text for _, t, _ in errors) for _, text in candidates}
+    if candidates:  # how often each message was printed, in whole lines or in lines threads wrote into
+        counts = {text: stderr.count(text.split(": ", 1)[-1]) for _, text in candidates}
         reason = min(candidates, key=lambda c: (counts[c[1]], c[0]))[1]
     elif errors:
         reason = errors[-1][1]

@@ -19,8 +19,7 @@ import gradio as gr
 from engine.lab.access import is_loopback
 from engine.errors import KVLabError
 from engine.lab.session import LabSession
-from panels import (chat_panel, compare_panel, explorer_panel, hardware_panel, kernel_panel, model_panel, profile_panel,
-                    settings_panel)
+from panels import chat_panel, compare_panel, explorer_panel, hardware_panel, model_panel, profile_panel, settings_panel
 
 # Uploads are exported traces (the Profile panel's import): a long run's gzipped trace is a few MB.
 MAX_UPLOAD = "64mb"
@@ -33,22 +32,21 @@ def build_app(session: LabSession) -> gr.Blocks:
     with gr.Blocks(title="KV Lab") as app:
         gr.Markdown("# KV Lab\nSee and speed up LLM decoding when the KV cache outgrows the GPU. _The loaded model "
                     "is shared by everyone connected; settings, chat and the run shown are this tab's own._")
+        saved_settings = settings_panel.browser_memory()
         with gr.Tab("Model") as tab:
             model_key = model_panel.build(session, app=app, tab=tab)
         with gr.Tab("Settings"):
-            settings_panel.build(session, app=app, model_key=model_key)
+            settings_panel.build(session, app=app, model_key=model_key, saved=saved_settings)
         with gr.Tab("Chat"):
             chat_panel.build(session)
         with gr.Tab("Profile") as tab:
             profile_panel.build(session, app=app, tab=tab, model_key=model_key)
         with gr.Tab("Scheduler explorer"):
-            explorer_panel.build(session, app=app)
+            explorer_panel.build(session, app=app, model_key=model_key)
         with gr.Tab("Compare"):
             compare_panel.build(session, app=app)
         with gr.Tab("Hardware"):
             hardware_panel.build(session)
-        with gr.Tab("Kernels"):
-            kernel_panel.build(session)
     return app
 
 

@@ -14,7 +14,7 @@ from engine.lab.session import LabSession, normalise_history, reply_footer
 from engine.settings import GenerationSettings, SamplingSettings
 from panels.api import PRIVATE, endpoint, owner
 from panels.controls import ChatHistory, NumberBox, SliderBox, as_number
-from panels.errors import DEVICE_QUEUE, describe
+from panels.errors import DEVICE_QUEUE, as_markdown, describe
 
 MAX_WAITING = 16  # replies that may wait for the device at once; more wait in Gradio's queue
 
@@ -105,7 +105,7 @@ def build(session: LabSession) -> None:
                 else:
                     yield shown + turn, "", line
         except Exception as exc:  # noqa: BLE001 - shown under the chat; history and model are kept
-            yield shown, text, f"**Error:** {describe(exc)}"
+            yield shown, text, f"**Error:** {as_markdown(describe(exc))}"
 
     inputs = [chatbot, message, max_new_tokens, temperature, top_p, top_k, seed]
     outputs = [chatbot, message, stats]

@@ -17,7 +17,7 @@ from engine.errors import InvalidSettingsError
 from engine.lab.compare import CompareTable
 from engine.lab.session import LabSession
 from panels.api import PRIVATE, endpoint
-from panels.errors import describe
+from panels.errors import shown
 
 EMPTY = ("_No runs yet: run a profile in the Profile tab (or import one there), then pick two or more runs here; the "
          "first picked is the baseline of the deltas._")
@@ -58,12 +58,12 @@ def build(session: LabSession, *, app: gr.Blocks) -> None:
                              label="Runs (the first picked is the baseline)", scale=4)
         refresh = gr.Button("Refresh runs", scale=1)
     compare = gr.Button("Compare", variant="primary")
-    table = gr.Dataframe(interactive=False, wrap=False, show_search="none", max_height=520)
+    table = gr.Dataframe(interactive=False, wrap=False, show_search="none", max_height=520, visible=False)
     diff = gr.Markdown(EMPTY)
     with gr.Row():
         fmt = gr.Radio(["csv", "json"], value="csv", label="Export format")
         export = gr.Button("Export")
-    exported = gr.File(label="Comparison", interactive=False, height=120)
+    exported = gr.File(label="Comparison", interactive=False, height=120, visible=False)
 
     def on_refresh():
         choices = run_choices(session)
@@ -75,14 +75,15 @@ def build(session: LabSession, *, app: gr.Blocks) -> None:
         try:
             result = session.compare(run_ids(selected))
         except Exception as exc:  # noqa: BLE001 - shown in the panel
-            return gr.skip(), f"**Error:** {describe(exc)}"
-        return table_frame(result), diff_markdown(result)
+            return gr.skip(), f"**Error:** {shown(exc)}"
+        return gr.update(value=table_frame(result), visible=True), diff_markdown(result)
 
     def on_export(selected, file_format):
         try:
-            return str(session.export_compare(run_ids(selected), fmt=file_format)), gr.skip()
+            return gr.update(value=str(session.export_compare(run_ids(selected), fmt=file_format)), visible=True), \
+                gr.skip()
         except Exception as exc:  # noqa: BLE001
-            return None, f"**Error:** {describe(exc)}"
+            return gr.update(value=None, visible=False), f"**Error:** {shown(exc)}"
 
     refresh.click(on_refresh, None, [picker, diff], queue=False, **PRIVATE)
     picker.focus(lambda: gr.update(choices=run_choices(session)), None, picker, queue=False, **PRIVATE)

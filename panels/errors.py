@@ -9,6 +9,17 @@ from engine.errors import KVLabError
 DEVICE_QUEUE = "device"  # handlers that run the model: they wait for the session's device lock, saying so
 
 
+def as_markdown(text: str) -> str:
+    """`text` to show in a Markdown component: "<" and ">" as entities, so that a message naming
+    'synthetic:<preset>' is not cut short where the browser takes <preset> for a tag."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def shown(exc: BaseException) -> str:
+    """`describe(exc)` for a Markdown component."""
+    return as_markdown(describe(exc))
+
+
 def describe(exc: BaseException) -> str:
     """A message for the UI. KV Lab's own errors already name the fix; anything else is a bug to report."""
     if isinstance(exc, KVLabError):

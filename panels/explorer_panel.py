@@ -13,7 +13,7 @@ from engine.errors import InvalidSettingsError
 from engine.lab.explorer import ExploreResult
 from engine.lab.session import LabSession
 from panels.api import PRIVATE, endpoint, owner
-from panels.errors import describe
+from panels.errors import shown
 from panels.plots import explorer_figure, placeholder
 
 NO_GPU = ("**No predictions here: the model runs on the CPU.** The scheduler predicts GPU step times from the "
@@ -49,7 +49,7 @@ def _explore(session: LabSession, who: str | None) -> ExploreResult:
     return session.explore(settings, batch=shape.batch, prompt_tokens=shape.prompt_tokens)
 
 
-def build(session: LabSession, *, app: gr.Blocks) -> None:
+def build(session: LabSession, *, app: gr.Blocks, model_key: gr.Textbox) -> None:
     gr.Markdown("What the scheduler predicts for every split of the offloaded tokens between recomputation "
                 "(activations over PCIe, then K/V = X·W) and plain K/V copies, with this machine's measured speeds, "
                 "for this tab's applied settings.")
@@ -65,15 +65,18 @@ def build(session: LabSession, *, app: gr.Blocks) -> None:
         try:
             result = _explore(session, owner(request))
         except Exception as exc:  # noqa: BLE001 - shown in the panel
-            return gr.skip(), f"**Error:** {describe(exc)}"
+            return gr.skip(), f"**Error:** {shown(exc)}"
         return explorer_figure(result), explorer_markdown(result)
 
-    def on_page():
+    def on_device():
+        """On a CPU: the reason in the place of the curve, and nothing to press."""
         model = session.model
-        return NO_GPU if model is not None and model.device.type != "cuda" else ""
+        gpu = model is None or model.device.type == "cuda"
+        return (gr.update(interactive=gpu), gr.update(visible=gpu), "" if gpu else NO_GPU)
 
     predict.click(on_predict, None, [plot, info], **PRIVATE)
-    app.load(on_page, None, info, queue=False, **PRIVATE)
+    app.load(on_device, None, [predict, plot, info], queue=False, **PRIVATE)
+    model_key.change(on_device, None, [predict, plot, info], queue=False, **PRIVATE)
 
     def explore(request: gr.Request = None) -> dict:
         """The predicted step time for every recompute split (0: copy all K/V, 1: recompute all) for the loaded

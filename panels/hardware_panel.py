@@ -14,11 +14,18 @@ import pandas as pd
 from engine.lab.session import LabSession
 from engine.offload.profiler import HardwareProfile
 from panels.api import PRIVATE, endpoint
-from panels.errors import describe
+from panels.errors import shown
 
 COLUMNS = ["what", "size", "measured"]
 EMPTY = ("_Press Show measurements: the profiler's figures for the loaded model's device. A device measured for the "
          "first time is measured then (some seconds; a GPU's figures are cached per GPU, driver and torch version)._")
+
+
+def _rate(gb_s: float) -> str:
+    """A copy or read rate in a unit that shows it (a slow host copy is MB/s, not "0.0 GB/s")."""
+    if gb_s >= 1:
+        return f"{gb_s:.1f} GB/s"
+    return f"{gb_s:.2f} GB/s" if gb_s >= 0.1 else f"{gb_s * 1e3:.1f} MB/s"
 
 
 def _flops(tflop_s: float) -> str:
@@ -43,11 +50,11 @@ def rows(profile: HardwareProfile) -> list[tuple[str, str, str]]:
         out.append(("device copy (read + write)", "", f"{profile.hbm_copy_gb_s:.0f} GB/s"))
         out.append(("decode attention (KV read)", "", f"{profile.attention_gb_s:.0f} GB/s"))
     else:
-        out = [("host memory copy (stands in for H2D)", _size(p.size), f"{p.rate:.1f} GB/s") for p in profile.h2d]
-        out += [("host memory copy (stands in for D2H)", _size(p.size), f"{p.rate:.1f} GB/s") for p in profile.d2h]
+        out = [("host memory copy (stands in for H2D)", _size(p.size), _rate(p.rate)) for p in profile.h2d]
+        out += [("host memory copy (stands in for D2H)", _size(p.size), _rate(p.rate)) for p in profile.d2h]
         out.append(("H2D + D2H at once", "", "not measured: no GPU, no PCIe link"))
-        out.append(("host memory copy (read + write)", "", f"{profile.hbm_copy_gb_s:.1f} GB/s"))
-        out.append(("decode attention (torch SDPA on the CPU, KV read)", "", f"{profile.attention_gb_s:.2f} GB/s"))
+        out.append(("host memory copy (read + write)", "", _rate(profile.hbm_copy_gb_s)))
+        out.append(("decode attention (torch SDPA on the CPU, KV read)", "", _rate(profile.attention_gb_s)))
     for curve in profile.gemm:
         for p in curve.points:
             out.append((f"recompute GEMM {curve.hidden}->{curve.out_features}" + ("" if gpu else " (CPU, fp32)"),
@@ -69,9 +76,9 @@ def ceilings_markdown(profile: HardwareProfile, sources: dict[str, str]) -> str:
                  ("best recompute GEMM", _flops(best_gemm)), ("kernel launch (host)", f"{profile.launch_us:.1f} µs")]
         intro = ""
     else:
-        table = [("best host memory copy", f"{profile.peak_h2d_gb_s:.1f} GB/s"),
-                 ("host memory copy (read + write)", f"{profile.hbm_copy_gb_s:.1f} GB/s"),
-                 ("decode attention on the CPU", f"{profile.attention_gb_s:.2f} GB/s"),
+        table = [("best host memory copy", _rate(profile.peak_h2d_gb_s)),
+                 ("host memory copy (read + write)", _rate(profile.hbm_copy_gb_s)),
+                 ("decode attention on the CPU", _rate(profile.attention_gb_s)),
                  ("best recompute GEMM on the CPU", _flops(best_gemm)),
                  ("op dispatch (host)", f"{profile.launch_us:.1f} µs")]
         intro = ("\n\n_No GPU here: these are the CPU's own figures (host-memory copies stand in for PCIe copies). "
@@ -90,15 +97,16 @@ def build(session: LabSession) -> None:
         show = gr.Button("Show measurements", variant="primary")
         measure = gr.Button("Measure again")
     header = gr.Markdown(EMPTY)
-    table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True)
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, visible=False)
 
     def on_show(refresh: bool):
         try:
             profile = session.hardware(refresh=refresh)
             sources = session.telemetry_sources()
         except Exception as exc:  # noqa: BLE001 - shown in the panel
-            return f"**Error:** {describe(exc)}", gr.skip()
-        return ceilings_markdown(profile, sources), pd.DataFrame(rows(profile), columns=COLUMNS)
+            return f"**Error:** {shown(exc)}", gr.skip()
+        return ceilings_markdown(profile, sources), gr.update(value=pd.DataFrame(rows(profile), columns=COLUMNS),
+                                                               visible=True)
 
     show.click(lambda: on_show(False), None, [header, table], concurrency_id="hardware", concurrency_limit=1, **PRIVATE)
     measure.click(lambda: on_show(True), None, [header, table], concurrency_id="hardware", concurrency_limit=1,

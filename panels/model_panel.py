@@ -14,7 +14,7 @@ from engine.lab.access import is_loopback
 from engine.lab.session import LabSession
 from engine.presets import PRESETS
 from panels.api import PRIVATE, endpoint
-from panels.errors import describe
+from panels.errors import as_markdown, describe
 from panels.plots import human_bytes
 
 BUILT_IN = ["demo", *(f"synthetic:{name}" for name in PRESETS)]
@@ -101,7 +101,7 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab) -> gr.Textbox:
             result = session.load(source_value or "", device=None if device_value == "auto" else device_value,
                                   dtype=None if dtype_value == "auto" else dtype_value, remote=is_remote(request))
         except Exception as exc:  # noqa: BLE001 - shown in the UI; the previous model stays loaded
-            return f"**Could not load:** {kept_message(exc, session)}", *loaded()
+            return f"**Could not load:** {as_markdown(kept_message(exc, session))}", *loaded()
         return f"Loaded **{result['name']}** in {result['load_s']:.2f} s.", *loaded()
 
     def on_show():

@@ -23,7 +23,7 @@ from engine.lab.live import LiveRun
 from engine.lab.runs import NO_GPU_PREDICTION, RunRecord
 from engine.lab.session import LabSession
 from panels.api import PRIVATE, endpoint, owner
-from panels.errors import DEVICE_QUEUE, describe
+from panels.errors import DEVICE_QUEUE, as_markdown, describe, shown
 from panels.live_view import Cursor, live_delta
 from panels.plots import placeholder
 
@@ -174,7 +174,7 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
                                         seed=shape.seed, gpu_counters=bool(gpu_counters), owner=who):
                 pass  # the timer draws the run; this stream says only how it ends
         except Exception as exc:  # noqa: BLE001 - shown in the panel; the model stays loaded
-            yield f"**Error:** {_with_kept(describe(exc), session)}", gr.Timer(active=True), gr.skip()
+            yield f"**Error:** {as_markdown(_with_kept(describe(exc), session))}", gr.Timer(active=True), gr.skip()
             return
         if last is not None and last.record is not None:
             line = ""  # the progress line says it is done, with its figures
@@ -198,7 +198,7 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
         except (TypeError, ValueError):
             return gr.skip(), gr.skip()
         except Exception as exc:  # noqa: BLE001
-            return f"**Error:** {describe(exc)}", gr.skip()
+            return f"**Error:** {shown(exc)}", gr.skip()
         return "", gr.Timer(active=True)
 
     def on_import(file, request: gr.Request):
@@ -208,7 +208,7 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
         try:
             record = session.import_run(path, note=f"imported from {Path(path).name}", owner=owner(request))
         except Exception as exc:  # noqa: BLE001 - shown in the panel
-            return f"**Error:** {describe(exc)}", gr.skip()
+            return f"**Error:** {shown(exc)}", gr.skip()
         return (f"Imported run #{record.run_id}: {record.label}, measured on {record.device_name or record.device} "
                 f"at {record.created_at}."), gr.Timer(active=True)
 
@@ -219,7 +219,7 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
             path = session.export_trace(shown.run_id if shown is not None else None)
             return gr.update(value=str(path), visible=True), ""
         except Exception as exc:  # noqa: BLE001
-            return gr.update(value=None, visible=False), f"**Error:** {describe(exc)}"
+            return gr.update(value=None, visible=False), f"**Error:** {shown(exc)}"
 
     def on_page(request: gr.Request):
         live = session.live_run(owner(request))

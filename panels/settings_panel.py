@@ -22,7 +22,7 @@ from engine.settings import (ATTENTION_BACKENDS, PLACEMENTS, GenerationSettings,
 from kernels.config import DecodeAttentionConfig
 from panels.api import PRIVATE, endpoint, owner
 from panels.controls import NumberBox, SliderBox, as_number as _number
-from panels.errors import describe
+from panels.errors import shown
 
 # The parameters of /apply_settings, in the form's order; None (left out) keeps the applied value.
 PARAMETERS = ("placement", "gpu_kv_budget_gib", "split", "chunk_tokens", "prefetch", "prefetch_distance", "attention",
@@ -112,7 +112,13 @@ def gpu_controls(session: LabSession) -> tuple[dict, dict, dict]:
             gr.update(interactive=False, info=f"{why}: every slot is in host memory, so there is no GPU memory to budget"))
 
 
-def build(session: LabSession, *, app: gr.Blocks, model_key: gr.Textbox) -> None:
+def browser_memory() -> gr.BrowserState:
+    """Where this browser keeps its last applied settings (its local storage). Rendered outside the tabs: a
+    component in a tab not yet shown is not mounted, and would read nothing when the page loads."""
+    return gr.BrowserState(None, storage_key="kvlab-settings")
+
+
+def build(session: LabSession, *, app: gr.Blocks, model_key: gr.Textbox, saved: gr.BrowserState) -> None:
     current, shape = session.settings, session.shape
     gr.Markdown(SHARED + " **Apply** checks them against the loaded model and device; Chat, Profile and the "
                 "Scheduler explorer then run under them (Chat keeps its own sampling and reply length).")
@@ -147,7 +153,6 @@ def build(session: LabSession, *, app: gr.Blocks, model_key: gr.Textbox) -> None
             sampling_seed = NumberBox.named("sampling seed", precision=0, label="sampling seed (-1 = random)", value=-1)
     apply = gr.Button("Apply settings", variant="primary")
     status = gr.Markdown(describe_settings(current, shape))
-    saved = gr.BrowserState(None, storage_key="kvlab-settings")  # this browser's last applied settings
 
     form = [placement, budget, split_mode, split, chunk, prefetch, distance, attention, batch, prompt_tokens,
             new_tokens, prompt_seed, temperature, top_p, top_k, sampling_seed]
@@ -175,7 +180,7 @@ def build(session: LabSession, *, app: gr.Blocks, model_key: gr.Textbox) -> None
             settings, run_shape = settings_from(params, applied, applied_shape)
             notes = session.apply_settings(settings, run_shape, owner=who)
         except Exception as exc:  # noqa: BLE001 - shown in the panel; the applied settings are unchanged
-            return (f"**Invalid:** {describe(exc)} The applied settings are unchanged.\n\n"
+            return (f"**Invalid:** {shown(exc)} The applied settings are unchanged.\n\n"
                     + describe_settings(applied, applied_shape)), gr.skip()
         return "**Applied.**\n\n" + describe_settings(settings, run_shape, notes), params_of(settings, run_shape)
 
@@ -192,7 +197,7 @@ def build(session: LabSession, *, app: gr.Blocks, model_key: gr.Textbox) -> None
                 settings, run_shape = restored
                 line = "Restored this browser's last applied settings." + "".join(f"\n- _{n}_" for n in notes)
             except Exception as exc:  # noqa: BLE001 - said in the panel; the defaults stay
-                line = f"This browser's last applied settings no longer apply ({describe(exc)}): the defaults are applied."
+                line = f"This browser's last applied settings no longer apply ({shown(exc)}): the defaults are applied."
         return [*form_values(settings, run_shape), f"{line}\n\n{describe_settings(settings, run_shape)}",
                 *gpu_controls(session)]
 

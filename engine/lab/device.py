@@ -27,9 +27,10 @@ class DeviceLock:
         self._kept = kept  # " The loaded model (x) is kept." or ""
 
     @contextmanager
-    def held(self, what: str, *, refused: str, owner: str | None = None):
-        """Hold the device for `what`, or raise BusyError ("Cannot `refused` while ... is running") at once."""
-        if not self.lock.acquire(blocking=False):
+    def held(self, what: str, *, refused: str, owner: str | None = None, wait: bool = False):
+        """Hold the device for `what`, or raise BusyError ("Cannot `refused` while ... is running") at once
+        (`wait`: wait for the running job instead, saying nothing)."""
+        if not self.lock.acquire(blocking=wait):
             raise BusyError(f"Cannot {refused} while {self.job or 'another job'} is running: press Stop or wait for it "
                             f"to finish, then try again.{self._kept()}")
         self.job, self.owner = what, owner

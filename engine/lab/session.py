@@ -104,9 +104,9 @@ class LabSession:
             raise ModelLoadError(f"Could not read {shortened(str(source))!r} as a model: {exc.strerror or exc}. Give "
                                  "the path of a model directory, 'demo', 'synthetic:<preset>' or a hub id.") from None
 
-    def _device_job(self, what: str, *, refused: str = "load a model", owner: str | None = None):
-        """Hold the device for `what`, or refuse at once (BusyError) naming the running job."""
-        return self._jobs.held(what, refused=refused, owner=owner)
+    def _device_job(self, what: str, *, refused: str = "load a model", owner: str | None = None, wait: bool = False):
+        """Hold the device for `what`, or refuse at once (BusyError) naming the running job (`wait`: wait for it)."""
+        return self._jobs.held(what, refused=refused, owner=owner, wait=wait)
 
     def _queue(self, what: str, owner: str | None, stop: threading.Event, held: list) -> Iterator[str]:
         """Wait for the device, yielding what holds it every WAIT_REPORT_S (see DeviceLock.queue)."""

@@ -24,8 +24,8 @@ import torch
 
 from bench.chat_load import rss_bytes
 from bench.report import command_line, device_name
-from engine.offload_store import pinned_bytes
-from engine.session import LabSession
+from engine.offload.store import pinned_bytes
+from engine.lab.session import LabSession
 from engine.settings import GenerationSettings, OffloadSettings, SamplingSettings
 
 

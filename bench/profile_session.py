@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.session import LabSession  # noqa: E402
+from engine.lab.session import LabSession  # noqa: E402
 from engine.settings import GenerationSettings, OffloadSettings, RunShape  # noqa: E402
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                     and all(isinstance(report[f"next_{n}"], dict) and report[f"next_{n}"]["error"] ==
                             "GpuContextLostError" for n in ("chat", "load")))
     text = json.dumps(report, indent=2)
-    print(text)
+    print(text, flush=True)
     if args.out is not None:
         args.out.write_text(text + "\n")
-    return 0
+    # The dead context's GPU buffers are kept alive (engine/gpu_errors.py): the interpreter's teardown would free
+    # them and abort. A restarted process is what the message asks for; this one leaves without tearing down.
+    os._exit(0)
 
 
 def replace_graphs_off(settings):

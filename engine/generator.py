@@ -19,7 +19,8 @@ import torch
 
 from engine import gpu_errors
 from engine.decode import forward
-from engine.decode.backend import choose_decode_attention
+from engine.decode.attention import decode_attention_torch
+from engine.decode.backend import choose_decode_attention, describe_launches
 from engine.decode.kv_cache import KVCache
 from engine.errors import (CompileError, GpuContextLostError, InvalidSettingsError, KVLabError, OutOfMemoryError,
                            PromptTooLongError, RunFailedError)
@@ -135,6 +136,25 @@ class Generator:
         self.layers_why = ""  # how the last offloaded or profiled run executed each layer (graphs or eager)
         self.recorder = None
         self.progress = RunProgress()  # what the current run is doing, for live views (read from other threads)
+        self._fast_adapter = None  # settings.fused: the model's fast adapter (engine/fast), built at first use
+        self.fused_why = ""  # what the last run did about settings.fused
+
+    def _adapter(self, settings: GenerationSettings):
+        """The model's adapter, or its fast version when settings.fused (built once per Generator; the fused weights
+        are views the model's own modules share, so memory does not grow)."""
+        if not settings.fused:
+            self.fused_why = "off"
+            return self.model.adapter
+        from engine.fast import fuse, why_not_fused
+
+        why = why_not_fused(self.model.adapter)
+        if why is not None:
+            self.fused_why = why
+            return self.model.adapter
+        if self._fast_adapter is None:
+            self._fast_adapter = fuse(self.model.adapter)
+        self.fused_why = "fast adapter (engine/fast): fused q/k/v and gate/up GEMMs, fused norm, RoPE and activation"
+        return self._fast_adapter
 
     def _prefill_progress(self, layers_done: int, layers: int) -> None:
         self.progress = RunProgress(stage="prefill", done=layers_done, total=layers,
@@ -215,6 +235,15 @@ class Generator:
                 f"The longest prompt has {longest} tokens; with max_new_tokens={new_tokens} that needs "
                 f"{longest + new_tokens} positions, but the model's context is {spec.max_positions}: "
                 "shorten the prompt or ask for fewer new tokens.")
+        original = spec.rope_original_max
+        if spec.rope_type == "longrope" and original is not None and longest <= original < longest + new_tokens - 1:
+            # transformers' Phi-3 recomputes the whole cache with the long factors when a sequence passes its original
+            # context; the engine keeps each K as it was computed, so such a run would silently differ from it.
+            raise InvalidSettingsError(
+                f"This run crosses the model's original context of {original} positions during decoding (prompt "
+                f"{longest} tokens + {new_tokens} new): LongRoPE switches to its long factors there and transformers "
+                f"recomputes the whole cache, which KV Lab does not. Ask for at most {original - longest + 1} new "
+                f"tokens, or use a prompt longer than {original} tokens (then every token uses the long factors).")
         if model.device.type == "cuda" and gpu_errors.lost() is not None:
             raise GpuContextLostError(gpu_errors.lost_message())
         self.stage = "setting up the run"
@@ -236,15 +265,17 @@ class Generator:
             # (and its KV cache) alive in whatever handler stores records.
             logger.error("run failed during %s:\n%s", self.stage, "".join(traceback.format_exception(exc)))
             detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-            failure = ("lost" if model.device.type == "cuda" and gpu_errors.is_context_lost(exc) else "error", detail)
-            exc.__traceback__ = None
+            failure = ("lost" if gpu_errors.is_context_lost(exc) else "error", detail)
+            if failure[0] == "lost":
+                gpu_errors.keep(exc)  # its traceback holds the run's GPU tensors: freeing one now aborts the process
+            else:
+                exc.__traceback__ = None
             del exc
         if failure is None:
             return
         kind, detail = failure
-        if kind == "lost":  # no CUDA call works any more: free what Python holds, report, refuse later runs
+        if kind == "lost":  # no CUDA call works any more (not even a free): report, and refuse later runs
             gpu_errors.mark_lost(detail)
-            gc.collect()
             raise GpuContextLostError(gpu_errors.lost_message(self.stage))
         _release_memory(model.device)
         if kind == "oom":
@@ -262,9 +293,10 @@ class Generator:
     def _decoder(self, settings: GenerationSettings, attend: forward.DecodeAttention, cache: KVCache, *,
                  use_graph: bool):
         """-> (step(ids, pos, kv_len) -> logits, a GraphedDecode of it or None)."""
-        adapter, device = self.model.adapter, self.model.device
+        adapter, device = self._adapter(settings), self.model.device
         batch, max_tokens = cache.k.shape[1], cache.max_tokens
-        compiled = self._compiled_step(attend, cache) if settings.compile and settings.max_new_tokens > 1 else None
+        compiled = self._compiled_step(adapter, attend, cache) if settings.compile and settings.max_new_tokens > 1 \
+            else None
         if compiled is None:
             self.compile_why = "one new token: no decode step to compile" if settings.compile else "off"
 
@@ -284,17 +316,17 @@ class Generator:
         raise CompileError(f"The compiled decode step could not be captured in a CUDA graph ({failure}): "
                            "set compile=False, or cuda_graph=False to run it compiled without a graph.")
 
-    def _compiled_step(self, attend: forward.DecodeAttention, cache: KVCache):
+    def _compiled_step(self, adapter, attend: forward.DecodeAttention, cache: KVCache):
         """The decode step compiled for this attention and cache shape; compiles it on first use."""
         from engine.decode.compiled import CompiledDecode  # imports torch._dynamo: only when asked for
 
-        key = (attend, tuple(cache.k.shape), cache.k.dtype, cache.k.device)
+        key = (attend, adapter, tuple(cache.k.shape), cache.k.dtype, cache.k.device)
         shape = f"batch {cache.k.shape[1]}, {cache.max_tokens} cache slots"
         compiled = self._compiled.pop(key, None)
         if compiled is not None:
             self.compile_why = f"reused the decode step compiled for {shape}"
         else:
-            compiled = CompiledDecode(self.model.adapter, attend)
+            compiled = CompiledDecode(adapter, attend)
             # Compile before the first timed step; the warm-up writes a slot every sequence overwrites first.
             seconds = compiled.warm_up(cache, scratch_position=cache.max_tokens - 1)
             self.compile_why = f"decode step compiled by {compiled.backend} for {shape} in {seconds:.1f} s"
@@ -335,7 +367,7 @@ class Generator:
                              cuda_graphs=settings.cuda_graph)
         store = OffloadStore(model.spec, self.plan, dtype=model.dtype, device=model.device)
         try:
-            return OffloadRuntime(model.adapter, self.plan, store, attend, prompt_lens=lens,
+            return OffloadRuntime(self._adapter(settings), self.plan, store, attend, prompt_lens=lens,
                                   overlapped=self.offload_overlapped, recorder=self.recorder,
                                   cuda_graphs=settings.cuda_graph)
         except BaseException:
@@ -346,7 +378,7 @@ class Generator:
 
     def _decode_loop(self, prompt_ids, settings: GenerationSettings, attend, runtime, *, stream_text: bool,
                      keep_logits: bool):
-        model, adapter, tok = self.model, self.model.adapter, self.model.tokenizer
+        model, adapter, tok = self.model, self._adapter(settings), self.model.tokenizer
         device, spec = model.device, adapter.spec
         batch, lens = len(prompt_ids), [len(p) for p in prompt_ids]
         longest, new_tokens = max(lens), settings.max_new_tokens
@@ -354,6 +386,9 @@ class Generator:
         start = time.perf_counter()
         cache = runtime if runtime is not None else \
             KVCache(spec, batch=batch, max_tokens=max_tokens, dtype=model.dtype, device=device)
+        if self.attend is None and attend is not decode_attention_torch:  # what the kernel does on these segments
+            self.attention_why = describe_launches(self.attention_why, cache.segments(0, max_tokens),
+                                                   window=spec.window(0), config=settings.kernel)
         padded = torch.full((batch, longest), tok.pad_token_id, dtype=torch.long)
         for b, ids in enumerate(prompt_ids):
             padded[b, : len(ids)] = torch.tensor(ids)
@@ -371,8 +406,11 @@ class Generator:
         prefill_ms = (time.perf_counter() - start) * 1e3
 
         profiled = runtime is None and self.recorder is not None  # lanes per layer: no whole-step graph
+        # RoPE types whose frequencies follow the longest position (dynamic, longrope) choose them in Python: a step
+        # captured once would keep the frequencies of its capture once a run passes the original context.
+        moving_rope = spec.rope_original_max is not None and max_tokens > spec.rope_original_max
         use_graph = device.type == "cuda" and settings.cuda_graph and new_tokens > 1 and runtime is None \
-            and not profiled
+            and not profiled and not moving_rope
         try:
             if runtime is not None:  # an offloaded step is planned per length: eager, no graph
                 step, decode = (lambda ids, pos, kv_len: runtime.decode(ids, pos, kv_len)), None

@@ -4,7 +4,7 @@ CUDA makes such errors sticky: the context is corrupted, every later CUDA call i
 error, and only a new process gets a working GPU again. The engine recognises them wherever a run fails, releases
 what it can (host memory is freed even where CUDA refuses to unregister it), marks the process as lost so that
 later runs are refused at once with the same explanation instead of failing somewhere odd, and says that the app
-must be restarted.
+must be restarted. Nothing the failed run held on the GPU is freed (see `keep`): the app stays up to say so.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ STICKY_MARKERS = (
 
 _lock = threading.Lock()
 _lost: str | None = None  # the first sticky error this process saw, as one line
+# What a failed run held on the GPU, kept for the life of the process: after a sticky error, freeing any CUDA tensor
+# (torch's allocator asks the dead context whether a graph capture is under way) throws inside a destructor and
+# aborts the whole process (seen on an H200, torch 2.11). Kept, nothing is freed, and the app goes on answering.
+_kept: list = []
 
 
 def is_context_lost(exc: BaseException) -> bool:
@@ -41,6 +45,12 @@ def mark_lost(detail: str) -> None:
             _lost = detail
 
 
+def keep(*objects) -> None:
+    """Hold `objects` (a failed run's exception with its traceback, its runtime) until the process ends."""
+    with _lock:
+        _kept.extend(objects)
+
+
 def lost() -> str | None:
     """The sticky error this process saw (None while the GPU works)."""
     return _lost
@@ -58,3 +68,4 @@ def reset_for_tests() -> None:
     global _lost
     with _lock:
         _lost = None
+        _kept.clear()

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from engine import presets
+from engine import gpu_errors, presets
 from engine.adapters import DecoderAdapter, ModelSpec, adapter_for, check_supported
-from engine.errors import InvalidSettingsError, ModelLoadError
+from engine.errors import GpuContextLostError, InvalidSettingsError, ModelLoadError
 from engine.memory import check_fits
 from engine.tokenizer import Tokenizer, byte_tokenizer, from_hf, unusable_reason
 
@@ -107,6 +107,8 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
             raise InvalidSettingsError(f"max_positions only applies to synthetic presets, not {source!r}: a trained "
                                        "model's context is fixed by its weights.")
     device, dtype = resolve_device_dtype(device, dtype)
+    if device.type == "cuda" and gpu_errors.lost() is not None:  # this process's GPU context is gone
+        raise GpuContextLostError(gpu_errors.lost_message())
     start = time.perf_counter()
     if source.startswith(SYNTHETIC_PREFIX):
         loaded = _load_synthetic(source[len(SYNTHETIC_PREFIX):], device=device, dtype=dtype, seed=seed,

@@ -11,6 +11,7 @@ import gc
 
 import torch
 
+from engine import gpu_errors
 from engine.errors import OutOfMemoryError
 
 # Leave this fraction of the free memory for activations, allocator slack and the rest of the process.
@@ -72,7 +73,8 @@ def release_run_memory(device: torch.device | str) -> None:
     the cuBLAS workspaces of the threads and streams it ran GEMMs on (32 MiB each on Hopper; a server's worker
     threads each add theirs, engine/streams.py). Cheap: no garbage collection, no return of cached memory."""
     device = torch.device(device)
-    if device.type == "cuda":  # on the CPU there is nothing of the kind
+    # On the CPU there is nothing of the kind; a lost GPU context answers every call with its error.
+    if device.type == "cuda" and gpu_errors.lost() is None:
         # The run's kernels finish before their workspaces are reused; its graphs are never replayed again.
         torch.cuda.synchronize(device)
         clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # torch's own call before graph capture

@@ -113,6 +113,9 @@ class GenerationSettings:
     # graph still captures it. Opt-in: the first run per batch and cache length compiles for tens of
     # seconds (minutes for a 7B model), which only pays off over many steps (benchmarks, long runs).
     compile: bool = False
+    # The fast adapter (engine/fast): fused q/k/v and gate/up weights, one-pass norm, RoPE and activation kernels, the
+    # skinny GEMM where the device's measured GEMM plan says it wins. The same numbers as the plain adapter.
+    fused: bool = False
     offload: OffloadSettings = field(default_factory=OffloadSettings)
 
     def __post_init__(self) -> None:
@@ -130,7 +133,7 @@ class GenerationSettings:
         if not isinstance(self.offload, OffloadSettings):
             raise InvalidSettingsError("offload must be an engine.settings.OffloadSettings instance, e.g. "
                                        "OffloadSettings(placement='cpu').")
-        for name in ("cuda_graph", "ignore_eos", "compile"):
+        for name in ("cuda_graph", "ignore_eos", "compile", "fused"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidSettingsError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 

@@ -146,7 +146,7 @@ def test_triton_decode_attention_in_the_engine_matches_torch():
 def test_chat_reply_of_100_tokens_on_cpu():
     """The app's default model chats offline on CPU through the session the Chat panel uses."""
     from engine import GenerationSettings, SamplingSettings
-    from engine.session import LabSession
+    from engine.lab.session import LabSession
 
     session = LabSession()
     session.load("demo", device="cpu")

@@ -123,14 +123,18 @@ def test_phi3_long_factors_past_the_original_context(lengths):
     assert long.shape[-1] == 24 and not torch.allclose(short[0, 10], long[0, 10])
 
 
-@pytest.mark.xfail(reason="transformers' Phi-3 recomputes the whole cache with the long factors once a sequence passes "
-                          "original_max_position_embeddings; the engine keeps K as computed and must refuse such a "
-                          "run up front (engine/generator.py, asked of the lead)", strict=False)
 def test_phi3_run_crossing_the_original_context_is_refused():
+    """transformers' Phi-3 recomputes the whole cache with the long factors once a sequence passes
+    original_max_position_embeddings; the engine keeps K as computed, so it refuses such a run up front, and runs
+    that stay on one side of the switch match transformers (test_families' exactness cases)."""
     model = tiny("tiny-phi3")
+    original = model.spec.rope_original_max
     prompts = random_prompts(model.spec.vocab_size, [60], seed=2)
-    with pytest.raises(KVLabError, match="LongRoPE"):
+    with pytest.raises(KVLabError, match=f"crosses the model's original context of {original} positions.*LongRoPE"):
         Generator(model).generate(prompts, GenerationSettings(max_new_tokens=10, ignore_eos=True))
+    fits = original - 60 + 1  # the most new tokens that stay below the switch
+    assert len(Generator(model).generate(prompts, GenerationSettings(max_new_tokens=fits, ignore_eos=True))
+               .token_ids[0]) == fits
 
 
 @pytest.mark.parametrize("name", TINY_PRESETS)

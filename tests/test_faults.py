@@ -14,14 +14,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-import engine.forward
-import engine.lab_runs
-import engine.offload_store
+import engine.decode.forward
+import engine.lab.runs
+import engine.offload.store
 from engine.errors import KVLabError, OutOfMemoryError, RunFailedError
 from engine.memory import held_bytes
-from engine.offload_runtime import OffloadRuntime
-from engine.offload_store import pinned_bytes
-from engine.session import LabSession
+from engine.offload.runtime import OffloadRuntime
+from engine.offload.store import pinned_bytes
+from engine.lab.session import LabSession
 from engine.settings import GenerationSettings, OffloadSettings, SamplingSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread", "profile_cache")  # conftest.py
@@ -103,13 +103,13 @@ def oom_after(original, *, calls_before: int = 0):
 
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
 def test_out_of_memory_in_prefill(session, baseline, placement):
-    fault = Patched(engine.forward, "prefill", oom_after(engine.forward.prefill))
+    fault = Patched(engine.decode.forward, "prefill", oom_after(engine.decode.forward.prefill))
     survives(session, baseline, placement, fault, "out of memory", "during prefill", "lower the batch",
              "memory of this run was released", error=OutOfMemoryError)
 
 
 def test_out_of_memory_in_a_decode_step(session, baseline):
-    fault = Patched(engine.forward, "decode_step", oom_after(engine.forward.decode_step, calls_before=2))
+    fault = Patched(engine.decode.forward, "decode_step", oom_after(engine.decode.forward.decode_step, calls_before=2))
     survives(session, baseline, "gpu-resident", fault, "out of memory", "during decode step 3",
              "memory of this run was released", error=OutOfMemoryError)
 
@@ -146,7 +146,7 @@ class PinningFails:
 
     def __enter__(self):
         self.cudart = FakeCudart(succeed=self.succeed)
-        self.patches = [Patched(engine.offload_store, "pins_host_memory", lambda device: True),
+        self.patches = [Patched(engine.offload.store, "pins_host_memory", lambda device: True),
                         Patched(torch.cuda, "cudart", lambda: self.cudart)]
         for patch in self.patches:
             patch.__enter__()
@@ -260,7 +260,7 @@ class FailingLink:
 
 def test_a_telemetry_sampler_failure_is_noted_and_the_run_is_kept(session, monkeypatch):
     link = FailingLink(good=3)
-    monkeypatch.setattr(engine.lab_runs, "_start_link", lambda device, origin: (link, "NVML link GB/s"))
+    monkeypatch.setattr(engine.lab.runs, "_start_link", lambda device, origin: (link, "NVML link GB/s"))
     settings = replace(GREEDY, max_new_tokens=5)
     held_before, runs = held_bytes("cpu"), len(session.runs)
     *_, last = session.profile(settings, batch=2, prompt_tokens=16)

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-import engine.forward
+import engine.decode.forward
 import engine.generator
 from engine import GenerationSettings, Generator, SamplingSettings, load_model
-from engine.kv_cache import KVCache
+from engine.decode.kv_cache import KVCache
 from engine.sampling import make_generator, sample
 
 GREEDY = GenerationSettings(max_new_tokens=10, ignore_eos=True)
@@ -403,7 +403,7 @@ def test_kv_cache_is_preallocated_once_and_never_concatenated(tiny, monkeypatch)
 
     in_decode = [False]
     decode_calls = [0]
-    real_decode_step = engine.forward.decode_step
+    real_decode_step = engine.decode.forward.decode_step
 
     def counting_decode_step(*args, **kwargs):
         decode_calls[0] += 1
@@ -413,7 +413,7 @@ def test_kv_cache_is_preallocated_once_and_never_concatenated(tiny, monkeypatch)
         finally:
             in_decode[0] = False
 
-    monkeypatch.setattr(engine.forward, "decode_step", counting_decode_step)
+    monkeypatch.setattr(engine.decode.forward, "decode_step", counting_decode_step)
 
     joined: list[int] = []  # sizes of the tensors torch.cat & co. built during decode steps
 
@@ -460,7 +460,7 @@ def test_out_of_memory_frees_the_run_and_the_next_run_works(monkeypatch):
 
     import engine.generator as generator_module
     from engine import OutOfMemoryError
-    from engine import forward as forward_module
+    from engine.decode import forward as forward_module
 
     model = load_model("synthetic:tiny-llama", device="cpu")
     caches = []

@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-import engine.profiler as profiler
-from engine.profiler import (
+import engine.offload.profiler as profiler
+from engine.offload.profiler import (
     COPY_SIZES_CPU,
     GEMM_ROWS_CPU,
     GEMM_SHAPES_CPU,

@@ -15,7 +15,7 @@ import torch
 
 from bench.report import Headline, Row, SuiteResult
 from engine import GenerationSettings, SamplingSettings
-from engine.session import LabSession
+from engine.lab.session import LabSession
 
 MESSAGE = "How now, my lord? What news from the court?"
 

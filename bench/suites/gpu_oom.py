@@ -64,7 +64,7 @@ def run(args) -> SuiteResult:
              ([[7] * 100] * big_batch, GenerationSettings(max_new_tokens=tokens - 100, ignore_eos=True))}
     # (2) a prefill that runs out of memory inside torch: a ballast tensor (standing for other work on the GPU)
     # leaves just enough for the KV cache to pass the check, not for the prefill's activations beside it.
-    # Prefill runs its per-token stages in slices (engine/forward.py), so its peak is modest; a GQA model's K/V
+    # Prefill runs its per-token stages in slices (engine/decode/forward.py), so its peak is modest; a GQA model's K/V
     # are a quarter of an MHA model's, so the check's 10 % headroom over them cannot hold its prefill.
     gqa = load_model(args.gqa_model, device="cuda", dtype="bfloat16")
     gqa_engine = Generator(gqa)

@@ -33,8 +33,8 @@ from bench.chat_load import MemoryProbe, replay, rss_bytes, run_load
 from bench.report import Headline, Row, SuiteResult
 from engine.errors import KVLabError
 from engine.memory import release_run_memory
-from engine.offload_store import pinned_bytes
-from engine.session import LabSession
+from engine.offload.store import pinned_bytes
+from engine.lab.session import LabSession
 from engine.settings import GenerationSettings, OffloadSettings, RunShape, SamplingSettings
 
 GiB = 2**30
@@ -202,8 +202,8 @@ def faults(args, rows, notes, details) -> bool:
     kv_bytes = args.batch * (args.prompt_len + 16) * spec.kv_bytes_per_token
 
     def offload_store_bytes() -> int:
-        from engine.offload_store import OffloadStore
-        from engine.placement import plan_for
+        from engine.offload.store import OffloadStore
+        from engine.offload.placement import plan_for
 
         plan = plan_for(spec, offloaded.offload, device=session.model.device, batch=args.batch,
                         prompt_tokens=args.prompt_len, new_tokens=16, profile=session.hardware())

@@ -84,3 +84,13 @@ def choose_decode_attention(settings: GenerationSettings, *, device: torch.devic
         raise InvalidSettingsError(f"attention='triton' cannot run here: {'; '.join(reasons)}. "
                                    "Use attention='torch' or 'auto'.")
     return _triton_attend_with(settings.kernel), f"Triton decode attention (prefetch {settings.kernel.prefetch})"
+
+
+def describe_launches(why: str, segments: Sequence[KVSegment], *, window: int | None,
+                      config: DecodeAttentionConfig) -> str:
+    """`why` with how the Triton kernel launches over a run's segments (first layer): splits, tiles, and whether the
+    prefetch asked for runs on each segment (strided staging rows cannot take a bulk prefetch)."""
+    from kernels.decode_attention import plan_segments
+
+    plans = plan_segments(segments, window=window, config=config)
+    return f"{why}; " + "; ".join(plan.why for plan in plans)

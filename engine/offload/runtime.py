@@ -21,6 +21,7 @@ from itertools import groupby
 
 import torch
 
+from engine import gpu_errors
 from engine.adapters import DecoderAdapter
 from engine.decode.layer import DecodeAttention, attend_block, mlp_block
 from engine.offload.scheduler import RunPlan, StepPlan
@@ -355,15 +356,25 @@ class OffloadRuntime:
         return stream if self.overlapped else None
 
     def release(self) -> None:
-        """Wait for every copy to finish, then unpin and free the store: after a lost GPU context the wait fails,
-        and the store is released all the same (engine/gpu_errors.py reports the loss)."""
+        """Wait for every copy to finish, then unpin and free the store. After a lost GPU context the wait fails:
+        the host memory is unpinned (CUDA may refuse) and freed all the same, and the GPU buffers are kept, since
+        freeing one would abort the process (engine/gpu_errors.py)."""
         try:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # no copy may still read or write the store
-        finally:
-            self._prefill_kv = self._prefill_act = None
-            self.graphs = None
-            self.store.release()
+        except Exception as exc:
+            if gpu_errors.is_context_lost(exc):
+                self.store.release_host()
+                gpu_errors.keep(self)
+            else:
+                self._free()
+            raise
+        self._free()
+
+    def _free(self) -> None:
+        self._prefill_kv = self._prefill_act = None
+        self.graphs = None
+        self.store.release()
 
 
 def _record(event, stream=None) -> None:

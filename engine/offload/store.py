@@ -175,11 +175,19 @@ class OffloadStore:
         return self.host_act[layer, lo - self.act_lo : hi - self.act_lo]
 
     def release(self) -> bool:
-        """Unpin and drop every buffer; safe to call twice, and after the GPU context was lost (the memory is freed
-        either way). -> False if CUDA refused to unregister some of it."""
+        """Unpin and drop every buffer; safe to call twice. -> False if CUDA refused to unregister some of it."""
+        unpinned = self.release_host()
+        for name in ("resident", "stage_kv", "stage_act", "new_kv", "new_act"):
+            if hasattr(self, name):
+                delattr(self, name)
+        return unpinned
+
+    def release_host(self) -> bool:
+        """Unpin and drop the host buffers only (what is left to do once the GPU context is lost: the GPU buffers
+        must stay). The memory is freed whether or not CUDA agrees to unregister it."""
         unpinned = all([_unpin(tensor) for tensor in self._pinned_tensors])
         self._pinned_tensors.clear()
-        for name in ("host_kv", "host_act", "resident", "stage_kv", "stage_act", "new_kv", "new_act"):
+        for name in ("host_kv", "host_act"):
             if hasattr(self, name):
                 delattr(self, name)
         return unpinned

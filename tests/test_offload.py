@@ -163,7 +163,8 @@ def test_host_memory_shortfall_is_refused_before_allocating(models, monkeypatch)
 
     model = models["tiny-llama"]
     monkeypatch.setattr(engine.memory, "available_bytes", lambda device: 1000)
-    with pytest.raises(OutOfMemoryError, match="offloaded KV store.*placement 'hybrid'"):
+    with pytest.raises(OutOfMemoryError, match=r"K/V for batch \d+ x \d+ tokens .*of host memory.*choose another "
+                                               r"placement \('hybrid'"):
         Generator(model).generate([[5, 6, 7]], _settings(OffloadSettings(placement="cpu"), 4))
 
 

@@ -444,6 +444,22 @@ def test_run_that_fits_neither_memory_is_refused_naming_both_and_what_fits(monke
     assert 0 < plan.resident_tokens < 131072
 
 
+def test_memory_fit_says_what_each_placement_holds_on_this_machine(monkeypatch):
+    """The Model card's line: K/V per sequence, and the largest batch each placement fits beside the weights."""
+    from engine import memory
+    from engine.offload import placement
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (120 * GiB, 139 * GiB))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 110 * GiB)
+    line = placement.memory_fit(LLAMA2_7B, device=torch.device("cuda"), context=32768)
+    assert line.startswith("K/V 16.0 GiB per sequence at 32,768 tokens. With 120.0 GiB free on the GPU and 110.0 GiB")
+    # 108 GiB usable GPU holds 6 sequences of 16 GiB beside prefill's temporaries; 99 GiB of host, 6; both, 11.
+    assert "all K/V on the GPU fits batch 6, all in host memory batch 6, hybrid (auto budget) batch 11" in line
+    assert "slots per sequence on the GPU" in line
+    cpu = placement.memory_fit(LLAMA2_7B, device=CPU, context=4096)
+    assert "no GPU" in cpu and "holds batch" in cpu
+
+
 @pytest.mark.parametrize("split", [0.0, 0.3, 1.0])
 def test_plan_for_passes_the_manual_split_through(split):
     offload = OffloadSettings(placement="cpu", split=split, chunk_tokens=16)

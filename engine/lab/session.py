@@ -56,11 +56,14 @@ def model_card(model: LoadedModel) -> dict:
 
 
 def memory_fit(model: LoadedModel) -> str | None:
-    """What fits in GPU and host memory for a batch and context, in one line for the Model card.
+    """What fits in GPU and host memory at the model's full context, in one line for the Model card
+    (engine/offload/placement.py memory_fit); None where it cannot be worked out."""
+    from engine.offload.placement import memory_fit as fit
 
-    PLACE FOR THE ENGINE'S FIT FUNCTION: the lead is adding one (what fits in GPU and host memory for a batch and
-    context); call it here and return its line. Until then the card shows the weights and K/V sizes only."""
-    return None
+    try:
+        return fit(model.spec, device=model.device, context=model.spec.max_positions)
+    except (KVLabError, ValueError):  # a budget or shape the placement refuses: the card simply leaves it out
+        return None
 
 
 class LabSession:

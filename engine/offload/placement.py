@@ -246,6 +246,40 @@ def largest_fit(spec: ModelSpec, offload: OffloadSettings, *, device: torch.devi
     return "; ".join(parts) + "."
 
 
+def memory_fit(spec: ModelSpec, *, device: torch.device, context: int, new_tokens: int = 1,
+               max_batch: int = 4096) -> str:
+    """One line for the Model card: the K/V of a sequence at `context` tokens, and the largest batch each placement
+    fits on this machine (GPU free memory with the weights loaded, host memory available), with what an automatic
+    hybrid budget keeps on the GPU at that batch."""
+    prompt = max(1, context - new_tokens)
+    per_seq = spec.kv_bytes_per_token * context
+    line = f"K/V {human_bytes(per_seq)} per sequence at {context:,} tokens"
+
+    def fits(placement: str, batch: int) -> bool:
+        offload = OffloadSettings(placement=placement)
+        g, _ = resident_tokens(spec, offload, device=device, batch=batch, prompt_tokens=prompt, new_tokens=new_tokens)
+        need = run_memory(spec, offload, batch=batch, prompt_tokens=prompt, new_tokens=new_tokens, resident=g,
+                          margin=margin_bytes(device))
+        return not _shortfall(need, device)
+
+    if device.type != "cuda":
+        host = memory.available_bytes(torch.device("cpu"))
+        best = _largest(lambda b: fits("gpu", b), max_batch)
+        return (f"{line}; no GPU: this machine's memory ({human_bytes(host or 0)} available) holds batch {best} at that "
+                "context (offloaded placements keep both parts in the same memory here)")
+    best = {placement: _largest(lambda b, p=placement: fits(p, b), max_batch) for placement in ("gpu", "cpu", "hybrid")}
+    free = human_bytes(_free_gpu(device)[0])
+    host = human_bytes(memory.available_bytes(torch.device("cpu")) or 0)
+    hybrid = best["hybrid"]
+    kept = ""
+    if hybrid:
+        g, _ = resident_tokens(spec, OffloadSettings(placement="hybrid"), device=device, batch=hybrid,
+                               prompt_tokens=prompt, new_tokens=new_tokens)
+        kept = f", keeping {g:,} of {context:,} slots per sequence on the GPU ({human_bytes(g * per_seq // context * hybrid)})"
+    return (f"{line}. With {free} free on the GPU and {host} of host memory available: all K/V on the GPU fits batch "
+            f"{best['gpu']}, all in host memory batch {best['cpu']}, hybrid (auto budget) batch {hybrid}{kept}")
+
+
 def _largest(ok, upper: int) -> int:
     """The largest n in [1, upper] with ok(n) (ok monotone: true up to some n), or 0."""
     lo, hi = 0, max(0, upper)

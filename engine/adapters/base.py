@@ -174,6 +174,11 @@ class DecoderAdapter:
     def _make_spec(self) -> ModelSpec:
         raise NotImplementedError
 
+    def _weight_facts(self) -> dict:
+        """ModelSpec's num_params and dtype_bytes, read off the loaded weights."""
+        return {"num_params": sum(p.numel() for p in self.hf_model.parameters()),
+                "dtype_bytes": next(self.hf_model.parameters()).element_size()}
+
     @property
     def num_layers(self) -> int:
         return self.spec.num_layers

@@ -13,7 +13,7 @@ import torch
 
 from engine.adapters.base import DecoderAdapter, ModelSpec
 from engine.adapters.config_facts import layer_types, rope_facts
-from engine.adapters.llama import apply_rope
+from engine.adapters.llama import SeparateProjections
 from engine.errors import UnsupportedArchitectureError
 
 
@@ -22,7 +22,7 @@ def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
 
-class GemmaAdapter(DecoderAdapter):
+class GemmaAdapter(SeparateProjections, DecoderAdapter):
     family = "gemma"
     MODEL_TYPES = ("gemma2", "gemma3_text", "gemma3")
     # transformers 5.17 runs Gemma 2 through SDPA by default, which drops the attention soft-capping without a word
@@ -88,8 +88,7 @@ class GemmaAdapter(DecoderAdapter):
             sliding_window=window,
             qkv_bias=attn0.q_proj.bias is not None,
             qk_norm=hasattr(attn0, "q_norm"),
-            num_params=sum(p.numel() for p in self.hf_model.parameters()),
-            dtype_bytes=next(self.hf_model.parameters()).element_size(),
+            **self._weight_facts(),
             layer_types=types,
             query_scale=float(c.query_pre_attn_scalar) ** -0.5,
             attn_softcap=attn_cap,
@@ -115,28 +114,6 @@ class GemmaAdapter(DecoderAdapter):
         logits = self.hf_model.lm_head(self.decoder.norm(hidden))
         cap = self.spec.final_softcap
         return logits if cap is None else soft_cap(logits, cap)
-
-    def attn_input(self, layer, hidden):
-        return self.layers[layer].input_layernorm(hidden)
-
-    def project_qkv(self, layer, x, rope):
-        attn, s = self.layers[layer].self_attn, self.spec
-        q = attn.q_proj(x).unflatten(-1, (s.num_heads, s.head_dim))
-        k = attn.k_proj(x).unflatten(-1, (s.num_kv_heads, s.head_dim))
-        v = attn.v_proj(x).unflatten(-1, (s.num_kv_heads, s.head_dim))
-        if s.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        return apply_rope(q, *rope), apply_rope(k, *rope), v
-
-    def kv_weight(self, layer):
-        attn = self.layers[layer].self_attn
-        weight = torch.cat((attn.k_proj.weight, attn.v_proj.weight))
-        bias = None if attn.k_proj.bias is None else torch.cat((attn.k_proj.bias, attn.v_proj.bias))
-        return weight, bias
-
-    def finish_k_(self, layer, k):
-        if self.spec.qk_norm:
-            k.copy_(self.layers[layer].self_attn.k_norm(k))
 
     def attn_output(self, layer, attn, residual):
         block = self.layers[layer]

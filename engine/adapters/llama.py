@@ -24,7 +24,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
-class LlamaAdapter(DecoderAdapter):
+class SeparateProjections:
+    """The attention-side pieces of decoders whose layers hold input_layernorm and q/k/v projections of their own
+    (optional q/k norms, RoPE at the tokens' positions): the Llama family and Gemma share them."""
+
+    def attn_input(self, layer, hidden):
+        return self.layers[layer].input_layernorm(hidden)
+
+    def project_qkv(self, layer, x, rope):
+        attn, s = self.layers[layer].self_attn, self.spec
+        q = attn.q_proj(x).unflatten(-1, (s.num_heads, s.head_dim))
+        k = attn.k_proj(x).unflatten(-1, (s.num_kv_heads, s.head_dim))
+        v = attn.v_proj(x).unflatten(-1, (s.num_kv_heads, s.head_dim))
+        if s.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def kv_weight(self, layer):
+        attn = self.layers[layer].self_attn
+        weight = torch.cat((attn.k_proj.weight, attn.v_proj.weight))
+        bias = None if attn.k_proj.bias is None else torch.cat((attn.k_proj.bias, attn.v_proj.bias))
+        return weight, bias
+
+    def finish_k_(self, layer, k):
+        if self.spec.qk_norm:
+            k.copy_(self.layers[layer].self_attn.k_norm(k))
+
+
+class LlamaAdapter(SeparateProjections, DecoderAdapter):
     family = "llama"
     MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -54,8 +81,7 @@ class LlamaAdapter(DecoderAdapter):
             sliding_window=window,
             qkv_bias=attn0.q_proj.bias is not None,
             qk_norm=hasattr(attn0, "q_norm"),
-            num_params=sum(p.numel() for p in self.hf_model.parameters()),
-            dtype_bytes=next(self.hf_model.parameters()).element_size(),
+            **self._weight_facts(),
             layer_types=types,
             rope_type=rope_type,
             rope_original_max=original_max,
@@ -69,28 +95,6 @@ class LlamaAdapter(DecoderAdapter):
 
     def logits(self, hidden):
         return self.hf_model.lm_head(self.decoder.norm(hidden))
-
-    def attn_input(self, layer, hidden):
-        return self.layers[layer].input_layernorm(hidden)
-
-    def project_qkv(self, layer, x, rope):
-        attn, s = self.layers[layer].self_attn, self.spec
-        q = attn.q_proj(x).unflatten(-1, (s.num_heads, s.head_dim))
-        k = attn.k_proj(x).unflatten(-1, (s.num_kv_heads, s.head_dim))
-        v = attn.v_proj(x).unflatten(-1, (s.num_kv_heads, s.head_dim))
-        if s.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        return apply_rope(q, *rope), apply_rope(k, *rope), v
-
-    def kv_weight(self, layer):
-        attn = self.layers[layer].self_attn
-        weight = torch.cat((attn.k_proj.weight, attn.v_proj.weight))
-        bias = None if attn.k_proj.bias is None else torch.cat((attn.k_proj.bias, attn.v_proj.bias))
-        return weight, bias
-
-    def finish_k_(self, layer, k):
-        if self.spec.qk_norm:
-            k.copy_(self.layers[layer].self_attn.k_norm(k))
 
     def attn_output(self, layer, attn, residual):
         return residual + self.layers[layer].self_attn.o_proj(attn)

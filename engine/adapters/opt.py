@@ -35,8 +35,7 @@ class OPTAdapter(DecoderAdapter):
             sliding_window=None,
             qkv_bias=self.layers[0].self_attn.q_proj.bias is not None,
             qk_norm=False,
-            num_params=sum(p.numel() for p in self.hf_model.parameters()),
-            dtype_bytes=next(self.hf_model.parameters()).element_size(),
+            **self._weight_facts(),
         )
 
     def embed(self, token_ids, positions):

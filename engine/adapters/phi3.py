@@ -40,8 +40,8 @@ class Phi3Adapter(DecoderAdapter):
             self.notes.append(
                 f"LongRoPE: once a sequence passes {original_max} positions transformers switches to the long "
                 "factors and recomputes its whole cache with them; KV Lab keeps each token's K as first computed, "
-                "so a run that starts at or below that length and ends past it differs from transformers from "
-                "the switch on (prompts longer than it use the long factors throughout, as transformers does)")
+                "so it refuses a run that starts at or below that length and ends past it (prompts longer than it "
+                "use the long factors throughout, as transformers does)")
         qkv = self.layers[0].self_attn.qkv_proj
         self._q_rows = c.num_attention_heads * head_dim
         return ModelSpec(
@@ -59,8 +59,7 @@ class Phi3Adapter(DecoderAdapter):
             sliding_window=window,
             qkv_bias=qkv.bias is not None,
             qk_norm=False,
-            num_params=sum(p.numel() for p in self.hf_model.parameters()),
-            dtype_bytes=next(self.hf_model.parameters()).element_size(),
+            **self._weight_facts(),
             layer_types=types,
             rotary_dim=None if rotary_dim == head_dim else rotary_dim,
             rope_type=rope_type,

@@ -72,8 +72,9 @@ def test_update_summary_overwrites_a_key_and_keeps_the_rest(tmp_path):
 def test_offload_suite_runs_every_part_on_cpu_and_keeps_its_smoke_figures_out_of_the_summary(tmp_path, capsys,
                                                                                               profile_cache):
     (tmp_path / "summary.json").write_text(json.dumps({"kept_key": {"value": 1.0, "unit": "x"}}))
+    # Two families' tiny presets stand for all of them here (tests/test_offload.py runs every family offloaded).
     assert main(["offload", "--parts", "exact,mha,gqa,telemetry", "--exact-model", "synthetic:tiny-llama",
-                 "--results-dir", str(tmp_path)]) == 0
+                 "--families", "tiny-llama3,tiny-gemma3", "--results-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "cpu, split 0 (all K/V copied)" in printed and "recorder on" in printed
     payload = json.loads((tmp_path / "offload_quick.json").read_text())

@@ -43,6 +43,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mha-model", default="synthetic:llama-2-7b")
     parser.add_argument("--gqa-model", default="synthetic:llama-3-8b")
     parser.add_argument("--exact-model", default="demo")
+    parser.add_argument("--families", default="", help="comma list of tiny presets for the families' exactness check "
+                        "(default: every tiny preset)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per configuration (median of their medians)")
     parser.add_argument("--chunk-tokens", type=int, default=OffloadSettings().chunk_tokens)
     parser.add_argument("--peer-tokens", type=int, default=12, help="new tokens of the transformers offloaded peer")
@@ -228,7 +230,8 @@ def _families_exact(ctx: _Run) -> dict:
     from engine.presets import TINY_PRESETS
 
     out = {}
-    for name in TINY_PRESETS:
+    chosen = [n.strip() for n in getattr(ctx.args, "families", "").split(",") if n.strip()] or TINY_PRESETS
+    for name in chosen:
         model = load_model(f"synthetic:{name}", device=ctx.device, dtype="float32")
         gen = torch.Generator().manual_seed(3)
         prompts = [torch.randint(3, model.spec.vocab_size, (n,), generator=gen).tolist() for n in (5, 40, 17, 40)]

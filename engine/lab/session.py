@@ -518,6 +518,18 @@ class LabSession:
         self.client(owner).viewing = record.run_id
         return record
 
+    def import_peer_runs(self, path: str | Path) -> list[RunRecord]:
+        """KV Lab's and the peers' finished runs from the peers suite's results (bench/results/peers.json), kept
+        beside this session's runs for Compare (engine/lab/peer_runs.py)."""
+        from engine.lab.peer_runs import peer_records, read_peer_results
+
+        payload = read_peer_results(path)
+        with self._ids:
+            records = peer_records(payload, first_run_id=self._next_run_id)
+            self._next_run_id += len(records)
+        self.runs = [*self.runs, *records][-MAX_RUNS:]
+        return records
+
     # -- kernel study (engine/lab/kernel_study.py; the Kernels tab) ------------------------------------
     def kernel_study(self):
         """The decode-attention variant study on this session's device and CUPTI sampler; it holds the device while

@@ -47,7 +47,8 @@ def _tuned_table(device: str, *, rows: int, keys: int, head_dim: int, dtype: str
 
 def test_auto_follows_this_devices_recorded_tuning_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
-    study = KernelStudy("cpu")
+    # No committed GPU figures (they would fill the rows with the plans that ran on that GPU): this CPU's plans only.
+    study = KernelStudy("cpu", results_dir=tmp_path / "no-results")
     rules = study.plans(SHAPE)[AUTO]
     assert "not in the tuning table" not in rules.why and rules.num_stages == 3 and not rules.prefetch
     _tuned_table("cpu", rows=8, keys=32768, head_dim=128, dtype="bfloat16", stages=2, prefetch=True)

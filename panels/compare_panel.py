@@ -8,10 +8,12 @@ The CSV keeps one row per run.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import gradio as gr
 import pandas as pd
+from gradio.utils import get_upload_folder, is_in_or_equal
 
 from engine.errors import InvalidSettingsError
 from engine.lab.compare import CompareTable
@@ -63,6 +65,8 @@ def build(session: LabSession, *, app: gr.Blocks) -> None:
     with gr.Row():
         fmt = gr.Radio(["csv", "json"], value="csv", label="Export format")
         export = gr.Button("Export")
+        peers = gr.UploadButton("Import peers' runs (bench/results/peers.json)", file_types=[".json"],
+                                file_count="single")
     exported = gr.File(label="Comparison", interactive=False, height=120, visible=False)
 
     def on_refresh():
@@ -85,7 +89,20 @@ def build(session: LabSession, *, app: gr.Blocks) -> None:
         except Exception as exc:  # noqa: BLE001
             return gr.update(value=None, visible=False), f"**Error:** {shown(exc)}"
 
+    def on_import_peers(file):
+        path = getattr(file, "name", file)
+        if not path:
+            return gr.skip(), "No file was uploaded: choose the peers.json that `python -m bench peers` wrote."
+        try:
+            records = session.import_peer_runs(path)
+        except Exception as exc:  # noqa: BLE001 - shown in the panel
+            return gr.skip(), f"**Error:** {shown(exc)}"
+        engines = ", ".join(sorted({r.settings.get("peer", "?") for r in records}))
+        return (gr.Dropdown(choices=run_choices(session), value=[str(r.run_id) for r in records[:2]]),
+                f"Imported {len(records)} runs from {Path(path).name} ({engines}): pick them beside your own.")
+
     refresh.click(on_refresh, None, [picker, diff], queue=False, **PRIVATE)
+    peers.upload(on_import_peers, peers, [picker, diff], queue=False, **PRIVATE)
     picker.focus(lambda: gr.update(choices=run_choices(session)), None, picker, queue=False, **PRIVATE)
     compare.click(on_compare, picker, [table, diff], queue=False, **PRIVATE)
     export.click(on_export, [picker, fmt], [exported, diff], queue=False, **PRIVATE)
@@ -103,7 +120,19 @@ def build(session: LabSession, *, app: gr.Blocks) -> None:
         """The comparison as CSV (the table, one row per run) or JSON (the table and every run's full record)."""
         return gr.FileData(path=str(session.export_compare(_ids(run_ids), fmt=format)))
 
+    def import_peer_runs(results: gr.FileData) -> dict:
+        """Keep the runs of a peers suite result (bench/results/peers.json: KV Lab, KVPR's code, FlexGen on one GPU)
+        beside this session's runs, for /compare: {"runs": one {run_id, label, peer, tok_s, step_ms} per finished
+        run}."""
+        path = results.get("path") if isinstance(results, dict) else getattr(results, "path", results)
+        if not isinstance(path, str) or not is_in_or_equal(path, get_upload_folder()):
+            raise InvalidSettingsError("results must be a file uploaded with this request (gradio_client: "
+                                       "handle_file('peers.json')).")
+        return {"runs": [{"run_id": r.run_id, "label": r.label, "peer": r.settings.get("peer"), "tok_s": r.tokens_per_s,
+                          "step_ms": r.median_step_ms} for r in session.import_peer_runs(path)]}
+
     endpoint(compare_api, api_name="compare", output="table", queue=False)
+    endpoint(import_peer_runs, api_name="import_peer_runs", output="runs", queue=False)
     endpoint(export_compare, api_name="export_compare", output="comparison", queue=False)
 
 

@@ -11,6 +11,7 @@ on); each browser tab and each API client has its own applied settings, chat and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from engine.lab.access import is_loopback
 from engine.errors import KVLabError
 from engine.lab.session import LabSession
 from panels import chat_panel, compare_panel, explorer_panel, hardware_panel, model_panel, profile_panel, settings_panel
+
+# Gradio summarises every finished event with pandas over the last 10,000 events, for its monitoring dashboard (off
+# here): tens of ms per event once a page has watched a long run. Summarise never (read when its queue is made).
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**12))
 
 # Uploads are exported traces (the Profile panel's import): a long run's gzipped trace is a few MB.
 MAX_UPLOAD = "64mb"
@@ -57,10 +62,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     parser.add_argument("--auth", default=None, help="user:password; required when --host is not a loopback address")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when a GPU is visible)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of the engine (default on a machine without a GPU: one fewer than its cores, "
+                             "so that the server and a page watching a run do not slow the run down)")
     parser.add_argument("--models-dir", default=None,
                         help="the directory clients on other machines may load models from (by folder name); "
                              "without it they may load only demo, synthetic presets and hub ids")
     return parser.parse_args(argv)
+
+
+def engine_threads(threads: int | None = None) -> int:
+    """Set the engine's CPU threads: `threads`, else, on a machine without a GPU, one fewer than its cores. There the
+    model computes on the same cores as the server and the browser watching it, and torch's threads wait for each
+    other at every operation: on 2 cores a neighbour using 15 % of one core cost a 2-thread run 29 % of its
+    tokens/s, and a 1-thread run nothing (bench/results/profile_watched.md). Returns the number set."""
+    import torch
+
+    if threads is None:
+        if torch.cuda.is_available():
+            return torch.get_num_threads()
+        threads = max(1, (os.cpu_count() or 1) - 1)
+    if threads < 1:
+        raise SystemExit(f"--threads must be at least 1, got {threads}.")
+    torch.set_num_threads(threads)
+    return threads
 
 
 def checked_auth(args: argparse.Namespace) -> tuple[str, str] | None:
@@ -122,6 +147,8 @@ def lab(model: str = "demo", *, models_dir: str | None = None, **launch_options)
     if not is_loopback(host) and not launch_options.get("auth"):
         raise ValueError(f"Refusing to serve on {host} without auth: anyone who can reach it could run the model. "
                          "Pass auth=(user, password), or keep the default 127.0.0.1.")
+    if "threads" in launch_options:  # a notebook's torch is the user's: its threads change only when asked
+        engine_threads(launch_options.pop("threads"))
     session = LabSession(models_dir=models_dir)
     session.load(model)
     app = build_app(session)
@@ -134,6 +161,7 @@ def lab(model: str = "demo", *, models_dir: str | None = None, **launch_options)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checked_auth(args)  # refuses an unsafe address before anything is loaded
+    threads = engine_threads(args.threads)
     try:
         session = LabSession(models_dir=args.models_dir)
     except KVLabError as exc:
@@ -147,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     # quiet: Gradio's own lines include "To create a public link, set share=True", which this app never does.
     app.launch(quiet=True, prevent_thread_lock=True, **launch_kwargs(args, export_dir=session.export_dir))
     where = "this machine only" if is_loopback(args.host) else f"{args.host}, with --auth"
-    print(f"KV Lab running on {app.local_url} ({where}; no share link). Ctrl+C stops it.", flush=True)
+    print(f"KV Lab running on {app.local_url} ({where}; no share link; the engine computes on {threads} CPU "
+          f"thread{'s' if threads != 1 else ''}). Ctrl+C stops it.", flush=True)
     try:
         app.block_thread()
     except (KeyboardInterrupt, OSError):

@@ -1,8 +1,12 @@
 (delta, cursor) => {
-  // KV Lab's Profile panel draws its plots in the browser from the server's deltas (panels/live_view.py): the
-  // run timeline grows with Plotly.extendTraces, the step-time and one-step plots are redrawn here with
-  // Plotly.react under a fixed uirevision, so the server never rebuilds a figure and a user's zoom is kept.
-  // Returns the cursor of what is drawn; a delta made from another cursor is ignored (it is asked for again).
+  // KV Lab's Profile panel draws its plots in the browser from the server's deltas (panels/live_view.py), so the
+  // server never rebuilds a figure and a redraw never resets a user's zoom. What the page does per update is
+  // bounded too, however long the run: while it runs, the plots are redrawn every DRAW_EVERY_MS (the deltas of
+  // the seconds between are kept), the run timeline shows its last WINDOW steps (SVG, extendTraces with a point
+  // cap), the step-time plot at most STEP_POINTS points; when it ends, the page asks for the whole run (bounded by
+  // the server) and draws it once (WebGL), keeping the user's zoom. Returns the cursor of what is drawn ("" asks
+  // for the whole run again); a delta made from another cursor is ignored.
+  const STEP_POINTS = 300, DRAW_EVERY_MS = 5000;
   const P = window.Plotly;
   const div = (id) => document.querySelector(`#${id} [data-testid="plotly"]`);
   const divs = {tl: div("kvlab-timeline"), one: div("kvlab-onestep"), st: div("kvlab-steps")};
@@ -12,96 +16,118 @@
   if (!d || !d.cursor) return cursor || S.cursor;
   if (!P || !divs.tl || !divs.one || !divs.st) return S.cursor;  // the plots are not mounted yet: ask again
   if (!d.reset && d.base !== S.cursor) return S.cursor;
+  const WINDOW = d.window || 12;
 
-  const lanes = d.lanes;
-  const stepRow = lanes.length;
+  const lanes = d.lanes, stepRow = lanes.length;
   const row = (lane) => lanes.length - 1 - lane;  // the first lane on top, under the steps
   const fmt = (v, n = 3) => (v === null || v === undefined ? "—" : Number(v).toFixed(n));
   const base = {margin: {l: 130, r: 20, t: 40, b: 40}, hovermode: "closest", plot_bgcolor: "white",
                 paper_bgcolor: "white", showlegend: true, legend: {orientation: "h", y: -0.18}};
+  const live = !d.finished;  // while the run goes on, what is drawn is bounded
 
   if (d.reset) {
-    S.run = d.run; S.onGpu = d.on_gpu; S.warmup = 0; S.userZoom = false; S.lastRange = null;
+    // The user's zoom of the timeline survives the redraw of the whole run at its end (the same run).
+    const zoom = S.run === d.run && divs.tl.layout && divs.tl.layout.xaxis && divs.tl.layout.xaxis.autorange === false
+      ? {x: divs.tl.layout.xaxis.range.slice()} : null;
+    const keepSt = S.run === d.run ? {userZoom: S.userZoom, lastRange: S.lastRange} : {userZoom: false, lastRange: null};
+    Object.assign(S, {run: d.run, onGpu: d.on_gpu, warmup: 0, layers: 1, drawnAt: 0, barsNote: "", ...keepSt});
     S.st = {step: [], ms: [], predicted: [], tokens: []};
-    const traces = lanes.map(([, label, colour]) => ({type: "scattergl", mode: "lines", name: label, x: [], y: [],
+    S.pending = Array.from({length: lanes.length + 8}, () => ({x: [], y: [], t: []}));
+    S.stepsChanged = true;
+    const gl = d.finished ? "scattergl" : "scatter";  // a whole run on the GPU's (or software) WebGL; a window as SVG
+    const traces = lanes.map(([, label, colour]) => ({type: gl, mode: "lines", name: label, x: [], y: [],
       hovertext: [], hoverinfo: "text", line: {width: 12, color: colour}, showlegend: false}));
     for (const [name, colour] of [["steps (even)", "#b8b8b8"], ["steps (odd)", "#8a8a8a"]]) {
-      traces.push({type: "scattergl", mode: "lines", name, x: [], y: [], hovertext: [], hoverinfo: "text",
+      traces.push({type: gl, mode: "lines", name, x: [], y: [], hovertext: [], hoverinfo: "text",
                    line: {width: 12, color: colour}, showlegend: false});
     }
     const series = [["payload H2D GB/s", "#4c78a8", "solid"], ["payload D2H GB/s", "#b279a2", "solid"],
                     ["link H2D (NVML)", "#4c78a8", "dot"], ["link D2H (NVML)", "#b279a2", "dot"],
                     ["PCIe read (CUPTI)", "#1f3b73", "solid"], ["PCIe write (CUPTI)", "#6b2f66", "solid"]];
     for (const [name, colour, dash] of series) {
-      traces.push({type: "scattergl", mode: "lines", name, x: [], y: [], yaxis: "y2",
+      traces.push({type: gl, mode: "lines", name, x: [], y: [], hovertext: [], yaxis: "y2",
                    line: {width: 1.5, color: colour, dash}, connectgaps: false});
     }
     const ticks = [...lanes.map(([, label], i) => [row(i), label]), [stepRow, "decode steps"]];
-    P.newPlot(divs.tl, traces, {...base, height: 430, title: {text: `Run #${d.run}: every layer's lanes`},
+    const what = d.finished ? "every layer's lanes" : `every layer's lanes, the last ${WINDOW} steps while it runs`;
+    P.newPlot(divs.tl, traces, {...base, height: 430, title: {text: `Run #${d.run}: ${what}`},
       uirevision: `tl-${d.run}`,
-      xaxis: {anchor: "y2", title: {text: "ms since the run started"}, gridcolor: "#eee"},
+      xaxis: {anchor: "y2", title: {text: "ms since the run started"}, gridcolor: "#eee",
+              ...(zoom ? {range: zoom.x, autorange: false} : {})},
       yaxis: {domain: [0.36, 1], tickvals: ticks.map((t) => t[0]), ticktext: ticks.map((t) => t[1]),
               range: [-0.6, stepRow + 0.6], zeroline: false, gridcolor: "#eee"},
       yaxis2: {domain: [0, 0.26], title: {text: "PCIe GB/s"}, rangemode: "tozero", gridcolor: "#eee"}},
       {responsive: true, displaylogo: false});
   }
 
-  // Timeline bars: three points per bar (start, end, gap), one trace per lane.
+  // The run timeline: three points per bar (start, end, gap), one trace per lane, kept until the next draw.
+  const n = lanes.length, add = S.pending;
   const bars = d.bars;
-  if (bars && bars.lane.length) {
-    const add = lanes.map(() => ({x: [], y: [], t: []}));
-    for (let i = 0; i < bars.lane.length; i++) {
-      const lane = bars.lane[i], a = add[lane], label = lanes[lane][1];
-      const dur = bars.x1[i] - bars.x0[i];
-      const text = bars.n[i] > 1 ? `${label}: ${bars.n[i]} spans merged${bars.step[i] >= 0 ? `, step ${bars.step[i]}` : ""}<br>${fmt(dur)} ms`
-        : `${label}, layer ${bars.layer[i]}, step ${bars.step[i]}<br>${fmt(dur)} ms`;
-      a.x.push(bars.x0[i], bars.x1[i], null); a.y.push(row(lane), row(lane), null); a.t.push(text, text, "");
-    }
-    const idx = [], xs = [], ys = [], ts = [];
-    add.forEach((a, i) => { if (a.x.length) { idx.push(i); xs.push(a.x); ys.push(a.y); ts.push(a.t); } });
-    P.extendTraces(divs.tl, {x: xs, y: ys, hovertext: ts}, idx);
+  for (let i = 0; i < bars.lane.length; i++) {
+    const lane = bars.lane[i], a = add[lane], label = lanes[lane][1], dur = bars.x1[i] - bars.x0[i];
+    S.layers = Math.max(S.layers, bars.layer[i] + 1);
+    const text = bars.n[i] > 1
+      ? `${label}: ${bars.n[i]} spans merged${bars.step[i] >= 0 ? `, step ${bars.step[i]}` : ""}<br>${fmt(dur)} ms`
+      : `${label}, layer ${bars.layer[i]}, step ${bars.step[i]}<br>${fmt(dur)} ms`;
+    a.x.push(bars.x0[i], bars.x1[i], null); a.y.push(row(lane), row(lane), null); a.t.push(text, text, "");
   }
   const steps = d.steps;
-  if (steps && steps.step.length) {
-    const even = {x: [], y: [], t: []}, odd = {x: [], y: [], t: []}, h2d = {x: [], y: []}, d2h = {x: [], y: []};
-    for (let i = 0; i < steps.step.length; i++) {
-      const k = steps.step[i], part = k % 2 ? odd : even, text = `step ${k}: ${fmt(steps.ms[i])} ms`;
-      part.x.push(steps.t0[i], steps.t1[i], null); part.y.push(stepRow, stepRow, null); part.t.push(text, text, "");
-      h2d.x.push(steps.t0[i], steps.t1[i], null); h2d.y.push(steps.h2d[i], steps.h2d[i], null);
-      d2h.x.push(steps.t0[i], steps.t1[i], null); d2h.y.push(steps.d2h[i], steps.d2h[i], null);
-      S.st.step.push(k); S.st.ms.push(steps.ms[i]); S.st.predicted.push(steps.predicted[i]);
-      S.st.tokens.push(steps.tokens[i]);
+  for (let i = 0; i < steps.step.length; i++) {
+    const k = steps.step[i], part = add[n + (k % 2)], text = `step ${k}: ${fmt(steps.ms[i])} ms`;
+    part.x.push(steps.t0[i], steps.t1[i], null); part.y.push(stepRow, stepRow, null); part.t.push(text, text, "");
+    for (const [j, key] of [[2, "h2d"], [3, "d2h"]]) {
+      add[n + j].x.push(steps.t0[i], steps.t1[i], null); add[n + j].y.push(steps[key][i], steps[key][i], null);
+      add[n + j].t.push("", "", "");
     }
-    P.extendTraces(divs.tl, {x: [even.x, odd.x], y: [even.y, odd.y], hovertext: [even.t, odd.t]}, [lanes.length, lanes.length + 1]);
-    P.extendTraces(divs.tl, {x: [h2d.x, d2h.x], y: [h2d.y, d2h.y]}, [lanes.length + 2, lanes.length + 3]);
+    S.st.step.push(k); S.st.ms.push(steps.ms[i]); S.st.predicted.push(steps.predicted[i]); S.st.tokens.push(steps.tokens[i]);
+    S.stepsChanged = true;
   }
-  if (d.link && d.link.t.length) {
-    P.extendTraces(divs.tl, {x: [d.link.t, d.link.t], y: [d.link.rx, d.link.tx]}, [lanes.length + 4, lanes.length + 5]);
+  for (const [j, src, keys] of [[4, d.link, ["rx", "tx"]], [6, d.pm && d.pm.pcie, ["read", "write"]]]) {
+    if (!src || !src.t.length) continue;
+    keys.forEach((key, m) => { add[n + j + m].x.push(...src.t); add[n + j + m].y.push(...src[key]);
+                               add[n + j + m].t.push(...src.t.map(() => "")); });
   }
-  if (d.pm && d.pm.pcie) {
-    P.extendTraces(divs.tl, {x: [d.pm.pcie.t, d.pm.pcie.t], y: [d.pm.pcie.read, d.pm.pcie.write]},
-                   [lanes.length + 6, lanes.length + 7]);
+  if (d.warmup !== undefined && d.warmup !== S.warmup) { S.warmup = d.warmup; S.stepsChanged = true; }
+  if (d.one_step) S.one = d.one_step;
+  if (d.l2_why) S.l2Why = d.l2_why;
+  const now = performance.now();
+  const picked = d.one_step && !d.following && d.one_step.step !== S.oneDrawn;  // a step the user asked for
+  if (live && !d.reset && !picked && now - S.drawnAt < DRAW_EVERY_MS) return (S.cursor = d.cursor);
+  S.drawnAt = now;
+  const idx = add.map((a, i) => i).filter((i) => add[i].x.length);
+  if (idx.length) {
+    const cap = (i) => (i < n ? 3 * WINDOW * S.layers : i < n + 2 ? 3 * Math.ceil(WINDOW / 2) : i < n + 4 ? 3 * WINDOW
+                        : 50 * WINDOW);
+    const update = {x: idx.map((i) => add[i].x), y: idx.map((i) => add[i].y), hovertext: idx.map((i) => add[i].t)};
+    const caps = idx.map(cap);  // per trace and attribute: the structure of the update
+    if (live) P.extendTraces(divs.tl, update, idx, {x: caps, y: caps, hovertext: caps});
+    else P.extendTraces(divs.tl, update, idx);
+    S.pending = Array.from({length: n + 8}, () => ({x: [], y: [], t: []}));
   }
-  if (d.warmup !== undefined) S.warmup = d.warmup;
-  if (d.bars_note) P.relayout(divs.tl, {"title.text": `Run #${d.run}: every layer's lanes (${d.bars_note})`});
+  if (d.bars_note && d.bars_note !== S.barsNote) {
+    S.barsNote = d.bars_note;
+    P.relayout(divs.tl, {"title.text": `Run #${d.run}: every layer's lanes (${d.bars_note})`});
+  }
 
   // Step time: the axis is set by the steps after the warm-up, which are marked and left off it.
-  if (d.reset || (steps && steps.step.length) || d.warmup !== undefined) {
-    const st = S.st, w = Math.min(S.warmup, st.step.length);
+  if (S.stepsChanged) {
+    S.stepsChanged = false;
+    const st = S.st, w = Math.min(S.warmup, st.step.length), stride = live ? Math.ceil(st.step.length / STEP_POINTS) : 1;
+    const pick = (xs, from = 0) => xs.filter((_, i) => i >= from && ((i - from) % stride === 0 || i === xs.length - 1));
     const steady = st.ms.slice(w).concat(st.predicted.slice(w).filter((v) => v !== null));
     const top = steady.length ? 1.15 * Math.max(...steady) : null;
     const tok = st.ms.map((ms, i) => (ms > 0 ? (1000 * st.tokens[i]) / ms : null));
     const traces = [
-      {type: "scatter", mode: "lines+markers", name: "measured ms", x: st.step.slice(w), y: st.ms.slice(w),
+      {type: "scatter", mode: "lines+markers", name: "measured ms", x: pick(st.step, w), y: pick(st.ms, w),
        marker: {size: 5, color: "#4c78a8"}, line: {color: "#4c78a8"}},
       {type: "scatter", mode: "markers", name: "warm-up / capture steps (off the axis)", x: st.step.slice(0, w),
        y: st.ms.slice(0, w).map((v) => (top !== null ? Math.min(v, top * 0.97) : v)),
        text: st.ms.slice(0, w).map((v) => `warm-up: ${fmt(v, 1)} ms`), hoverinfo: "text",
        marker: {size: 9, symbol: "triangle-up", color: "#999"}},
-      {type: "scatter", mode: "lines", name: "tokens/s", x: st.step, y: tok, yaxis: "y2",
+      {type: "scatter", mode: "lines", name: "tokens/s", x: pick(st.step), y: pick(tok), yaxis: "y2",
        line: {color: "#54a24b", width: 1.5}}];
     if (S.onGpu) {
-      traces.splice(1, 0, {type: "scatter", mode: "lines", name: "predicted ms", x: st.step, y: st.predicted,
+      traces.splice(1, 0, {type: "scatter", mode: "lines", name: "predicted ms", x: pick(st.step), y: pick(st.predicted),
                            line: {dash: "dash", color: "#f58518"}});
     }
     const range = S.userZoom && S.lastRange ? S.lastRange : top !== null ? [0, top] : null;
@@ -130,9 +156,9 @@
   }
 
   // One step: the pipeline per layer, the PCIe series and the L2 % under it, on one time axis.
-  const one = d.one_step;
-  if (one) {
-    const sp = one.spans, traces = [];
+  if (S.one && (S.one.step !== S.oneDrawn || d.reset || !live)) {
+    const one = S.one, sp = one.spans, traces = [];
+    S.oneDrawn = one.step;
     lanes.forEach(([, label, colour], lane) => {
       const t = {type: "scatter", mode: "lines", name: label, x: [], y: [], hovertext: [], hoverinfo: "text",
                  line: {width: 16, color: colour}, showlegend: false};
@@ -169,12 +195,11 @@
       const key = Object.keys(one.pm.l2).find((k) => k !== "t");
       traces.push(line("L2 hit % (CUPTI)", one.pm.l2, one.pm.l2[key], "#e45756", "solid", "y3"));
     } else {
-      notes.push({text: `no L2 series: ${d.l2_why || S.l2Why || "no L2 samples in this step"}`, x: 0.01, xref: "paper",
+      notes.push({text: `no L2 series: ${S.l2Why || "no L2 samples in this step"}`, x: 0.01, xref: "paper",
                   y: 0.06, yref: "paper", xanchor: "left", showarrow: false, font: {size: 10, color: "#666"}});
     }
     if (!sp.lane.length) notes.push({text: "No per-layer spans in this step: the engine timed the whole step only",
       x: 0.5, xref: "paper", y: 0.75, yref: "paper", showarrow: false, font: {color: "#666"}});
-    if (d.l2_why) S.l2Why = d.l2_why;
     const ticks = lanes.map(([, label], i) => [row(i), label]);
     const warm = one.step <= S.warmup ? " (a warm-up step)" : "";
     P.react(divs.one, traces, {...base, height: 470, annotations: notes, uirevision: `one-${S.run}`,
@@ -186,6 +211,7 @@
       yaxis3: {domain: [0, 0.12], title: {text: "L2 %"}, range: [0, 100], gridcolor: "#eee"}},
       {responsive: true, displaylogo: false});
   }
-  S.cursor = d.cursor;
-  return d.cursor;
+  // A run that has ended was drawn bounded while it ran: ask for all of it once (the server bounds that too).
+  S.cursor = d.finished && !d.reset ? "" : d.cursor;
+  return S.cursor;
 }

@@ -174,19 +174,27 @@ def _head(read: LiveRead, record: RunRecord | None) -> dict:
 
 
 def live_delta(live: LiveRun, cursor: Cursor, *, show_step: int | None = None, on_gpu: bool = False,
-               l2_why: str = "") -> tuple[dict, Cursor]:
+               l2_why: str = "", window: int = 0) -> tuple[dict, Cursor]:
     """What the page must add to what `cursor` says it has drawn, and the cursor after it. `show_step`: the step
     for the one-step view (None or 0: the latest). `on_gpu`: whether the run's device is a GPU (predictions are
-    drawn only then). The delta's "reset" tells the page to start over (another run, or no cursor); "base" is the
-    cursor it was made from, so a page that has drawn something else ignores it."""
+    drawn only then). `window`: while the run goes on, send only the spans of its last `window` steps (the page
+    draws no more; 0: all). The delta's "reset" tells the page to start over (another run, or no cursor); "base"
+    is the cursor it was made from, so a page that has drawn something else ignores it."""
+    before = cursor
     reset = cursor.run_id != live.run_id
     if reset:
         cursor = Cursor(run_id=live.run_id)
+    if window and live.status in ("waiting", "running"):
+        latest = live.head().steps_from  # steps measured so far
+        first = live.span_index(max(1, latest - window + 1))
+        if first is not None and first > cursor.spans:  # skip what the page would drop at once
+            cursor = replace(cursor, spans=first)
     read = live.read(steps_from=cursor.steps, spans_from=cursor.spans, link_from=cursor.link,
                      max_spans=None if reset else MAX_SPANS_PER_READ)
     record = read.record
     on_gpu = record.on_gpu if record is not None else on_gpu
-    delta = _head(read, record) | {"reset": reset, "base": "" if reset else str(cursor), "on_gpu": on_gpu}
+    delta = _head(read, record) | {"reset": reset, "base": "" if reset else str(before), "on_gpu": on_gpu,
+                                   "window": window}
     spans = read.new_spans
     if reset and len(spans) > MAX_BARS:  # a long run joined late or shown whole: bounded
         bars = _segments(spans, MAX_BARS) if read.finished else _bars(spans, merged_from_step=True)
@@ -225,6 +233,7 @@ def live_delta(live: LiveRun, cursor: Cursor, *, show_step: int | None = None, o
     if target is not None:
         m = target.metrics
         delta["one_step"] = one_step(live, target, record, live.link_between(m.start_us - 50_000, m.end_us + 50_000))
+        delta["following"] = not show_step  # the latest step, not one the user picked
         shown = m.step
     if reset or ending:
         delta["l2_why"] = l2_why or read.l2_note

@@ -28,6 +28,7 @@ from panels.live_view import Cursor, live_delta
 from panels.plots import placeholder
 
 POLL_S = 1.0
+LIVE_WINDOW = 12  # steps of the run timeline the page draws while a run goes on (panels/live_plots.js WINDOW)
 PROGRESS_S = 1.0  # how often /profile streams its progress to an API client
 APPLY_JS = (Path(__file__).with_name("live_plots.js")).read_text()
 PLOTS = {"kvlab-timeline": ("The run's lanes per layer", "No run yet: choose the shape in the Settings tab, then press "
@@ -154,13 +155,17 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
             return gr.skip(), "", gr.skip(), gr.skip(), gr.Timer(active=False)
         before = Cursor.parse(drawn)
         device = session.model.device.type if session.model is not None else "cpu"
-        data, after = live_delta(live, before, show_step=int(step or 0), on_gpu=device == "cuda")
+        data, after = live_delta(live, before, show_step=int(step or 0), on_gpu=device == "cuda", window=LIVE_WINDOW)
         head = live.head()
         ended = data["finished"] or (after.final and not before.final)
         text = summary_markdown(head.record) if head.record is not None and (data["reset"] or ended) else \
             "" if data["reset"] else gr.skip()
+        # The page asks for the whole run once it has ended (it drew a bounded part while it ran): the timer stops
+        # once that is sent.
+        done = data["finished"] and data["reset"]
         return (json.dumps(data, separators=(",", ":")), progress_line(live, who), text,
-                sources_markdown(head) if data["reset"] or ended else gr.skip(), gr.Timer(active=not data["finished"]))
+                sources_markdown(head) if data["reset"] or ended else gr.skip(),
+                gr.Timer(active=False) if done else gr.skip())
 
     def on_run(gpu_counters: bool, request: gr.Request):
         who = owner(request)
@@ -228,12 +233,15 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
 
     poll_outputs = [delta, progress, summary, sources, timer]
     draw = dict(fn=None, inputs=[delta, cursor], outputs=cursor, js=APPLY_JS, **PRIVATE)
-    timer.tick(on_poll, [cursor, show_step], poll_outputs, concurrency_id="watch", concurrency_limit=None,
-               trigger_mode="once", show_progress="hidden", **PRIVATE).then(**draw)
+    timer.tick(on_poll, [cursor, show_step], poll_outputs, queue=False, trigger_mode="once", show_progress="hidden",
+               **PRIVATE).then(**draw)
     show_step.change(on_poll, [cursor, show_step], poll_outputs, queue=False, show_progress="hidden",
                      **PRIVATE).then(**draw)
     tab.select(on_poll, [cursor, show_step], poll_outputs, queue=False, show_progress="hidden", **PRIVATE).then(**draw)
-    run.click(on_run, counters, [status, timer, picker], concurrency_id=DEVICE_QUEUE, concurrency_limit=16, **PRIVATE)
+    # No Gradio progress animation over the run's outputs: it repaints every frame for the whole run (the panel's
+    # own progress line says where the run is).
+    run.click(on_run, counters, [status, timer, picker], concurrency_id=DEVICE_QUEUE, concurrency_limit=16,
+              show_progress="hidden", **PRIVATE)
     stop.click(on_stop, None, status, queue=False, **PRIVATE)
     picker.focus(lambda: gr.update(choices=run_choices(session)), None, picker, queue=False, **PRIVATE)
     picker.input(on_pick, picker, [status, timer], queue=False, **PRIVATE)
@@ -285,15 +293,17 @@ def register_api(session: LabSession) -> None:
         return {"stopping": stopping,
                 "message": "Stopping after the current step." if stopping else "No profile of yours is running."}
 
-    def profile_live(cursor: str = "", step: int = 0, request: gr.Request = None) -> dict:
+    def profile_live(cursor: str = "", step: int = 0, window: int = 0, request: gr.Request = None) -> dict:
         """What the page draws of the run this client views, from `cursor` on (pass back the `cursor` of the
         previous answer; "" for the whole run): new steps, timeline bars, NVML samples, the one-step view of `step`
-        (0: the latest), the stage with the time left (`progress`), `finished` once everything is sent."""
+        (0: the latest), the stage with the time left (`progress`), `finished` once everything is sent. `window`:
+        while the run goes on, only the spans of its last `window` steps (the page asks for 12; 0: all)."""
         live = session.live_run(owner(request))
         if live is None:
             raise InvalidSettingsError("No profiling run yet: start one with /profile or import one with /import_run.")
         device = session.model.device.type if session.model is not None else "cpu"
-        data, _ = live_delta(live, Cursor.parse(cursor), show_step=int(step or 0), on_gpu=device == "cuda")
+        data, _ = live_delta(live, Cursor.parse(cursor), show_step=int(step or 0), on_gpu=device == "cuda",
+                             window=max(0, int(window or 0)))
         return data | {"progress": progress_line(live, owner(request))}
 
     def runs() -> dict:
@@ -326,7 +336,8 @@ def register_api(session: LabSession) -> None:
 
     endpoint(profile, api_name="profile", output="progress", concurrency_id=DEVICE_QUEUE, concurrency_limit=16)
     endpoint(stop_profile, api_name="stop_profile", output="stop", queue=False)
-    endpoint(profile_live, api_name="profile_live", output="live", concurrency_id="watch", concurrency_limit=None)
+    # Not queued: a read that never waits for the device, answered by one POST (/gradio_api/run/profile_live).
+    endpoint(profile_live, api_name="profile_live", output="live", queue=False)
     endpoint(runs, api_name="runs", output="runs", queue=False)
     endpoint(run_record, api_name="run", output="run", queue=False)
     endpoint(show_run, api_name="show_run", output="shown", queue=False)

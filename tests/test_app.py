@@ -338,3 +338,74 @@ def test_stop_ends_a_running_profile_between_steps_and_says_so(tiny_client):
         assert not api.predict(api_name="/stop_profile")["stopping"]
     finally:
         _apply(api, **SETTINGS | {"split": 0.5})
+
+
+def _slow(monkeypatch, target, name: str, seconds: float) -> None:
+    original = getattr(target, name)
+
+    def slowly(*args, **kwargs):
+        out = original(*args, **kwargs)
+        time.sleep(seconds)
+        return out
+    monkeypatch.setattr(target, name, slowly)
+
+
+def _until(predicate, timeout: float = 60.0, what: str = "the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"never saw {what}")
+
+
+def test_a_long_prefill_shows_its_progress_and_the_time_left(tiny_client, monkeypatch):
+    import engine.generator
+
+    api, session, _, _ = tiny_client
+    _slow(monkeypatch, engine.generator.Generator, "_prefill_progress", 0.4)  # a slow prefill: 0.4 s a layer
+    job = api.submit(api_name="/profile")
+    line = _until(lambda: next((p for p in [api.predict("", 0, api_name="/profile_live")["progress"]]
+                                if re.search(r"prefill: layer [12] of 3, about [\d.]+ s left", p)), None),
+                  what="the prefill's progress with the time left")
+    assert "started here" in line
+    assert job.result(timeout=120)["status"] == "done"
+
+
+def test_a_job_asked_for_while_another_runs_waits_and_says_what_for(tiny_client, monkeypatch):
+    """A profile pressed during another client's chat, and a chat sent during a profile, wait (nothing refused,
+    nothing silent): each says what holds the device, and who started it, until its turn."""
+    import engine.decode.forward
+    from gradio_client import Client
+
+    api, session, _, _ = tiny_client
+    other = Client(api.src, verbose=False)
+    _slow(monkeypatch, engine.decode.forward, "decode_step", 0.02)  # GPU-resident steps of 20 ms
+    _apply(api, placement="gpu")
+    other.predict(api_name="/apply_settings", placement="gpu")
+    try:
+        chat = other.submit(message="a long speech, please", max_new_tokens=200, temperature=0.0, api_name="/chat")
+        _until(lambda: session.busy() == "a chat reply", what="the chat running")
+        profile = api.submit(api_name="/profile")
+        waiting = _until(lambda: next((s for s in profile.outputs() if s.get("status") == "waiting"), None),
+                         what="the profile waiting")
+        assert waiting["waiting_for"] == "a chat reply, started by another tab or an API client", waiting
+        live = api.predict("", 0, api_name="/profile_live")["progress"]
+        assert "waiting for a chat reply" in live, live
+        assert other.predict(api_name="/stop_chat")["stopping"]
+        assert chat.result(timeout=60)["finished"] == "stopped"
+        assert profile.result(timeout=120)["status"] == "done"
+        # Now the other way round: a chat sent while a profile runs.
+        _apply(api, max_new_tokens=150)
+        profile = api.submit(api_name="/profile")
+        _until(lambda: (session.busy() or "").startswith("profile run #"), what="the profile running")
+        chat = other.submit(message="hello", max_new_tokens=4, api_name="/chat")
+        state = _until(lambda: next((s for s in chat.outputs() if s.get("waiting_for")), None), what="the chat waiting")
+        assert re.match(r"profile run #\d+, started by another tab or an API client", state["waiting_for"]), state
+        assert "Waiting for the device" in state["status"]
+        assert api.predict(api_name="/stop_profile")["stopping"]
+        assert chat.result(timeout=120)["finished"] and profile.result(timeout=60)["status"] == "stopped"
+    finally:
+        monkeypatch.undo()
+        _apply(api, **SETTINGS | {"split": 0.5})

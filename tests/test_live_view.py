@@ -24,7 +24,7 @@ def step_spans(step: int, t0_us: float, *, lanes=PIPELINE, layers: int = LAYERS,
     for layer in range(layers):
         start = t0_us + layer * layer_us
         for lane in lanes:
-            offset = {"h2d_act": 0, "h2d_kv": 10, "recompute": 20, "attention": 50, "compute": 70}[lane]
+            offset = {"h2d_act": 0, "h2d_kv": 10, "recompute": 20, "attention": 50, "compute": 70, "d2h_writeback": 90}[lane]
             spans.append(Span(step, layer, lane, start + offset, start + offset + 25, 4096 if lane.startswith("h2d") else 0))
     return spans
 

@@ -106,6 +106,7 @@ class LiveRun:
         self._version = 0
         self._step, self._num_steps = 0, num_steps
         self._spans: list[Span] = []
+        self._first_span: dict[int, int] = {}  # step -> index of its first span
         self._steps: list[LabStep] = []
         self._link: list[NvmlSample] = []
         self._link_note = self._l2_note = ""
@@ -131,6 +132,8 @@ class LiveRun:
 
     def add(self, update: ProfileUpdate) -> None:
         with self._lock:
+            for n, span in enumerate(update.new_spans, start=len(self._spans)):
+                self._first_span.setdefault(span.step, n)
             self._spans.extend(update.new_spans)
             self._steps.extend(update.new_steps)
             self._link.extend(update.new_link)
@@ -195,6 +198,11 @@ class LiveRun:
         with self._lock:
             ends = len(self._steps), len(self._spans), len(self._link)
         return self.read(steps_from=ends[0], spans_from=ends[1], link_from=ends[2])
+
+    def span_index(self, step: int) -> int | None:
+        """Index of the first span of decode step `step` in the run's spans (None: it has none)."""
+        with self._lock:
+            return self._first_span.get(step)
 
     def step_at(self, step: int) -> LabStep | None:
         """Decode step `step` (numbered from 1), if measured."""

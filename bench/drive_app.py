@@ -47,19 +47,23 @@ def main(argv=None) -> int:
         else:
             raise SystemExit("the app did not come up in 10 minutes")
         print("app up at", url, flush=True)
-        settings = dict(placement=args.placement, gpu_kv_budget_gib="auto", split_mode="auto", split=0.5,
-                        chunk_tokens=512, prefetch="auto", prefetch_distance=1, attention="auto", batch=args.batch,
-                        prompt_tokens=args.prompt_len, max_new_tokens=args.new_tokens, prompt_seed=0, temperature=0.0,
-                        top_p=1.0, top_k=0, sampling_seed=-1)
-        print("apply_settings:", client.predict(**settings, api_name="/apply_settings"), flush=True)
+        from gradio_client.exceptions import AppError
+
+        # Only what differs from the defaults; what is left out keeps its applied value.
+        applied = client.predict(placement=args.placement, batch=args.batch, prompt_tokens=args.prompt_len,
+                                 max_new_tokens=args.new_tokens, api_name="/apply_settings")
+        print("apply_settings:", applied["description"], applied["notes"], flush=True)
         job = client.submit(api_name="/profile")
-        for progress, _timer in job:
-            print("profile:", str(progress)[:200], flush=True)
-        print("profile result:", job.result()[0], flush=True)
-        plot, info = client.predict(api_name="/explore")
-        print("explore:", str(info)[:1500], flush=True)
+        for state in job:
+            print("profile:", str(state)[:200], flush=True)
+        print("profile result:", str(job.result())[:1500], flush=True)
+        try:
+            curve = client.predict(api_name="/explore")
+            print("explore:", curve["auto_reason"], "auto", curve["auto_ms"], "ms", flush=True)
+        except AppError as exc:
+            print("explore:", exc, flush=True)
         print("hardware:", str(client.predict(api_name="/hardware"))[:1500], flush=True)
-        served, note = client.predict(api_name="/export_trace")
+        served, note = client.predict(None, api_name="/export_trace"), ""
         args.out.mkdir(parents=True, exist_ok=True)
         path = Path(served if isinstance(served, str) else served["path"])
         shutil.copy(path, args.out / f"app_{path.name}")

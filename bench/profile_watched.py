@@ -133,6 +133,8 @@ def main(argv=None) -> int:
                         help="the engine's CPU threads (default: what app.py sets on this machine, app.engine_threads)")
     parser.add_argument("--watchers", choices=["both", "page", "api"], default="both",
                         help="who watches the watched runs: the page and an API poller (default), or one of them")
+    parser.add_argument("--name", default="profile_watched",
+                        help="results file stem and headline key (profile_watched -> profile_watched_ratio)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -222,8 +224,8 @@ def main(argv=None) -> int:
             Row(case="watched (page drawing it live + API poller at 1 Hz)", ms=step["watched"], tok_s=med["watched"],
                 peer="unwatched", peer_ms=step["unwatched"])]
     result = SuiteResult(
-        suite="profile_watched", rows=rows,
-        headlines=[Headline(key="profile_watched_ratio", value=ratio,
+        suite=args.name, rows=rows,
+        headlines=[Headline(key=f"{args.name}_ratio", value=ratio,
                             unit=f"x (watched tok/s / unwatched tok/s, medians of {args.pairs} interleaved pairs; "
                                  f"{shape_line}; target >= 0.97)", peer="unwatched", peer_value=med["unwatched"])],
         notes=[f"{shape_line}: {spans:,} spans per run; tok/s is each run's decode tokens over its steps after the "

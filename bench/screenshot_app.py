@@ -1,10 +1,11 @@
 """Screenshot the app's Profile panel showing an imported run (e.g. one measured on an H100).
 
-    python bench/screenshot_app.py bench/results/runs/h100_session_profile_run.trace.json.gz assets/profile_h100.png \
-        --note "measured on an NVIDIA H100 80GB HBM3, 2026-11-25"
+    python bench/screenshot_app.py bench/results/runs/h100_app_profile_run.trace.json.gz assets/profile_h100.png \
+        [--step 6 --step-png assets/profile_step_h100.png]
 
 Starts the app on this machine (loopback, demo model), opens the Profile tab in Debian's chromium (headless,
-Playwright), imports the run with the panel's "Import a run" button, and saves the page.
+Playwright), imports the run with the panel's "Import a run" button, waits until the page has drawn it, and saves
+the page; `--step-png` also saves the one-step view of decode step `--step` alone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("trace", type=Path)
     parser.add_argument("png", type=Path)
     parser.add_argument("--tab", default="Profile")
+    parser.add_argument("--step", type=int, default=0, help="the step in the one-step view (0: the last)")
+    parser.add_argument("--step-png", type=Path, default=None, help="also save the one-step view alone here")
     args = parser.parse_args(argv)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -48,11 +51,20 @@ def main(argv=None) -> int:
                 page.get_by_role("button", name="Import a run (exported trace)").click()
             chooser.value.set_files(str(args.trace))
             page.get_by_text("Imported run #").wait_for(timeout=60_000)
-            page.wait_for_function("""() => [...document.querySelectorAll('.js-plotly-plot')].some(
-                p => (p.data || []).some(t => t.type === 'scattergl') && p.querySelector('canvas'))""", timeout=60_000)
+            # The page's script has drawn the whole run (its cursor's last field is set once the end is drawn).
+            page.wait_for_function("() => window.__kvlab && /:1$/.test(window.__kvlab.cursor || '')", timeout=60_000)
+            if args.step:
+                box = page.get_by_label("step in the one-step view (0: the latest)")
+                box.fill(str(args.step))
+                box.press("Enter")
+                page.wait_for_function("(k) => { const d = document.querySelector('#kvlab-onestep [data-testid=\"plotly\"]');"
+                                       " return d && d.layout.title.text.startsWith(`Step ${k}`); }", arg=args.step,
+                                       timeout=60_000)
             page.wait_for_timeout(2000)
             args.png.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(args.png), full_page=True)
+            if args.step_png:
+                page.locator("#kvlab-onestep").screenshot(path=str(args.step_png))
             browser.close()
     finally:
         demo.close()

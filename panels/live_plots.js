@@ -1,11 +1,12 @@
 (delta, cursor) => {
   // KV Lab's Profile panel draws its plots in the browser from the server's deltas (panels/live_view.py), so the
   // server never rebuilds a figure and a redraw never resets a user's zoom. What the page does per update is
-  // bounded too, however long the run: while it runs, the plots are redrawn every DRAW_EVERY_MS (the deltas of
-  // the seconds between are kept), the run timeline shows its last WINDOW steps (SVG, extendTraces with a point
-  // cap), the step-time plot at most STEP_POINTS points; when it ends, the page asks for the whole run (bounded by
-  // the server) and draws it once (WebGL), keeping the user's zoom. Returns the cursor of what is drawn ("" asks
-  // for the whole run again); a delta made from another cursor is ignored.
+  // bounded too, however long the run: while it runs, the plots are drawn every DRAW_EVERY_MS (the deltas of the
+  // seconds between are kept; the progress line above them moves every second), the run timeline shows its last
+  // WINDOW steps (SVG, extendTraces with a point cap), the step-time plot at most STEP_POINTS points; when it ends,
+  // the page asks for the whole run (bounded by the server) and draws it once (WebGL), keeping the user's zoom.
+  // Returns the cursor of what is drawn ("" asks for the whole run again); a delta made from another cursor is
+  // ignored.
   const STEP_POINTS = 300, DRAW_EVERY_MS = 5000;
   const P = window.Plotly;
   const div = (id) => document.querySelector(`#${id} [data-testid="plotly"]`);
@@ -30,7 +31,10 @@
     const zoom = S.run === d.run && divs.tl.layout && divs.tl.layout.xaxis && divs.tl.layout.xaxis.autorange === false
       ? {x: divs.tl.layout.xaxis.range.slice()} : null;
     const keepSt = S.run === d.run ? {userZoom: S.userZoom, lastRange: S.lastRange} : {userZoom: false, lastRange: null};
-    Object.assign(S, {run: d.run, onGpu: d.on_gpu, warmup: 0, layers: 1, drawnAt: 0, barsNote: "", ...keepSt});
+    // A run joined while it goes on is first drawn DRAW_EVERY_MS later, like every later draw: a short run costs
+    // its watcher one draw, at its end.
+    Object.assign(S, {run: d.run, onGpu: d.on_gpu, warmup: 0, layers: 1, drawnAt: performance.now(), barsNote: "",
+                      ...keepSt});
     S.st = {step: [], ms: [], predicted: [], tokens: []};
     S.pending = Array.from({length: lanes.length + 8}, () => ({x: [], y: [], t: []}));
     S.stepsChanged = true;
@@ -92,7 +96,7 @@
   if (d.l2_why) S.l2Why = d.l2_why;
   const now = performance.now();
   const picked = d.one_step && !d.following && d.one_step.step !== S.oneDrawn;  // a step the user asked for
-  if (live && !d.reset && !picked && now - S.drawnAt < DRAW_EVERY_MS) return (S.cursor = d.cursor);
+  if (live && !picked && now - S.drawnAt < DRAW_EVERY_MS) return (S.cursor = d.cursor);
   S.drawnAt = now;
   const idx = add.map((a, i) => i).filter((i) => add[i].x.length);
   if (idx.length) {
@@ -136,10 +140,10 @@
                          fillcolor: "#999", opacity: 0.12, line: {width: 0}}] : [];
     const notes = [];
     if (w) notes.push({text: `warm-up: ${st.ms.slice(0, w).map((v) => fmt(v, 1)).join(", ")} ms`, x: 0.5, xref: "x",
-                       xanchor: "left", y: 1, yref: "paper", yanchor: "top", showarrow: false, font: {size: 10}});
+                       xanchor: "left", y: 0.02, yref: "paper", yanchor: "bottom", showarrow: false, font: {size: 10}});
     if (!S.onGpu) notes.push({text: "no predicted line: no GPU (see the summary)", x: 1, xref: "paper", y: 1,
       yref: "paper", xanchor: "right", yanchor: "bottom", showarrow: false, font: {size: 10, color: "#666"}});
-    P.react(divs.st, traces, {...base, height: 330, margin: {l: 60, r: 60, t: 40, b: 80},
+    P.react(divs.st, traces, {...base, height: 350, margin: {l: 60, r: 60, t: 40, b: 90}, legend: {orientation: "h", y: -0.32},
       title: {text: `Run #${S.run}: step time and tokens/s`}, uirevision: `st-${S.run}`, shapes, annotations: notes,
       xaxis: {title: {text: "decode step"}, gridcolor: "#eee"},
       yaxis: {title: {text: "ms"}, range: range || undefined, rangemode: "tozero", gridcolor: "#eee"},

@@ -160,7 +160,7 @@ def one_step(live: LiveRun, step: LabStep, record: RunRecord | None, link: Seque
                      "x1": [_r((s.end_us - origin) / 1e3) for s in spans], "bytes": [s.nbytes for s in spans]},
            "payload": {d: _payload_rate(spans, d, origin) for d in ("h2d", "d2h")},
            "pm": _pm_series(record, t0_us=m.start_us, t1_us=m.end_us)}
-    near = [x for x in link if x.rx_gb_s is not None and x.tx_gb_s is not None]
+    near = [x for x in link if x.rx_gb_s is not None and x.tx_gb_s is not None and m.start_us <= x.t_us <= m.end_us]
     if near:
         out["link"] = {"t": [_r((x.t_us - origin) / 1e3) for x in near], "rx": [_r(x.rx_gb_s) for x in near],
                        "tx": [_r(x.tx_gb_s) for x in near]}

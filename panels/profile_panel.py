@@ -209,13 +209,14 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
     def on_import(file, request: gr.Request):
         path = getattr(file, "name", file)
         if not path:
-            return "No file was uploaded: choose a .trace.json(.gz) exported by this panel.", gr.skip()
+            return "No file was uploaded: choose a .trace.json(.gz) exported by this panel.", gr.skip(), gr.skip()
         try:
             record = session.import_run(path, note=f"imported from {Path(path).name}", owner=owner(request))
         except Exception as exc:  # noqa: BLE001 - shown in the panel
-            return f"**Error:** {shown(exc)}", gr.skip()
+            return f"**Error:** {shown(exc)}", gr.skip(), gr.skip()
         return (f"Imported run #{record.run_id}: {record.label}, measured on {record.device_name or record.device} "
-                f"at {record.created_at}."), gr.Timer(active=True)
+                f"at {record.created_at}."), gr.Timer(active=True), \
+            gr.update(choices=run_choices(session), value=str(record.run_id))
 
     def on_export(request: gr.Request):
         try:
@@ -245,7 +246,7 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
     stop.click(on_stop, None, status, queue=False, **PRIVATE)
     picker.focus(lambda: gr.update(choices=run_choices(session)), None, picker, queue=False, **PRIVATE)
     picker.input(on_pick, picker, [status, timer], queue=False, **PRIVATE)
-    upload.upload(on_import, upload, [status, timer], queue=False, **PRIVATE)
+    upload.upload(on_import, upload, [status, timer, picker], queue=False, **PRIVATE)
     export.click(on_export, None, [trace_file, status], **PRIVATE)
     app.load(on_page, None, [picker, counters, timer], queue=False, **PRIVATE)
     model_key.change(counters_control, None, counters, queue=False, **PRIVATE)

@@ -5,6 +5,7 @@ parameter is tried; parameters left out keep what was applied."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -170,3 +171,38 @@ def test_parameters_left_out_keep_what_was_applied(served):
     assert other.predict(api_name="/settings")["settings"]["chunk_tokens"] == 512
     other.predict(api_name="/apply_settings", placement="cpu", chunk_tokens=64)
     assert api.predict(api_name="/settings")["settings"] == changed
+
+
+def _readme_block(after: str, language: str) -> str:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index(f"```{language}\n", readme.index(after)) + len(language) + 4
+    return readme[start:readme.index("```", start)]
+
+
+def test_the_readmes_script_runs_as_written(served, capsys):
+    """The README's gradio_client example, against this app (its address changed, nothing else)."""
+    api, session, _ = served
+    code = _readme_block("### The app from a script", "python").replace("http://127.0.0.1:7860/", api.src)
+    exec(compile(code, "README.md (The app from a script)", "exec"), {})
+    out = capsys.readouterr().out
+    assert "tiny-llama" in out and "no GPU" in out  # the model it names, the reason for no prediction
+    assert session.runs[-1].settings["offload.split"] == 0.5 and session.runs[-1].prompt_tokens == 256
+
+
+def test_the_readmes_rest_call_keeps_what_it_leaves_null(served):
+    """The README's REST call: every parameter in order, null to keep, one session for one client."""
+    import httpx
+
+    api, _, _ = served
+    data = [None] * 15
+    data[0], data[2] = "hybrid", 0.25
+    with httpx.Client(base_url=api.src, timeout=60) as web:
+        event = web.post("/gradio_api/call/apply_settings", json={"data": data, "session_hash": "readme"}).json()
+        stream = web.get(f"/gradio_api/call/apply_settings/{event['event_id']}").text
+        assert "event: complete" in stream, stream
+        data[0], data[2] = None, None
+        data[7] = 3  # batch, the rest kept
+        event = web.post("/gradio_api/call/apply_settings", json={"data": data, "session_hash": "readme"}).json()
+        stream = web.get(f"/gradio_api/call/apply_settings/{event['event_id']}").text
+    applied = json.loads([line for line in stream.splitlines() if line.startswith("data: ")][-1][6:])[0]["settings"]
+    assert (applied["placement"], applied["split"], applied["batch"]) == ("hybrid", 0.25, 3)

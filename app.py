@@ -20,7 +20,8 @@ import gradio as gr
 from engine.lab.access import is_loopback
 from engine.errors import KVLabError
 from engine.lab.session import LabSession
-from panels import chat_panel, compare_panel, explorer_panel, hardware_panel, model_panel, profile_panel, settings_panel
+from panels import (chat_panel, compare_panel, explorer_panel, hardware_panel, kernel_panel, model_panel, profile_panel,
+                    settings_panel)
 
 # Gradio summarises every finished event with pandas over the last 10,000 events, for its monitoring dashboard (off
 # here): tens of ms per event once a page has watched a long run. Summarise never (read when its queue is made).
@@ -52,6 +53,8 @@ def build_app(session: LabSession) -> gr.Blocks:
             compare_panel.build(session, app=app)
         with gr.Tab("Hardware"):
             hardware_panel.build(session)
+        with gr.Tab("Kernels"):
+            kernel_panel.build(session)
     return app
 
 

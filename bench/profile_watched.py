@@ -49,7 +49,7 @@ with httpx.Client(base_url=url, timeout=30) as web:  # one connection, reused: a
             live = answer.json()["data"][0]
             if live["run"] <= after:  # not started yet: the previous run is the newest
                 cursor = ""
-                time.sleep(0.1)
+                time.sleep(max(0.0, seconds - (time.monotonic() - began)))
                 continue
             cursor, polls, bars = live["cursor"], polls + 1, bars + len(live["bars"]["lane"])
             if live["finished"] and live["status"] == "done":
@@ -131,8 +131,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None,
                         help="the engine's CPU threads (default: what app.py sets on this machine, app.engine_threads)")
-    parser.add_argument("--watchers", choices=["both", "page", "api"], default="both",
-                        help="who watches the watched runs: the page and an API poller (default), or one of them")
+    parser.add_argument("--watchers", choices=["both", "page", "api", "idle-page"], default="both",
+                        help="who watches the watched runs: the page and an API poller (default), or one of them; "
+                             "idle-page: a page open on the Model tab that watches nothing (its mere presence)")
     parser.add_argument("--name", default="profile_watched",
                         help="results file stem and headline key (profile_watched -> profile_watched_ratio)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -176,21 +177,30 @@ def main(argv=None) -> int:
                         continue
                     page = _open_page(browser, demo.local_url, session, settings, shape) \
                         if args.watchers != "api" else None
+                    if args.watchers == "idle-page":
+                        page.get_by_role("tab", name="Model").click()
+                        page.wait_for_timeout(2000)
                     before = len(session.runs)
                     last_id = session.runs[-1].run_id
+                    # The poller is polling before the run starts, as a script watching the lab would be.
+                    poller = Poller(demo.local_url, after_run=last_id) if args.watchers in ("both", "api") else None
+                    if poller is not None:
+                        time.sleep(3)
                     cpu0, chrome0 = server_cpu_s(), chromium_cpu_s()
-                    if page is not None:
+                    if page is not None and args.watchers != "idle-page":
                         page.get_by_role("button", name="Run profile").click()
                     else:
                         job = driver.submit(api_name="/profile")
-                    poller = Poller(demo.local_url, after_run=last_id) if args.watchers != "page" else None
                     deadline = time.monotonic() + 600
                     while len(session.runs) == before and time.monotonic() < deadline:
                         time.sleep(0.2)
                     record = session.runs[-1]
                     cpu1, chrome1 = server_cpu_s(), chromium_cpu_s()  # over the run, not the drawing after it
                     drawn = None
-                    if page is not None:
+                    if args.watchers == "idle-page":
+                        job.result()
+                        page.close()
+                    elif page is not None:
                         page.wait_for_function("(id) => window.__kvlab && window.__kvlab.cursor.startsWith(id + ':') "
                                                "&& window.__kvlab.cursor.endsWith(':1')", arg=str(record.run_id),
                                                timeout=120_000)

@@ -44,3 +44,8 @@ class RunFailedError(KVLabError, RuntimeError):
 class GpuContextLostError(KVLabError, RuntimeError):
     """The GPU reported an error that corrupts this process's CUDA context (an illegal address, a launch failure):
     no GPU work can run until the process restarts (engine/gpu_errors.py)."""
+
+
+class TensorParallelError(KVLabError, RuntimeError):
+    """A rank of a tensor-parallel engine failed or vanished mid-run (engine/parallel): the message names the rank
+    and what it was doing; the engine has stopped and every rank released its memory."""

@@ -138,6 +138,9 @@ class Generator:
         self.progress = RunProgress()  # what the current run is doing, for live views (read from other threads)
         self._fast_adapter = None  # settings.fused: the model's fast adapter (engine/fast), built at first use
         self.fused_why = ""  # what the last run did about settings.fused
+        # Called once a run's buffers are allocated, right before prefill: tensor parallel's ranks agree there to
+        # start (engine/parallel/driver.py), so that a rank refusing the run never leaves the others inside a collective.
+        self.before_prefill = None
 
     def _adapter(self, settings: GenerationSettings):
         """The model's adapter, or its fast version when settings.fused (built once per Generator; the fused weights
@@ -394,6 +397,8 @@ class Generator:
             padded[b, : len(ids)] = torch.tensor(ids)
         prompt_lens = torch.tensor(lens, device=device)
         gen = make_generator(settings.sampling, device)
+        if self.before_prefill is not None:
+            self.before_prefill()
         self.stage = "prefill"
         self.progress = RunProgress(stage="prefill", total=spec.num_layers, started_s=time.perf_counter())
         logits = forward.prefill(adapter, cache, padded.to(device), lens, progress=self._prefill_progress)

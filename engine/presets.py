@@ -18,6 +18,13 @@ PRESETS: dict[str, dict] = {
     "llama-2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                         num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
                         max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0),
+    # The 70B Llamas run tensor parallel (engine/parallel): 64 query heads and 8 K/V heads split over 2, 4 or 8 GPUs.
+    "llama-2-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0),
+    "llama-3-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
     "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
@@ -75,6 +82,11 @@ PRESETS: dict[str, dict] = {
     "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=4, vocab_size=384,
                        max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0),
+    # For tensor parallel over 2 and 4 ranks: 8 query heads over 4 K/V heads, an MLP of 4 x 40 features, and a
+    # vocabulary (389) that no world size divides, so the LM head's last rank holds fewer rows.
+    "tiny-llama-tp": dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                          num_attention_heads=8, num_key_value_heads=4, vocab_size=389,
+                          max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0),
     "tiny-llama3": dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                         num_attention_heads=8, num_key_value_heads=2, vocab_size=384,
                         max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=500000.0),

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     result = module.run(args)
+    if result is None:  # a suite run on several ranks (torchrun): rank 0 writes the results
+        return 0
     write_results(result, results_dir=args.results_dir, command=command_line(argv))
     return 0
 

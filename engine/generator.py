@@ -141,6 +141,7 @@ class Generator:
         # Called once a run's buffers are allocated, right before prefill: tensor parallel's ranks agree there to
         # start (engine/parallel/driver.py), so that a rank refusing the run never leaves the others inside a collective.
         self.before_prefill = None
+        self.failure_detail = ""  # the exception behind the last RunFailedError, one line
 
     def _adapter(self, settings: GenerationSettings):
         """The model's adapter, or its fast version when settings.fused (built once per Generator; the fused weights
@@ -268,6 +269,7 @@ class Generator:
             # (and its KV cache) alive in whatever handler stores records.
             logger.error("run failed during %s:\n%s", self.stage, "".join(traceback.format_exception(exc)))
             detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            self.failure_detail = detail  # what failed, for callers that report it their own way (engine/parallel)
             failure = ("lost" if gpu_errors.is_context_lost(exc) else "error", detail)
             if failure[0] == "lost":
                 gpu_errors.keep(exc)  # its traceback holds the run's GPU tensors: freeing one now aborts the process

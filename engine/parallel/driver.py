@@ -59,6 +59,26 @@ class Outcome:
     kind: str
     error_type: str = ""
     message: str = ""
+    facts: RankFacts | None = None  # for "ok"
+
+
+@dataclass(frozen=True)
+class RankFacts:
+    """What one rank did in the last run, gathered on rank 0 with the outcomes (benches, per-rank views)."""
+
+    rank: int
+    device: str
+    weight_bytes: int  # this rank's part of the model
+    kv_bytes_per_token: int  # its K/V heads, all layers
+    act_bytes_per_token: int  # the full hidden state, all layers
+    peak_h2d_gb_s: float | None  # its measured link (None: no profile measured)
+    step_ms: tuple[float, ...]  # its own decode steps' wall times
+    h2d_bytes: tuple[int, ...]  # per decode step, what its plan copies host-to-device (empty: GPU-resident)
+    d2h_bytes: tuple[int, ...]
+    predicted_ms: tuple[float, ...]  # per decode step, what its scheduler predicted
+    placement: str
+    collective_calls: int  # all-reduces during the run
+    collective_bytes: int  # payload of its all-reduces and all-gathers during the run
 
 
 @dataclass(frozen=True)
@@ -74,14 +94,18 @@ class FailureReport:
 class TensorParallelEngine:
     """This rank's share of a tensor-parallel engine. Rank 0 calls `generate`; the other ranks call `follow`."""
 
-    def __init__(self, group: TPGroup, model: LoadedModel, *, profile=None):
+    def __init__(self, group: TPGroup, model: LoadedModel, *, profile=None, owns_group: bool = True):
         self.group, self.model = group, model
+        self.owns_group = owns_group  # close() and the end of follow() leave the group too
+        self._keys = f"engine{group.next_engine_id()}/"
         self.generator = Generator(model)
         self.generator.profile = profile  # this rank's own measured link (engine/parallel/launch.py)
         self.generator.before_prefill = self._gate
         self._commands = 0
         self._gate_state = "idle"  # "waiting" until the gate, then "passed" or "left"
         self.stopped_why: str | None = None
+        self.last_result: GenerationResult | None = None  # this rank's result of the last run (followers too)
+        self.rank_facts: list[RankFacts] = []  # every rank's facts of the last run that ran (on every rank)
 
     @property
     def rank(self) -> int:
@@ -121,13 +145,14 @@ class TensorParallelEngine:
             except (PeerLostError, KVLabError):
                 pass
         self.stopped_why = self.stopped_why or "closed"
-        self.group.close()
+        if self.owns_group:
+            self.group.close()
 
     def _send(self, command: Command, *, keep_logits: bool = False):
         self._commands += 1
-        self.group.put(f"cmd/{self._commands}", command)
+        self.group.put(f"{self._keys}cmd/{self._commands}", command)
         if self._commands > 1:  # every follower passed the previous command's outcome exchange: it has read it
-            self.group.drop(f"cmd/{self._commands - 1}")
+            self.group.drop(f"{self._keys}cmd/{self._commands - 1}")
         if command.op == "stop":
             return None
         return self._execute(command, keep_logits=keep_logits)
@@ -140,7 +165,7 @@ class TensorParallelEngine:
             raise InvalidSettingsError("rank 0 drives the engine (generate, close); follow() is for the other ranks.")
         while self.stopped_why is None:
             try:
-                command = self.group.take(f"cmd/{self._commands + 1}", timeout_s=IDLE_WAIT_S)
+                command = self.group.take(f"{self._keys}cmd/{self._commands + 1}", timeout_s=IDLE_WAIT_S)
             except TimeoutError:
                 continue
             except PeerLostError as exc:
@@ -153,18 +178,23 @@ class TensorParallelEngine:
             try:
                 self._execute(command, keep_logits=False)
             except TensorParallelError:
-                break  # reported in the store; stopped_why says what happened
-        self.group.close()
+                break  # reported in the store; stopped_why says what happened (the group is closed)
+        if self.owns_group:
+            self.group.close()
         return self.stopped_why
 
     # -- every rank: one run -------------------------------------------------------------------------------
     def _execute(self, command: Command, *, keep_logits: bool):
         self._gate_state = "waiting"
         result, mine = None, None
+        calls, payload = self.group.all_reduce_calls, self.group.all_reduce_bytes
         try:
             result = self.generator.generate([list(p) for p in command.prompt_ids], command.settings,
                                              keep_logits=keep_logits)
-            outcome = Outcome(rank=self.rank, kind="ok")
+            outcome = Outcome(rank=self.rank, kind="ok", facts=self._facts(
+                result, command.settings, calls=self.group.all_reduce_calls - calls,
+                payload=self.group.all_reduce_bytes - payload))
+            self.last_result = result
         except Exception as exc:  # noqa: BLE001 - every failure is classified below, none is dropped
             exc.__traceback__ = None  # its frames hold the run's tensors
             if self._gate_state == "waiting" and not self.group.peer_lost:  # refused before the gate
@@ -184,6 +214,8 @@ class TensorParallelEngine:
             outcomes = self.group.gather_objects(outcome)
         except PeerLostError as exc:
             self._fail(exc)
+        if all(o.kind == "ok" for o in outcomes):
+            self.rank_facts = [o.facts for o in outcomes]
         refused = [o for o in outcomes if o.kind == "refused"]
         if refused and self.rank == 0:
             first = refused[0]
@@ -193,6 +225,17 @@ class TensorParallelEngine:
             kind = kind if isinstance(kind, type) and issubclass(kind, KVLabError) else TensorParallelError
             raise kind(f"rank {first.rank} refused the run: {first.message}")
         return result
+
+    def _facts(self, result: GenerationResult, settings: GenerationSettings, *, calls: int, payload: int) -> RankFacts:
+        spec, plan = self.model.spec, self.generator.plan if settings.offload.offloaded else None
+        steps = plan.steps[: len(result.step_ms)] if plan is not None else ()
+        profile = self.generator.profile
+        return RankFacts(rank=self.rank, device=str(self.model.device), weight_bytes=spec.weight_bytes,
+                         kv_bytes_per_token=spec.kv_bytes_per_token, act_bytes_per_token=spec.act_bytes_per_token,
+                         peak_h2d_gb_s=None if profile is None else profile.peak_h2d_gb_s,
+                         step_ms=tuple(result.step_ms), h2d_bytes=tuple(p.h2d_bytes for p in steps),
+                         d2h_bytes=tuple(p.d2h_bytes for p in steps), predicted_ms=tuple(p.predicted_ms for p in steps),
+                         placement=settings.offload.placement, collective_calls=calls, collective_bytes=payload)
 
     def _gate(self) -> None:
         """Generator.before_prefill: every rank has its run allocated; all start, or none."""
@@ -204,17 +247,22 @@ class TensorParallelEngine:
     def _fail(self, exc: BaseException):
         """A run failed past the gate: report, leave the group, free the run, raise TensorParallelError (rank 0
         names the rank that failed first on its own)."""
-        report = FailureReport(rank=self.rank, stage=self.generator.stage, message=_first_line(exc),
+        # The generator wraps what failed in a RunFailedError about a single process: report what failed itself.
+        message = self.generator.failure_detail if isinstance(exc, errors.RunFailedError) and \
+            self.generator.failure_detail else _first_line(exc)
+        report = FailureReport(rank=self.rank, stage=self.generator.stage, message=message,
                                peer_lost=self.group.peer_lost or isinstance(exc, PeerLostError))
         try:
-            self.group.put(f"failure/{self.rank}", report)
+            self.group.put(f"{self._keys}failure/{self.rank}", report)
         except (RuntimeError, PeerLostError):
             pass  # the store is gone with rank 0; there is no one left to tell
         self.group.close()
         _free_run_memory(self.model.device)
         reports = self._reports(report) if self.rank == 0 else [report]
         cause = next((r for r in reports if not r.peer_lost), None)
-        if cause is None:
+        if cause is None and self.rank != 0:
+            what = f"rank {self.rank} lost its peers during {report.stage} ({report.message}); rank 0 names the cause"
+        elif cause is None:
             lost = ", ".join(f"rank {r.rank} during {r.stage}" for r in reports)
             what = f"the ranks lost each other ({lost}; no rank reported a failure of its own: one stopped answering " \
                    f"within the {self.group.timeout_s:.0f} s timeout, or died without a word)"
@@ -236,7 +284,8 @@ class TensorParallelEngine:
             for rank in range(1, self.world_size):
                 if rank not in reports:
                     try:
-                        reports[rank] = self.group.take(f"failure/{rank}", timeout_s=step / self.world_size)
+                        reports[rank] = self.group.take(f"{self._keys}failure/{rank}",
+                                                        timeout_s=step / self.world_size)
                     except (TimeoutError, PeerLostError):
                         pass
             waited += step
@@ -262,4 +311,4 @@ def _free_run_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["Command", "FailureReport", "Outcome", "PeerRefusedError", "TensorParallelEngine"]
+__all__ = ["Command", "FailureReport", "Outcome", "PeerRefusedError", "RankFacts", "TensorParallelEngine"]

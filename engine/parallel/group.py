@@ -101,6 +101,12 @@ class TPGroup:
         self.all_reduce_calls = 0
         self.all_reduce_bytes = 0  # payload this rank contributed to all-reduces and all-gathers
         self.closed = False
+        self._engines = 0  # engines made over this group: each rank makes them in the same order
+
+    def next_engine_id(self) -> int:
+        """A name for the next engine over this group (the same on every rank): its keys in the store."""
+        self._engines += 1
+        return self._engines
 
     # -- collectives ---------------------------------------------------------------------------------------
     def _collective(self, what: str, fn):

@@ -33,6 +33,10 @@ from engine.tokenizer import byte_tokenizer
 MATERIALIZE = ("auto", "whole", "sharded")
 
 
+class _PeerFailedToLoad(RuntimeError):
+    """Another rank could not load its part (it reports why)."""
+
+
 def load_rank_model(source: str, group: TPGroup, *, dtype=None, seed: int = 0, max_positions: int | None = None,
                     materialize: str = "auto") -> LoadedModel:
     """This rank's part of `source`. materialize "auto": "sharded" for the full-size synthetic presets, "whole" for
@@ -73,14 +77,20 @@ def _sharded_synthetic(name: str, group: TPGroup, *, dtype, seed: int, max_posit
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **_hf_kwargs(family, config.model_type))
     plain = adapter_for(model)
     whole = plain.spec
-    adapter, own = shard_model(model, plain, group)
-    weight_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    check_fits(weight_bytes, device, what=f"rank {group.rank}'s part of synthetic:{name} in {dtype_name(dtype)}",
-               fix="launch more ranks, choose a smaller preset or a 16-bit dtype.")
-    model.to_empty(device=device)
-    # Each rank draws its own part; what every rank holds (embeddings, norms, biases of row-parallel projections) is
-    # then rank 0's, so the ranks run one model.
-    init_random_weights_(model, std=_init_std(config), seed=seed + group.rank)
+    failure = None
+    try:
+        adapter, own = shard_model(model, plain, group)
+        weight_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+        check_fits(weight_bytes, device, what=f"rank {group.rank}'s part of synthetic:{name} in {dtype_name(dtype)}",
+                   fix="launch more ranks, choose a smaller preset or a 16-bit dtype.")
+        model.to_empty(device=device)
+        # Each rank draws its own part; what every rank holds (embeddings, norms, biases of row-parallel projections)
+        # is then rank 0's, so the ranks run one model.
+        init_random_weights_(model, std=_init_std(config), seed=seed + group.rank)
+    except (KVLabError, RuntimeError) as exc:
+        failure = exc
+    if not group.agree(failure is None):  # the broadcasts below need every rank
+        raise failure if failure is not None else _PeerFailedToLoad()
     for param_name, param in model.named_parameters():
         if param_name not in own:
             group.broadcast_(param.data, src=0)
@@ -102,27 +112,30 @@ def _rank_note(whole, group: TPGroup) -> str:
             f"{part.mlp[1] - 1} and vocabulary rows of the LM head; {group.backend} all-reduces")
 
 
-def launch_engine(source: str, *, launch: LaunchSettings | None = None, dtype=None, seed: int = 0,
-                  max_positions: int | None = None, materialize: str = "auto",
+def launch_engine(source: str, *, launch: LaunchSettings | None = None, group: TPGroup | None = None, dtype=None,
+                  seed: int = 0, max_positions: int | None = None, materialize: str = "auto",
                   profile: HardwareProfile | str | None = "measure") -> TensorParallelEngine:
-    """Join the group (torchrun's environment unless `launch` is given) and load this rank's part. Every rank calls
-    it; a rank that cannot load makes every rank raise, naming it.
+    """Join the group (torchrun's environment unless `launch` is given; or run over `group`, which then outlives the
+    engine) and load this rank's part. Every rank calls it; a rank that cannot load makes every rank raise, naming
+    it.
 
     profile: "measure" measures this rank's own link and GEMMs at start (all ranks at once, so shared PCIe switches
     show as they will run); a HardwareProfile is used as given; None reads the device's cached profile."""
-    group = TPGroup(launch or LaunchSettings.from_env())
-    error = None
+    owns_group = group is None
+    if group is None:
+        group = TPGroup(launch or LaunchSettings.from_env())
+    leave = group.close if owns_group else (lambda: None)
+    error, failed_with = None, None
     try:
+        if profile != "measure" and profile is not None and not isinstance(profile, HardwareProfile):
+            raise InvalidSettingsError(f"profile must be 'measure', a HardwareProfile or None, got {profile!r}.")
         model = load_rank_model(source, group, dtype=dtype, seed=seed, max_positions=max_positions,
                                 materialize=materialize)
-        if profile == "measure":
-            group.barrier()
-            profile = measure(group.device, quick=group.device.type != "cuda")
-        elif profile is not None and not isinstance(profile, HardwareProfile):
-            raise InvalidSettingsError(f"profile must be 'measure', a HardwareProfile or None, got {profile!r}.")
     except PeerLostError:
-        group.close()
+        group.close()  # a broken group is no use to anyone
         raise
+    except _PeerFailedToLoad as exc:
+        error, failed_with = "", exc  # failed, but the reason is another rank's
     except (KVLabError, RuntimeError, ValueError) as exc:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}"
         failed_with = exc
@@ -131,14 +144,17 @@ def launch_engine(source: str, *, launch: LaunchSettings | None = None, dtype=No
     except PeerLostError as exc:
         group.close()
         raise TensorParallelError(f"Tensor-parallel start over {group.world_size} ranks failed: {exc}.") from None
-    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-    if failed:
-        group.close()
-        rank, message = failed[0]
-        if rank == group.rank:
+    failed = [(rank, e) for rank, e in enumerate(errors) if e]
+    if any(e is not None for e in errors):
+        leave()
+        if errors[group.rank]:  # this rank's own reason (a shape that does not split fails every rank alike)
             raise failed_with
+        rank, message = failed[0]
         raise TensorParallelError(f"Tensor-parallel start failed: rank {rank} could not load {source}: {message}")
-    return TensorParallelEngine(group, model, profile=profile)
+    if profile == "measure":  # every rank loaded: measure the links together
+        group.barrier()
+        profile = measure(group.device, quick=group.device.type != "cuda")
+    return TensorParallelEngine(group, model, profile=profile, owns_group=owns_group)
 
 
 def run_tensor_parallel(main: Callable[[TensorParallelEngine], object], source: str, **launch_kwargs):

@@ -41,6 +41,10 @@ UNSPLITTABLE = {
                               num_attention_heads=3, num_key_value_heads=3, vocab_size=384,
                               max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0),
 }
+# 2 ranks run every family in every placement; 4 ranks every placement for the presets whose K/V heads replicate
+# (fewer than 4) and for tiny-llama-tp, the resident, a recomputing and the hybrid placement for the rest.
+FULL_AT_4 = ("tiny-llama-tp", "tiny-llama3", "tiny-gemma3")
+SOME = ("gpu", "cpu split 0.5", "hybrid split 0.3")
 WORLDS = {
     2: dict(refuse_on=1, fail_on=1, fail_stage="decode step 2"),
     4: dict(refuse_on=3, fail_on=2, fail_stage="decode step 1"),
@@ -70,18 +74,31 @@ def references():
     return out
 
 
+def _cases_for(size: int, preset: str) -> tuple[str, ...]:
+    return tuple(CASES) if size == 2 or preset in FULL_AT_4 else SOME
+
+
+_WORLDS: dict[int, dict] = {}  # each world size starts once per test session
+
+
+def _world(size: int, tmp_path_factory, references) -> dict:
+    if size not in _WORLDS:
+        out = tmp_path_factory.mktemp(f"tp{size}")
+        plan = WorldPlan(world_size=size, presets=FAMILIES, prompts={n: _prompts(n) for n in FAMILIES}, cases=CASES,
+                         cases_for={n: _cases_for(size, n) for n in FAMILIES}, extra_presets=UNSPLITTABLE,
+                         **WORLDS[size])
+        codes = join_world(start_world(plan, out), timeout_s=RUN_TIMEOUT_S)
+        statuses = {}
+        for rank in range(size):
+            path = out / f"status-{rank}.json"
+            statuses[rank] = json.loads(path.read_text()) if path.exists() else None
+        _WORLDS[size] = {"size": size, "dir": out, "codes": codes, "status": statuses, "plan": plan}
+    return _WORLDS[size]
+
+
 @pytest.fixture(scope="module", params=sorted(WORLDS), ids=lambda n: f"{n} ranks")
 def world(request, tmp_path_factory, references):
-    size = request.param
-    out = tmp_path_factory.mktemp(f"tp{size}")
-    plan = WorldPlan(world_size=size, presets=FAMILIES, prompts={n: _prompts(n) for n in FAMILIES}, cases=CASES,
-                     extra_presets=UNSPLITTABLE, **WORLDS[size])
-    codes = join_world(start_world(plan, out), timeout_s=RUN_TIMEOUT_S)
-    statuses = {}
-    for rank in range(size):
-        path = out / f"status-{rank}.json"
-        statuses[rank] = json.loads(path.read_text()) if path.exists() else None
-    return {"size": size, "dir": out, "codes": codes, "status": statuses, "plan": plan}
+    return _world(request.param, tmp_path_factory, references)
 
 
 def _load(world, name: str):
@@ -90,9 +107,11 @@ def _load(world, name: str):
     return torch.load(path, weights_only=False)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("preset", FAMILIES)
-def test_tokens_and_logits_equal_one_process(world, references, preset, case):
+@pytest.mark.parametrize(("size", "preset", "case"),
+                         [(size, preset, case) for size in sorted(WORLDS) for preset in FAMILIES
+                          for case in _cases_for(size, preset)])
+def test_tokens_and_logits_equal_one_process(tmp_path_factory, references, size, preset, case):
+    world = _world(size, tmp_path_factory, references)
     run = _load(world, f"run-{preset}-{case}")
     tokens, logits = references[preset, case]
     assert run["tokens"] == tokens

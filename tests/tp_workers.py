@@ -22,7 +22,8 @@ class WorldPlan:
     world_size: int
     presets: tuple[str, ...]
     prompts: dict  # preset -> token-id prompts
-    cases: dict  # case name -> GenerationSettings, run for every preset
+    cases: dict  # case name -> GenerationSettings
+    cases_for: dict  # preset -> the names of the cases it runs
     refuse_on: int  # the rank that refuses one run before the gate (the engine must stay usable)
     fail_on: int  # the rank that raises mid-run at the end
     fail_stage: str  # Generator.stage at which it raises
@@ -94,7 +95,8 @@ def run_world(rank: int, plan: WorldPlan, port: int, out_dir: str) -> None:
             engine.follow()
             continue
         save(f"spec-{preset}", engine.model.spec.as_dict())
-        for case, settings in plan.cases.items():
+        for case in plan.cases_for[preset]:
+            settings = plan.cases[case]
             result = engine.generate(plan.prompts[preset], settings, keep_logits=True)
             plan_bytes = None if engine.generator.plan is None or not settings.offload.offloaded else \
                 [s.h2d_bytes for s in engine.generator.plan.steps]

@@ -45,6 +45,7 @@ UNSPLITTABLE = {
 # (fewer than 4) and for tiny-llama-tp, the resident, a recomputing and the hybrid placement for the rest.
 FULL_AT_4 = ("tiny-llama-tp", "tiny-llama3", "tiny-gemma3")
 SOME = ("gpu", "cpu split 0.5", "hybrid split 0.3")
+SHARDED = ("tiny-gemma2", "tiny-phi3")  # a tied LM head; LongRoPE, fused projections and an untied head
 WORLDS = {
     2: dict(refuse_on=1, fail_on=1, fail_stage="decode step 2"),
     4: dict(refuse_on=3, fail_on=2, fail_stage="decode step 1"),
@@ -86,7 +87,7 @@ def _world(size: int, tmp_path_factory, references) -> dict:
         out = tmp_path_factory.mktemp(f"tp{size}")
         plan = WorldPlan(world_size=size, presets=FAMILIES, prompts={n: _prompts(n) for n in FAMILIES}, cases=CASES,
                          cases_for={n: _cases_for(size, n) for n in FAMILIES}, extra_presets=UNSPLITTABLE,
-                         **WORLDS[size])
+                         sharded_presets=SHARDED, **WORLDS[size])
         codes = join_world(start_world(plan, out), timeout_s=RUN_TIMEOUT_S)
         statuses = {}
         for rank in range(size):
@@ -180,6 +181,18 @@ def test_heads_that_do_not_split_are_refused_on_every_rank(world):
         message = world["status"][rank]["refusals"]["tiny-llama-3heads"]
         assert message.startswith(f"UnsupportedArchitectureError: Tensor parallel over {size} ranks refused"), message
         assert f"3 query heads do not split over {size} ranks" in message and "(1, 3)" in message, message
+
+
+@pytest.mark.parametrize("preset", SHARDED)
+def test_a_model_sharded_before_its_weights_exist_is_one_model_on_every_rank(world, references, preset):
+    """materialize='sharded' (the 70B presets' way): replicated tensors equal on every rank, each rank's own part its
+    own draw, and every rank decodes the same tokens from finite logits."""
+    facts = [world["status"][rank]["sharded"][preset] for rank in range(world["size"])]
+    assert facts[0]["finite"]
+    assert all(f["replicated"] == facts[0]["replicated"] for f in facts)
+    assert len({f["own"] for f in facts}) == world["size"], "ranks drew the same part"
+    assert all(f["tokens"] == facts[0]["tokens"] for f in facts)
+    assert facts[0]["num_kv_heads"] == max(1, references[preset, "spec"].num_kv_heads // world["size"])
 
 
 def test_a_rank_failing_mid_run_is_named_and_every_rank_lets_go(world):

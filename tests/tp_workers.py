@@ -29,6 +29,7 @@ class WorldPlan:
     fail_stage: str  # Generator.stage at which it raises
     timeout_s: float = 30.0
     extra_presets: dict = field(default_factory=dict)  # name -> preset kwargs registered on every rank
+    sharded_presets: tuple[str, ...] = ()  # loaded with materialize="sharded" (random weights drawn per rank)
 
 
 def free_port() -> int:
@@ -104,6 +105,27 @@ def run_world(rank: int, plan: WorldPlan, port: int, out_dir: str) -> None:
                                           "h2d_bytes": plan_bytes})
             engine.generator.plan = None
         engine.close()
+
+    # Sharded before the weights exist (how the 70B presets load): each rank draws its own part, the replicated
+    # tensors come from rank 0.
+    status["sharded"] = {}
+    for preset in plan.sharded_presets:
+        engine = launch_engine(f"synthetic:{preset}", group=group, dtype="float32", profile=None, materialize="sharded")
+        model = engine.model.hf_model
+        own_name, own = next((n, p) for n, p in model.named_parameters() if n.endswith("q_proj.weight")
+                             or n.endswith("qkv_proj.weight"))
+        facts = {"replicated": [float(p.double().sum()) for n, p in model.named_parameters()
+                                if "embed" in n or "norm" in n],
+                 "own": float(own.double().sum()), "num_kv_heads": engine.model.spec.num_kv_heads}
+        if rank:
+            engine.follow()
+            facts["tokens"] = engine.last_result.token_ids
+        else:
+            result = engine.generate(plan.prompts[preset], plan.cases["cpu split 0.5"], keep_logits=True)
+            facts["tokens"] = result.token_ids
+            facts["finite"] = bool(torch.stack(result.logits).isfinite().all())
+            engine.close()
+        status["sharded"][preset] = facts
 
     # The last preset again for the rest: refusals that keep the engine usable, sampling, then a failure.
     preset = plan.presets[0]

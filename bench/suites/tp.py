@@ -78,7 +78,10 @@ def run(args) -> SuiteResult | None:
     if unknown:
         raise SystemExit(f"unknown --placements {unknown}; choose from {list(PLACEMENTS)}")
     cases = QUICK_CASES if args.quick else FULL_CASES
-    launch = LaunchSettings.from_env(timeout_s=args.timeout_s)
+    try:
+        launch = LaunchSettings.from_env(timeout_s=args.timeout_s)
+    except KVLabError as exc:  # not under torchrun
+        raise SystemExit(f"python -m bench tp runs on every rank: {exc}") from None
     world = launch.world_size
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     rows, notes, details = [], [], {"world_size": world, "cases": {}}

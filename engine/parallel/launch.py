@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from engine import presets
-from engine.adapters import adapter_for, check_supported
+from engine.adapters import check_runnable, check_supported
 from engine.errors import InvalidSettingsError, KVLabError, ModelLoadError, TensorParallelError
 from engine.loader import (SYNTHETIC_PREFIX, LoadedModel, _hf_kwargs, _init_std, dtype_name, init_random_weights_,
                            load_model, resolve_device_dtype)
@@ -75,7 +75,7 @@ def _sharded_synthetic(name: str, group: TPGroup, *, dtype, seed: int, max_posit
     family = check_supported(config.model_type)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **_hf_kwargs(family, config.model_type))
-    plain = adapter_for(model)
+    plain = family(model)  # not run on the meta device (engine/parallel/shard.py); checked once materialised
     whole = plain.spec
     failure = None
     try:
@@ -95,6 +95,7 @@ def _sharded_synthetic(name: str, group: TPGroup, *, dtype, seed: int, max_posit
         if param_name not in own:
             group.broadcast_(param.data, src=0)
     model.eval()
+    check_runnable(adapter)
     tok = byte_tokenizer(bos=presets.SYNTHETIC_BOS_ID, eos=presets.SYNTHETIC_EOS_ID, pad=presets.SYNTHETIC_PAD_ID)
     return LoadedModel(source=SYNTHETIC_PREFIX + name, name=name, hf_model=model, adapter=adapter, tokenizer=tok,
                        device=device, dtype=dtype, load_s=0.0,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.adapters import DecoderAdapter, ModelSpec, adapter_for
+from engine.adapters import DecoderAdapter, ModelSpec, check_runnable, check_supported
 from engine.errors import UnsupportedArchitectureError
 from engine.parallel.group import TPGroup
 from engine.parallel.modules import RowParallelLinear, VocabParallelHead
@@ -170,9 +170,13 @@ def shard_model(hf_model: torch.nn.Module, adapter: DecoderAdapter, group: TPGro
             own.add(id(row.weight))
     hf_model.lm_head = _vocab_parallel_head(hf_model, spec, group, own)
     _describe_rank_in_config(hf_model.config.get_text_config(), part)
-    local = adapter_for(hf_model)
+    # Built, then checked only where its weights exist: running a model on the meta device leaves meta tensors in the
+    # modules' caches (LongRoPE's long frequencies), which the materialised model would then read.
+    local = check_supported(hf_model.config.model_type)(hf_model)
     # A family that derives a shape from others (OPT: head_dim = hidden / heads) is told the rank's shape outright.
     local.spec = replace(local.spec, **part.local_spec_fields())
+    if not next(hf_model.parameters()).is_meta:
+        check_runnable(local)
     return local, {name for name, p in hf_model.named_parameters() if id(p) in own}
 
 

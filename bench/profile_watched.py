@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--watchers", choices=["both", "page", "api", "idle-page"], default="both",
                         help="who watches the watched runs: the page and an API poller (default), or one of them; "
                              "idle-page: a page open on the Model tab that watches nothing (its mere presence)")
+    parser.add_argument("--default-gil", action="store_true",
+                        help="keep CPython's 5 ms GIL switch interval (app.py sets app.GIL_SWITCH_INTERVAL_S)")
     parser.add_argument("--name", default="profile_watched",
                         help="results file stem and headline key (profile_watched -> profile_watched_ratio)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -149,6 +151,8 @@ def main(argv=None) -> int:
     from engine.settings import GenerationSettings, OffloadSettings, RunShape
 
     threads = lab_app.engine_threads(args.threads)
+    if not args.default_gil:
+        lab_app.share_the_gil()  # as app.py serves
     session = LabSession()
     session.load(args.model)
     demo = lab_app.build_app(session)
@@ -249,7 +253,7 @@ def main(argv=None) -> int:
                f"load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load_before)}, after "
                f"{tuple(round(x, 2) for x in load_after)}"],
         details={"runs": runs, "pair_ratios": pair_ratios, "shape": shape_line, "spans_per_run": spans,
-                 "engine_threads": threads, "cores": os.cpu_count(), "watchers": args.watchers,
+                 "engine_threads": threads, "gil_switch_interval_s": sys.getswitchinterval(), "cores": os.cpu_count(), "watchers": args.watchers,
                  "load_before": load_before, "load_after": load_after})
     write_results(result, results_dir=args.results_dir,
                   command=command_line(argv, program="python bench/profile_watched.py"))

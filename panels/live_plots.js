@@ -1,13 +1,14 @@
 (delta, cursor) => {
   // KV Lab's Profile panel draws its plots in the browser from the server's deltas (panels/live_view.py), so the
   // server never rebuilds a figure and a redraw never resets a user's zoom. What the page does per update is
-  // bounded too, however long the run: while it runs, the plots are drawn every DRAW_EVERY_MS (the deltas of the
-  // seconds between are kept; the progress line above them moves every second), the run timeline shows its last
+  // bounded too, however long the run: while it runs, the plots are drawn every DRAW_EVERY_MS, or less often where
+  // a draw costs more than 1/DRAW_BUDGET of that (the deltas of the seconds between are kept; the progress line
+  // above them moves every second), the run timeline shows its last
   // WINDOW steps (SVG, extendTraces with a point cap), the step-time plot at most STEP_POINTS points; when it ends,
   // the page asks for the whole run (bounded by the server) and draws it once (WebGL), keeping the user's zoom.
   // Returns the cursor of what is drawn ("" asks for the whole run again); a delta made from another cursor is
   // ignored.
-  const STEP_POINTS = 300, DRAW_EVERY_MS = 5000;
+  const STEP_POINTS = 300, DRAW_EVERY_MS = 5000, DRAW_BUDGET = 40, DRAW_AT_LEAST_MS = 15000;
   const P = window.Plotly;
   const div = (id) => document.querySelector(`#${id} [data-testid="plotly"]`);
   const divs = {tl: div("kvlab-timeline"), one: div("kvlab-onestep"), st: div("kvlab-steps")};
@@ -54,7 +55,9 @@
     }
     const ticks = [...lanes.map(([, label], i) => [row(i), label]), [stepRow, "decode steps"]];
     const what = d.finished ? "every layer's lanes" : `every layer's lanes, the last ${WINDOW} steps while it runs`;
-    P.newPlot(divs.tl, traces, {...base, height: 430, title: {text: `Run #${d.run}: ${what}`},
+    // While the run goes on, the new (empty) timeline is made at its first draw, not now: making a plot is a
+    // draw, and a short run is then drawn once, at its end.
+    S.newTimeline = () => P.newPlot(divs.tl, traces, {...base, height: 430, title: {text: `Run #${d.run}: ${what}`},
       uirevision: `tl-${d.run}`,
       xaxis: {anchor: "y2", title: {text: "ms since the run started"}, gridcolor: "#eee",
               ...(zoom ? {range: zoom.x, autorange: false} : {})},
@@ -62,6 +65,7 @@
               range: [-0.6, stepRow + 0.6], zeroline: false, gridcolor: "#eee"},
       yaxis2: {domain: [0, 0.26], title: {text: "PCIe GB/s"}, rangemode: "tozero", gridcolor: "#eee"}},
       {responsive: true, displaylogo: false});
+    if (!live) { S.newTimeline(); S.newTimeline = null; }
   }
 
   // The run timeline: three points per bar (start, end, gap), one trace per lane, kept until the next draw.
@@ -96,8 +100,13 @@
   if (d.l2_why) S.l2Why = d.l2_why;
   const now = performance.now();
   const picked = d.one_step && !d.following && d.one_step.step !== S.oneDrawn;  // a step the user asked for
-  if (live && !picked && now - S.drawnAt < DRAW_EVERY_MS) return (S.cursor = d.cursor);
+  // Drawing is bounded by what it costs here: at most 1/DRAW_BUDGET of the time goes to drawing (the page may share
+  // the cores the engine computes on), never more often than every DRAW_EVERY_MS, and at least every
+  // DRAW_AT_LEAST_MS (a very slow page still sees its run move).
+  const every = Math.min(DRAW_AT_LEAST_MS, Math.max(DRAW_EVERY_MS, DRAW_BUDGET * (S.drawMs || 0)));
+  if (live && !picked && now - S.drawnAt < every) return (S.cursor = d.cursor);
   S.drawnAt = now;
+  if (S.newTimeline) { S.newTimeline(); S.newTimeline = null; }
   const idx = add.map((a, i) => i).filter((i) => add[i].x.length);
   if (idx.length) {
     const cap = (i) => (i < n ? 3 * WINDOW * S.layers : i < n + 2 ? 3 * Math.ceil(WINDOW / 2) : i < n + 4 ? 3 * WINDOW
@@ -214,6 +223,9 @@
       yaxis2: {domain: [0.18, 0.36], title: {text: "PCIe GB/s"}, rangemode: "tozero", gridcolor: "#eee"},
       yaxis3: {domain: [0, 0.12], title: {text: "L2 %"}, range: [0, 100], gridcolor: "#eee"}},
       {responsive: true, displaylogo: false});
+  }
+  if (live) {  // what this draw cost, its frame's layout and paint included (the frame after it has begun)
+    requestAnimationFrame(() => setTimeout(() => { S.drawMs = performance.now() - now; }, 0));
   }
   // A run that has ended was drawn bounded while it ran: ask for all of it once (the server bounds that too).
   S.cursor = d.finished && !d.reset ? "" : d.cursor;

@@ -1,7 +1,7 @@
 """Profile panel: run a profiling session under this tab's applied settings, watch it live, download its trace.
 
-Three views of a run, drawn by the page itself (panels/live_plots.js) from the small deltas a timer fetches once
-a second while a run goes on (panels/live_view.py): the whole run's lanes per layer with the PCIe series under
+Three views of a run, drawn by the page itself (panels/live_plots.js) from the small deltas its timer fetches once
+a second while a run goes on (panels/live_poll.js: one plain POST to /profile_live, no Gradio event; panels/live_view.py): the whole run's lanes per layer with the PCIe series under
 them; one step (the latest, or one picked) per layer, where the copies overlap recompute and attention, with the
 PCIe and L2 series under it on the same axis; and the step time, whose axis leaves out the warm-up and capture
 steps (marked). Watching costs the run nothing measurable: the server sends only what is new, bounded per
@@ -31,6 +31,13 @@ POLL_S = 1.0
 LIVE_WINDOW = 12  # steps of the run timeline the page draws while a run goes on (panels/live_plots.js WINDOW)
 PROGRESS_S = 1.0  # how often /profile streams its progress to an API client
 APPLY_JS = (Path(__file__).with_name("live_plots.js")).read_text()
+# The timer's tick, run in the page (APPLY_JS inside it draws what it fetched).
+POLL_JS = (Path(__file__).with_name("live_poll.js")).read_text().replace("__APPLY__", APPLY_JS.strip()) \
+    .replace("__WINDOW__", str(LIVE_WINDOW))
+# Which Gradio session the page is (its requests' session_hash), for the timer's own requests.
+SESSION_JS = "(key) => { (window.__kvlab = window.__kvlab || {cursor: ''}).session = key; }"
+# The page's drawn cursor is the page script's (the timer advances it without Gradio events).
+CURSOR_JS = "(drawn, step) => [(window.__kvlab && window.__kvlab.session) ? window.__kvlab.cursor : drawn, step]"
 PLOTS = {"kvlab-timeline": ("The run's lanes per layer", "No run yet: choose the shape in the Settings tab, then press "
                             "Run profile, or import a trace exported earlier."),
          "kvlab-onestep": ("One decode step, per layer", "One step of the run, per layer, appears here: the copies "
@@ -127,6 +134,8 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
         counters = gr.Checkbox(False, label="Sample GPU counters with CUPTI (PCIe, DRAM, L2 every 1 ms)", scale=2)
     status = gr.Markdown("")
     progress = gr.Markdown("")
+    # The progress line while a run goes on: written by the page's timer (live_poll.js), never by an event.
+    gr.HTML("<span class='kvlab-line'></span>", elem_id="kvlab-live-line", padding=False)
     # Drawn by the page (live_plots.js) into these plots' elements: no event ever sets their values.
     for elem_id, height in (("kvlab-timeline", 430), ("kvlab-onestep", 470), ("kvlab-steps", 330)):
         gr.Plot(placeholder(*PLOTS[elem_id], height=height), elem_id=elem_id, show_label=False)
@@ -139,6 +148,8 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
     delta = gr.Textbox("", visible=False)
     cursor = gr.Textbox("", visible=False)
     timer = gr.Timer(POLL_S, active=False)
+    page_key = gr.Textbox("", visible=False)
+    finish = gr.Button("Finish", visible="hidden", elem_id="kvlab-finish")
 
     def counters_control():
         model = session.model
@@ -167,19 +178,32 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
                 sources_markdown(head) if data["reset"] or ended else gr.skip(),
                 gr.Timer(active=False) if done else gr.skip())
 
+    def on_finish(request: gr.Request):
+        """The run the page has drawn whole: its end line, summary and sources; the timer off."""
+        who = owner(request)
+        live = session.live_run(who)
+        if live is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+        head = live.head()
+        if not head.finished:  # another run began since: keep polling
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return (progress_line(live, who), summary_markdown(head.record) if head.record is not None else "",
+                sources_markdown(head), gr.Timer(active=False))
+
     def on_run(gpu_counters: bool, request: gr.Request):
         who = owner(request)
         settings, shape = session.settings_for(who)
         first = "" if session.has_hardware() else " This device is measured first (once per device; some seconds)."
         yield f"Starting a run: batch {shape.batch} × prompt {shape.prompt_tokens}, {settings.max_new_tokens} new " \
-              f"tokens, KV {settings.offload.placement}.{first}", gr.Timer(active=True), gr.skip()
+              f"tokens, KV {settings.offload.placement}.{first}", gr.Timer(active=True), gr.skip(), ""
         last = None
         try:
             for last in session.profile(settings, batch=shape.batch, prompt_tokens=shape.prompt_tokens,
                                         seed=shape.seed, gpu_counters=bool(gpu_counters), owner=who):
                 pass  # the timer draws the run; this stream says only how it ends
         except Exception as exc:  # noqa: BLE001 - shown in the panel; the model stays loaded
-            yield f"**Error:** {as_markdown(_with_kept(describe(exc), session))}", gr.Timer(active=True), gr.skip()
+            yield f"**Error:** {as_markdown(_with_kept(describe(exc), session))}", gr.Timer(active=True), gr.skip(), \
+                gr.skip()
             return
         if last is not None and last.record is not None:
             line = ""  # the progress line says it is done, with its figures
@@ -190,7 +214,7 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
                 if last is not None else "Stopped; no record kept."
         shown = str(last.run_id) if last is not None and last.record is not None else None
         # The timer draws the rest, then stops itself.
-        yield line, gr.Timer(active=True), gr.update(choices=run_choices(session), value=shown)
+        yield line, gr.Timer(active=True), gr.update(choices=run_choices(session), value=shown), gr.skip()
 
     def on_stop(request: gr.Request):
         if session.stop_profile(owner(request)):
@@ -230,25 +254,30 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
     def on_page(request: gr.Request):
         live = session.live_run(owner(request))
         running = live is not None and not live.head().finished
-        return gr.update(choices=run_choices(session)), counters_control(), gr.Timer(active=running)
+        return gr.update(choices=run_choices(session)), counters_control(), gr.Timer(active=running), \
+            owner(request) or ""
 
     poll_outputs = [delta, progress, summary, sources, timer]
     draw = dict(fn=None, inputs=[delta, cursor], outputs=cursor, js=APPLY_JS, **PRIVATE)
-    timer.tick(on_poll, [cursor, show_step], poll_outputs, queue=False, trigger_mode="once", show_progress="hidden",
-               **PRIVATE).then(**draw)
-    show_step.change(on_poll, [cursor, show_step], poll_outputs, queue=False, show_progress="hidden",
+    # The tick runs in the page alone (no Gradio event, no outputs re-rendered): see live_poll.js.
+    timer.tick(None, [show_step], None, js=POLL_JS, queue=False, trigger_mode="once", show_progress="hidden",
+               **PRIVATE)
+    finish.click(on_finish, None, [progress, summary, sources, timer], queue=False, show_progress="hidden", **PRIVATE)
+    show_step.change(on_poll, [cursor, show_step], poll_outputs, js=CURSOR_JS, queue=False, show_progress="hidden",
                      **PRIVATE).then(**draw)
-    tab.select(on_poll, [cursor, show_step], poll_outputs, queue=False, show_progress="hidden", **PRIVATE).then(**draw)
+    tab.select(on_poll, [cursor, show_step], poll_outputs, js=CURSOR_JS, queue=False, show_progress="hidden",
+               **PRIVATE).then(**draw)
     # No Gradio progress animation over the run's outputs: it repaints every frame for the whole run (the panel's
     # own progress line says where the run is).
-    run.click(on_run, counters, [status, timer, picker], concurrency_id=DEVICE_QUEUE, concurrency_limit=16,
+    run.click(on_run, counters, [status, timer, picker, progress], concurrency_id=DEVICE_QUEUE, concurrency_limit=16,
               show_progress="hidden", **PRIVATE)
     stop.click(on_stop, None, status, queue=False, **PRIVATE)
     picker.focus(lambda: gr.update(choices=run_choices(session)), None, picker, queue=False, **PRIVATE)
     picker.input(on_pick, picker, [status, timer], queue=False, **PRIVATE)
     upload.upload(on_import, upload, [status, timer, picker], queue=False, **PRIVATE)
     export.click(on_export, None, [trace_file, status], **PRIVATE)
-    app.load(on_page, None, [picker, counters, timer], queue=False, **PRIVATE)
+    app.load(on_page, None, [picker, counters, timer, page_key], queue=False, **PRIVATE).then(
+        None, [page_key], None, js=SESSION_JS, **PRIVATE)
     model_key.change(counters_control, None, counters, queue=False, **PRIVATE)
 
     register_api(session)

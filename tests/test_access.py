@@ -149,3 +149,19 @@ def client(served_demo_app):
 
     demo, session = served_demo_app
     return Client(demo.local_url, verbose=False), session
+
+
+def test_the_served_process_lets_the_engine_take_the_gil_back_quickly(tmp_path):
+    """The app serves from the engine's process: main() shortens CPython's GIL switch interval before anything
+    else can run (a server thread answering a poll would otherwise hold the decode thread up to 5 ms per op)."""
+    import sys
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        with pytest.raises(SystemExit, match="not a directory"):
+            lab_app.main(["--models-dir", str(tmp_path / "missing")])
+        assert sys.getswitchinterval() == pytest.approx(lab_app.GIL_SWITCH_INTERVAL_S)
+        assert lab_app.GIL_SWITCH_INTERVAL_S <= 0.0005
+    finally:
+        sys.setswitchinterval(before)

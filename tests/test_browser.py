@@ -263,3 +263,40 @@ def test_zoom_is_kept_while_a_run_is_drawn_and_stop_confirms(browser, served):
     except Exception:
         raise AssertionError(page.locator("[role=tabpanel]:visible").inner_text()[:1500]) from None
     page.context.close()
+
+
+def test_the_live_timer_costs_the_page_one_fetch_a_second_and_no_gradio_event(browser, served):
+    """While a run goes on the page's timer asks /profile_live itself (one plain POST a second, its own session) and
+    writes the progress line: no Gradio event per tick (each re-renders its outputs). The run's end goes through the
+    server once (the hidden Finish event): its summary and the final line."""
+    demo, session = served
+    page = _page(browser, demo.local_url)
+    _load(page, "synthetic:tiny-llama", "tiny-llama")
+    _apply(page, placement="cpu", split="0.5", batch=8, prompt=32, new=160, chunk=16)  # seconds: RoPE interpreted
+    page.get_by_role("tab", name="Profile").click()
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url.split("/gradio_api/", 1)[-1].split("?")[0])
+            if r.method == "POST" and "/gradio_api/" in r.url else None)
+    page.get_by_role("button", name="Run profile").click()
+    live_line = page.locator("#kvlab-live-line .kvlab-line")
+    seen = set()
+    deadline = time.monotonic() + 120
+    while not page.get_by_text(re.compile(r"Run #\d+ \(started here\): done")).count():
+        seen.add(live_line.text_content())
+        assert time.monotonic() < deadline, (seen, posts)
+        page.wait_for_timeout(200)
+    # The live line said where the run was while it ran.
+    assert any(re.search(r"decode step \d+ of 159", line or "") for line in seen), (seen, posts)
+    assert page.evaluate("() => window.__kvlab.lastError || ''") == ""
+    page.wait_for_timeout(1500)  # the timer is off: no more polls
+    settled = len(posts)
+    page.wait_for_timeout(2500)
+    polls = [p for p in posts if p == "run/profile_live"]
+    others = [p for p in posts if p != "run/profile_live" and not p.startswith(("upload", "heartbeat"))]
+    assert len(polls) >= 2, posts
+    # The Run click's queued event and the end's Finish event; never one per tick.
+    assert len(others) <= 4, others
+    assert len(posts) == settled, posts[settled:]  # nothing once the run is drawn
+    assert live_line.text_content() == ""  # the end line is the server's, in the progress line
+    assert "median step" in page.locator("[role=tabpanel]:visible").inner_text()  # the summary came back
+    page.context.close()

@@ -180,3 +180,18 @@ def test_a_trace_of_too_many_spans_keeps_the_first_steps_whole_and_merges_the_re
     whole = [s for s in kept if s.layer >= 0]
     assert whole == list(spans[:len(whole)]) and {s.layer for s in kept[len(whole):]} == {-1}
     assert sum(s.nbytes for s in kept) == sum(s.nbytes for s in spans)
+
+
+def test_the_stage_is_decode_once_steps_arrive_even_without_a_prefill_update():
+    """The progress line follows the run into its decode steps whether or not the run reported its prefill's end
+    (a step-0 update): a run whose first update is step 1 read "prefill: layer 3 of 3" to its end."""
+    from types import SimpleNamespace
+
+    live = LiveRun(1, num_steps=6)
+    live.start()
+    live.follow(lambda: SimpleNamespace(stage="prefill", done=3, total=3, eta_s=None))
+    assert live.stage().line() == "prefill: layer 3 of 3"
+    run_of(2, live=live, end=False)
+    stage = live.stage()
+    assert (stage.stage, stage.done, stage.total) == ("decode", 2, 2)
+    assert stage.line().startswith("decode step 2 of 2")

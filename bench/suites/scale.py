@@ -14,6 +14,11 @@ Parts (--parts, all by default):
             offloaded cache where it runs.
 - long_gqa: llama-3.1-8b (GQA) at 128K, batch from the rule: hybrid auto, all K/V on the CPU (the largest batch host
             memory holds), transformers' offloaded cache where it runs.
+- hf_shape: transformers' offloaded cache at the largest shape it runs here (B1 at 128K for llama-3.1-8b, B1 at 32K
+            for the MHA model; three 128K prefills per figure) beside ours at that shape, in the same call: hybrid
+            auto (what a user gets: at B1 the K/V fit the GPU, so it keeps them there) and all K/V on the CPU (the
+            same bytes over PCIe as transformers). The rule's batch cannot run transformers' offloaded cache on this
+            host: it keeps every layer's K/V in host memory.
 The rule: K/V at least 1.5x what fits on the GPU beside the weights, with the offloaded part fitting host memory;
 each part prints which shape it chose and why. When host memory is smaller than 1.5x the GPU's K/V room (an H200:
 139 GiB GPU, 125 GiB host), no shape has K/V past the GPU that all fits host memory, so all-CPU runs take the
@@ -41,7 +46,7 @@ from engine.offload.placement import human_bytes, prefill_working_bytes
 from engine.offload.profiler import hardware_profile
 from engine.settings import OffloadSettings
 
-PARTS = ("offsets", "rope", "prefill", "long_mha", "long_gqa")
+PARTS = ("offsets", "rope", "prefill", "long_mha", "long_gqa", "hf_shape")
 ROPE_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
@@ -453,5 +458,65 @@ def _strip(out: dict) -> dict:
             for k, v in out.items()}
 
 
+def _part_hf_shape(ctx: _Run) -> None:
+    cases = (("GQA 128K", ctx.args.gqa_model, "synthetic:tiny-llama3", ctx.args.gqa_context, "long_vs_hf_offloaded_ratio",
+              "long_cpu_vs_hf_offloaded_ratio"),
+             ("MHA 32K", ctx.args.mha_model, "synthetic:tiny-llama", ctx.args.mha_context,
+              "long_mha_vs_hf_offloaded_ratio", "long_mha_cpu_vs_hf_offloaded_ratio"))
+    new = ctx.args.new_tokens if not ctx.quick else 4
+    for label, source, tiny, context, key, cpu_key in cases:
+        if ctx.quick:
+            source, context = tiny, 200
+        model = load_model(source, device=ctx.device, dtype="bfloat16" if ctx.device == "cuda" else "float32")
+        spec, engine = model.spec, Generator(model)
+        prompts = _prompts(spec.vocab_size, 1, context - new)
+        host_need = ctx.args.kv_over_gpu * torch.cuda.mem_get_info()[0] if ctx.device == "cuda" else 0
+        ctx.notes.append(f"{label} at transformers' shape (B1 x {context:,}, K/V "
+                         f"{human_bytes(spec.kv_bytes_per_token * context)}): transformers' offloaded cache keeps "
+                         f"every layer's K/V in host memory, so the rule's batch (K/V {human_bytes(host_need)}) "
+                         f"cannot run it on this host ({human_bytes(available_bytes(torch.device('cpu')) or 0)} "
+                         "available)")
+        out: dict = {}
+        settings = lambda offload: GenerationSettings(max_new_tokens=new, ignore_eos=True, offload=offload)  # noqa: E731
+        for name, offload in (("hybrid auto", OffloadSettings(placement="hybrid")),
+                              ("cpu auto", OffloadSettings(placement="cpu"))):
+            m = _measure(engine, prompts, settings(offload))
+            out[name] = m
+            where = (f"{m['resident_tokens']:,} of {context:,} slots resident" if "resident_tokens" in m else "")
+            ctx.notes.append(f"{label} {name} at B1: {m.get('budget', '')}; {where}; {m.get('reason', '')}")
+            _free()
+        if ctx.device == "cuda":
+            try:
+                hf_ms = _hf_offloaded_ms(model.hf_model, prompts, ctx.args.hf_tokens)
+                out["hf offloaded"] = {"ms": hf_ms}
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot run is an answer, recorded
+                out["hf offloaded"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+                ctx.notes.append(f"{label}: transformers offloaded cache at B1: {out['hf offloaded']['error']}")
+        hf_ms = out.get("hf offloaded", {}).get("ms")
+        peer = "transformers generate, cache_implementation='offloaded'" if hf_ms else None
+        for name, what in (("hybrid auto", "hybrid auto"), ("cpu auto", "all K/V on the CPU, auto")):
+            m = out[name]
+            ctx.rows.append(Row(case=f"{label}: {what} (B1 x {context:,}, transformers' shape)", ms=m["ms"],
+                                tok_s=m["tok_s"], bytes_moved=m.get("h2d_bytes"),
+                                pct_roofline=100 * m["floor_ms"] / m["ms"] if m.get("floor_ms") else None,
+                                peer=peer, peer_ms=hf_ms, extra={"resident_tokens": m.get("resident_tokens"),
+                                                                 "prefill_ms": m["prefill_ms"]}))
+        if hf_ms:
+            hybrid, cpu = out["hybrid auto"], out["cpu auto"]
+            resident = hybrid.get("resident_tokens")
+            ctx.headlines.append(Headline(
+                key, hf_ms / hybrid["ms"], f"transformers offloaded step / ours, hybrid auto, B1, {label}, same call "
+                f"(target >= 6); ours keeps {resident if resident is not None else 'all'} of {context:,} slots on "
+                f"the GPU here (equal bytes: {cpu_key})", peer="transformers cache_implementation='offloaded'",
+                peer_value=hf_ms))
+            ctx.headlines.append(Headline(
+                cpu_key, hf_ms / cpu["ms"], f"transformers offloaded step / ours with all K/V on the CPU (the same "
+                f"K/V bytes over PCIe), B1, {label}, same call", peer="transformers cache_implementation='offloaded'",
+                peer_value=hf_ms))
+        ctx.details.setdefault("hf_shape", {})[label] = _strip(out)
+        del model, engine
+        _free()
+
+
 PART_FUNCTIONS = {"offsets": _part_offsets, "rope": _part_rope, "prefill": _part_prefill, "long_mha": _part_long_mha,
-                  "long_gqa": _part_long_gqa}
+                  "long_gqa": _part_long_gqa, "hf_shape": _part_hf_shape}

@@ -137,7 +137,8 @@ class LiveRun:
             self._spans.extend(update.new_spans)
             self._steps.extend(update.new_steps)
             self._link.extend(update.new_link)
-            if self._decode_started_s is None and update.step == 0:
+            # Updates come once the prefill is over: its own (step 0) where the run yields one, else the first step.
+            if self._decode_started_s is None and (update.step == 0 or update.new_steps):
                 self._decode_started_s = time.perf_counter()
             self._step, self._num_steps = update.step, update.num_steps
             self._link_note, self._l2_note = update.link_note, update.l2_note

@@ -132,18 +132,9 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
 
 def _load_synthetic(name: str, *, device: torch.device, dtype: torch.dtype, seed: int,
                     max_positions: int | None = None) -> LoadedModel:
-    if name not in presets.PRESETS:
-        raise ModelLoadError(f"Unknown synthetic preset {name!r}. Presets: {', '.join(presets.PRESETS)}.")
-    from transformers import AutoModelForCausalLM
-
-    config = presets.preset_config(name)
-    if max_positions is not None:
-        config.max_position_embeddings = max_positions
-    family = check_supported(config.model_type)
     # Built on the meta device and materialised directly on the target: a 13B model's random weights
     # never pass through host memory.
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **_hf_kwargs(family, config.model_type))
+    model, family, config = meta_synthetic(name, dtype=dtype, max_positions=max_positions)
     weight_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
     check_fits(weight_bytes, device, what=f"synthetic:{name} in {dtype_name(dtype)}",
                fix="choose a smaller preset (e.g. a tiny-* one), a 16-bit dtype, or a device with more memory.")
@@ -156,6 +147,22 @@ def _load_synthetic(name: str, *, device: torch.device, dtype: torch.dtype, seed
                        tokenizer=tok, device=device, dtype=dtype, load_s=0.0,
                        notes=["random weights (synthetic preset): the shapes are real, the text is not",
                               *getattr(adapter, "notes", ())])
+
+
+def meta_synthetic(name: str, *, dtype: torch.dtype, max_positions: int | None = None):
+    """A synthetic preset's transformers model on the meta device (no memory yet) -> (model, family, config);
+    ModelLoadError for an unknown preset or an unsupported family."""
+    if name not in presets.PRESETS:
+        raise ModelLoadError(f"Unknown synthetic preset {name!r}. Presets: {', '.join(presets.PRESETS)}.")
+    from transformers import AutoModelForCausalLM
+
+    config = presets.preset_config(name)
+    if max_positions is not None:
+        config.max_position_embeddings = max_positions
+    family = check_supported(config.model_type)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **_hf_kwargs(family, config.model_type))
+    return model, family, config
 
 
 def _hf_kwargs(family: type[DecoderAdapter], model_type: str) -> dict:

@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 
 from engine import presets
-from engine.adapters import check_runnable, check_supported
-from engine.errors import InvalidSettingsError, KVLabError, ModelLoadError, TensorParallelError
-from engine.loader import (SYNTHETIC_PREFIX, LoadedModel, _hf_kwargs, _init_std, dtype_name, init_random_weights_,
-                           load_model, resolve_device_dtype)
+from engine.adapters import check_runnable
+from engine.errors import InvalidSettingsError, KVLabError, TensorParallelError
+from engine.loader import (SYNTHETIC_PREFIX, LoadedModel, _init_std, dtype_name, init_random_weights_, load_model,
+                           meta_synthetic, resolve_device_dtype)
 from engine.memory import check_fits
 from engine.offload.profiler import HardwareProfile, measure
 from engine.parallel.driver import TensorParallelEngine
@@ -64,17 +64,8 @@ def load_rank_model(source: str, group: TPGroup, *, dtype=None, seed: int = 0, m
 
 @torch.no_grad()
 def _sharded_synthetic(name: str, group: TPGroup, *, dtype, seed: int, max_positions: int | None) -> LoadedModel:
-    if name not in presets.PRESETS:
-        raise ModelLoadError(f"Unknown synthetic preset {name!r}. Presets: {', '.join(presets.PRESETS)}.")
-    from transformers import AutoModelForCausalLM
-
     device, dtype = resolve_device_dtype(group.device, dtype)
-    config = presets.preset_config(name)
-    if max_positions is not None:
-        config.max_position_embeddings = max_positions
-    family = check_supported(config.model_type)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **_hf_kwargs(family, config.model_type))
+    model, family, config = meta_synthetic(name, dtype=dtype, max_positions=max_positions)
     plain = family(model)  # not run on the meta device (engine/parallel/shard.py); checked once materialised
     whole = plain.spec
     failure = None

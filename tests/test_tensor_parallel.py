@@ -205,7 +205,9 @@ def test_a_rank_failing_mid_run_is_named_and_every_rank_lets_go(world):
     assert status[0]["failure_s"] < 20, "rank 0 waited for a timeout instead of hearing of the failure"
     assert status[0]["after_failure"].startswith("TensorParallelError: The tensor-parallel engine is not running")
     for rank in range(world["size"]):
-        assert status[rank]["held_growth"] == 0, f"rank {rank} kept {status[rank]['held_growth']} bytes"
+        # Nothing kept. Fewer bytes than before is fine: leaving the group frees what torch.distributed still held
+        # from earlier collectives (a few hundred bytes of pickled-object buffers, seen on one run in several).
+        assert status[rank]["held_growth"] <= 0, f"rank {rank} kept {status[rank]['held_growth']} bytes"
         assert status[rank]["group_closed"], f"rank {rank} is still in the process group"
         if rank:
             assert status[rank]["follow"].startswith("Tensor-parallel run over"), status[rank]["follow"]

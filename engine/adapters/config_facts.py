@@ -1,4 +1,5 @@
-"""Facts every family reads off its transformers config the same way: attention type per layer, and RoPE.
+"""Facts every family reads off its transformers config the same way: the decoder's shape, attention type per
+layer, and RoPE.
 
 Unsupported settings are refused here, when the model loads, never mid-run.
 """
@@ -12,6 +13,16 @@ from engine.errors import UnsupportedArchitectureError
 # a token's K is rotated with the frequencies in force when it was computed, so K/V recomputed later past the
 # original context would be rotated anew, differently. The scheduler keeps recomputation off there.
 POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_decoder_shape(config, *, head_dim: int) -> dict:
+    """The ModelSpec fields a RoPE decoder's config names alike in every family that has one (Llama, Qwen, Mistral,
+    Gemma, Phi-3): layers, widths, heads (K/V heads default to the query heads, as transformers reads them)."""
+    return dict(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                num_heads=config.num_attention_heads,
+                num_kv_heads=config.num_key_value_heads or config.num_attention_heads, head_dim=head_dim,
+                intermediate_size=config.intermediate_size, vocab_size=config.vocab_size,
+                max_positions=config.max_position_embeddings, positional="rope")
 
 
 def layer_types(config) -> tuple[int | None, tuple[str, ...]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.adapters.base import DecoderAdapter, ModelSpec
-from engine.adapters.config_facts import layer_types, rope_facts
+from engine.adapters.config_facts import layer_types, rope_decoder_shape, rope_facts
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -69,15 +69,7 @@ class LlamaAdapter(SeparateProjections, DecoderAdapter):
         return ModelSpec(
             family=self.family,
             model_type=c.model_type,
-            num_layers=c.num_hidden_layers,
-            hidden_size=c.hidden_size,
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads or c.num_attention_heads,
-            head_dim=head_dim,
-            intermediate_size=c.intermediate_size,
-            vocab_size=c.vocab_size,
-            max_positions=c.max_position_embeddings,
-            positional="rope",
+            **rope_decoder_shape(c, head_dim=head_dim),
             sliding_window=window,
             qkv_bias=attn0.q_proj.bias is not None,
             qk_norm=hasattr(attn0, "q_norm"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from engine.adapters.base import DecoderAdapter, ModelSpec
-from engine.adapters.config_facts import layer_types, rope_facts
+from engine.adapters.config_facts import layer_types, rope_decoder_shape, rope_facts
 from engine.adapters.llama import apply_rope
 from engine.errors import UnsupportedArchitectureError
 
@@ -47,15 +47,7 @@ class Phi3Adapter(DecoderAdapter):
         return ModelSpec(
             family=self.family,
             model_type=c.model_type,
-            num_layers=c.num_hidden_layers,
-            hidden_size=c.hidden_size,
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads or c.num_attention_heads,
-            head_dim=head_dim,
-            intermediate_size=c.intermediate_size,
-            vocab_size=c.vocab_size,
-            max_positions=c.max_position_embeddings,
-            positional="rope",
+            **rope_decoder_shape(c, head_dim=head_dim),
             sliding_window=window,
             qkv_bias=qkv.bias is not None,
             qk_norm=False,

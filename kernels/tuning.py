@@ -4,7 +4,7 @@ bench/suites/decode_attention_study.py times every (num_stages, prefetch, distan
 the table; `plan_segments` reads it, so `prefetch="auto"` and an unset `num_stages` pick the measured variant for a
 shape in a measured class (and keep today's rules outside every class). One JSON file per device, keyed by the GPU's
 name, the driver and the Triton version (a new driver or compiler may move the optimum), in the directory the
-hardware profile caches into (engine/offload/profiler.py: $KVLAB_CACHE_DIR, else $XDG_CACHE_HOME/kvlab, else
+hardware profile caches into (engine/cache_files.py: $KVLAB_CACHE_DIR, else $XDG_CACHE_HOME/kvlab, else
 ~/.cache/kvlab; then hardware/). Importable without triton's kernels; no tensors.
 
 A shape class: (seq, KV head) rows B*Hkv and the keys a sequence can see, each rounded up to a power of two, the

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from engine.cache_files import cache_root, write_cache_file
 
 PLAN_VERSION = 1
 DEFAULT_SKINNY_ROWS = 16  # unmeasured shapes: skinny up to this many rows (bandwidth argument in the kernel's file)
@@ -209,9 +210,8 @@ def _identity(device: torch.device) -> str:
 
 
 def cache_path(device: torch.device | str) -> Path:
-    root = os.environ.get("KVLAB_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "kvlab")
     key = re.sub(r"[^A-Za-z0-9.]+", "-", _identity(torch.device(device))).strip("-")
-    return Path(root).expanduser() / "gemm" / f"{key}.json"
+    return cache_root() / "gemm" / f"{key}.json"
 
 
 def gemm_plan(device: torch.device | str) -> GemmPlan:
@@ -229,15 +229,7 @@ def gemm_plan(device: torch.device | str) -> GemmPlan:
 
 
 def save_plan(plan: GemmPlan, device: torch.device | str) -> Path | None:
-    path = cache_path(device)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(plan.to_json())
-        tmp.replace(path)
-        return path
-    except OSError:
-        return None  # a read-only home still gets the plan for this process
+    return write_cache_file(cache_path(device), plan.to_json())  # None: the plan holds for this process only
 
 
 def main(argv: list[str] | None = None) -> int:

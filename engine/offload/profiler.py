@@ -14,7 +14,6 @@ import argparse
 import bisect
 import json
 import math
-import os
 import re
 import statistics
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from engine.cache_files import cache_root, write_cache_file
 
 PROFILE_VERSION = 2  # 2: attention timed over back-to-back calls
 # Transfer sizes: from one activation chunk of a small batch to a whole layer's KV of a large one.
@@ -313,8 +314,7 @@ def _identity(device: torch.device) -> tuple[str, str]:
 
 # -- the cache ------------------------------------------------------------------------------------------
 def cache_dir() -> Path:
-    root = os.environ.get("KVLAB_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "kvlab")
-    return Path(root).expanduser() / "hardware"
+    return cache_root() / "hardware"
 
 
 def cache_path(device: torch.device | str) -> Path:
@@ -335,13 +335,7 @@ def hardware_profile(device: torch.device | str, *, refresh: bool = False, quick
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable or old cache entry is measured again
     profile = measure(device, quick=quick)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(profile.to_json())
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home still gets a profile, just not a cached one
+    write_cache_file(path, profile.to_json())  # a read-only home still gets a profile, just not a cached one
     return profile
 
 

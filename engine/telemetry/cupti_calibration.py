@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from engine.cache_files import write_cache_file
+
 CALIBRATION_VERSION = 1
 LOOP_SECONDS = 0.3  # per loop; at least MIN_SAMPLES sampling intervals
 MIN_SAMPLES = 12
@@ -84,14 +86,7 @@ def save_calibration(calibration: L2Calibration, path: Path) -> Path | None:
     old = load_calibration(path)
     if old is not None:
         calibration = old.merged(calibration)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(calibration.to_json())
-        tmp.replace(path)
-    except OSError:
-        return None
-    return path
+    return write_cache_file(path, calibration.to_json())
 
 
 def loop_median(samples: Sequence, metric: str) -> float | None:

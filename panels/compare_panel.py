@@ -65,7 +65,7 @@ def build(session: LabSession, *, app: gr.Blocks) -> None:
     with gr.Row():
         fmt = gr.Radio(["csv", "json"], value="csv", label="Export format")
         export = gr.Button("Export")
-        peers = gr.UploadButton("Import peers' runs (bench/results/peers.json)", file_types=[".json"],
+        peers = gr.UploadButton("Import peers' runs (bench/results/peers*.json)", file_types=[".json"],
                                 file_count="single")
     exported = gr.File(label="Comparison", interactive=False, height=120, visible=False)
 

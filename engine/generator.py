@@ -145,9 +145,12 @@ class Generator:
 
     def _adapter(self, settings: GenerationSettings):
         """The model's adapter, or its fast version when settings.fused (built once per Generator; the fused weights
-        are views the model's own modules share, so memory does not grow)."""
-        if not settings.fused:
+        are views the model's own modules share, so memory does not grow). "auto": the fast one on a CUDA device."""
+        if settings.fused is False:
             self.fused_why = "off"
+            return self.model.adapter
+        if settings.fused == "auto" and self.model.device.type != "cuda":
+            self.fused_why = "auto: the plain adapter on the CPU (the fused pieces are the same torch ops there)"
             return self.model.adapter
         from engine.fast import fuse, why_not_fused
 

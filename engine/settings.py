@@ -115,7 +115,9 @@ class GenerationSettings:
     compile: bool = False
     # The fast adapter (engine/fast): fused q/k/v and gate/up weights, one-pass norm, RoPE and activation kernels, the
     # skinny GEMM where the device's measured GEMM plan says it wins. The same numbers as the plain adapter.
-    fused: bool = False
+    # "auto": on a CUDA device for every family that has one (1.37x the plain adapter's step on an H200, no compile
+    # wait), the plain adapter on the CPU (where the fused pieces are the same torch ops) and under tensor parallel.
+    fused: bool | str = "auto"
     offload: OffloadSettings = field(default_factory=OffloadSettings)
 
     def __post_init__(self) -> None:
@@ -133,9 +135,11 @@ class GenerationSettings:
         if not isinstance(self.offload, OffloadSettings):
             raise InvalidSettingsError("offload must be an engine.settings.OffloadSettings instance, e.g. "
                                        "OffloadSettings(placement='cpu').")
-        for name in ("cuda_graph", "ignore_eos", "compile", "fused"):
+        for name in ("cuda_graph", "ignore_eos", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidSettingsError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if not (isinstance(self.fused, bool) or self.fused == "auto"):
+            raise InvalidSettingsError(f"fused must be True, False or 'auto' (the fast adapter on a GPU), got {self.fused!r}.")
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,15 @@ from kernels.decode_attention import _interpreting  # noqa: E402
 def test_decode_suite_runs_every_part_on_cpu(tmp_path, capsys, one_thread):
     (tmp_path / "summary.json").write_text(json.dumps({"kept_key": {"value": 1.0, "unit": "x"}}))
     argv = ["decode", "--cases", "tiny-llama:2x12,tiny-qwen3:1x9,tiny-opt:2x6", "--new-tokens", "5", "--repeat", "1",
-            "--exact-seqs", "2", "--exact-tokens", "4", "--ours", "auto,fused,fused, eager (no graph)",
+            "--exact-seqs", "2", "--exact-tokens", "4", "--ours", "auto,plain,fused,fused, eager (no graph)",
             "--results-dir", str(tmp_path)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     payload = json.loads((tmp_path / "decode.json").read_text())
     cases = [row["case"] for row in payload["rows"]]
     for label in ("tiny-llama B2 P12", "tiny-qwen3 B1 P9", "tiny-opt B2 P6"):
-        assert f"ours, auto, no graph on CPU ({label})" in cases
+        assert f"ours, auto, no graph on CPU ({label})" in cases  # the default: on a CPU, the plain adapter
+        assert f"ours, plain, no graph on CPU ({label})" in cases
         assert f"ours, fused, no graph on CPU ({label})" in cases
         assert f"ours, fused, eager (no graph) ({label})" in cases
     assert "transformers generate, dynamic cache (tiny-llama B2 P12)" in cases  # the peer runs on the first case
@@ -37,10 +38,10 @@ def test_decode_suite_runs_every_part_on_cpu(tmp_path, capsys, one_thread):
     exact = details["exactness"][0]
     assert exact["fused_vs_ours"]["match_fraction"] == 1.0 and exact["fused_vs_ours"]["max_logits_rel_err"] == 0.0
     assert exact["fused_vs_transformers"]["match_fraction"] == 1.0
-    assert details["cases"]["tiny-llama B2 P12"]["fused_vs_auto"]["match_fraction"] == 1.0
+    assert details["cases"]["tiny-llama B2 P12"]["fused_vs_plain"]["match_fraction"] == 1.0
     assert "no fast adapter for the opt family" in printed  # OPT runs its plain adapter, and says so
     breakdown = details["cases"]["tiny-llama B2 P12"]["breakdown"]
-    assert set(breakdown) == {"auto", "fused"} and breakdown["fused"]["kernels"] > 0
+    assert set(breakdown) == {"plain", "fused"} and breakdown["fused"]["kernels"] > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "kept_key" in summary
     for key in ("gpu_decode_pct_roofline", "gpu_decode_tok_s", "gpu_decode_case1_pct_roofline",

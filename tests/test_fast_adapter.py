@@ -15,6 +15,7 @@ import torch  # noqa: E402
 from engine import TINY_PRESETS, GenerationSettings, Generator, load_model  # noqa: E402
 from engine.decode import forward  # noqa: E402
 from engine.decode.kv_cache import KVCache  # noqa: E402
+from engine.errors import InvalidSettingsError  # noqa: E402
 from engine.fast import FusedLlamaAdapter, fuse, why_not_fused  # noqa: E402
 from engine.fast import llama as fast_llama  # noqa: E402
 from engine.fast.plan import GemmChoice, GemmPlan  # noqa: E402
@@ -191,6 +192,37 @@ def test_fuse_leaves_other_families_alone():
     assert fuse(opt.adapter) is opt.adapter
     assert "opt" in why_not_fused(opt.adapter)
     assert why_not_fused(load_model("synthetic:tiny-llama", device="cpu", dtype="float32").adapter) is None
+
+
+def test_a_tensor_parallel_part_is_not_fused(models):
+    """A rank's part all-reduces inside its row-parallel projections' forward: the fast adapter's own GEMMs would
+    skip that, so such a part keeps its plain adapter, asked for or by default."""
+    model = copy.deepcopy(models["tiny-llama"])
+
+    class RowParallelLinear(torch.nn.Linear):  # stands in for engine/parallel/modules.py's (known by its name)
+        pass
+
+    attn = model.adapter.layers[0].self_attn
+    attn.o_proj = RowParallelLinear(attn.o_proj.in_features, attn.o_proj.out_features, bias=False)
+    assert "tensor-parallel" in why_not_fused(model.adapter)
+    assert fuse(model.adapter) is model.adapter
+
+
+def test_the_default_is_the_fast_adapter_on_a_gpu_and_the_plain_one_on_the_cpu(models):
+    assert GenerationSettings().fused == "auto"
+    model = models["tiny-llama"]
+    gen = Generator(model)
+    assert gen._adapter(GenerationSettings()) is model.adapter and "plain adapter on the CPU" in gen.fused_why
+    assert isinstance(gen._adapter(GenerationSettings(fused=True)), FusedLlamaAdapter)  # asked for: fused anyway
+    assert gen._adapter(GenerationSettings(fused=False)) is model.adapter and gen.fused_why == "off"
+    on_gpu = Generator(dataclasses.replace(model, device=torch.device("cuda")))  # how "auto" reads the device
+    assert isinstance(on_gpu._adapter(GenerationSettings()), FusedLlamaAdapter) and "fast adapter" in on_gpu.fused_why
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, "Auto"])
+def test_fused_takes_true_false_or_auto(value):
+    with pytest.raises(InvalidSettingsError, match="fused must be True, False or 'auto'"):
+        GenerationSettings(fused=value)
 
 
 @needs_interpreter

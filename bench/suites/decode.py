@@ -30,9 +30,6 @@ from engine import PRESETS, GenerationSettings, Generator, load_model
 from engine.errors import CompileError
 from engine.hf_reference import hf_greedy, rel_err
 
-# The engine knob that selects the fast adapter (engine/settings.py). Until the engine has it, the bench builds the
-# fast adapter itself and runs a Generator over a copy of the LoadedModel holding it (same weights, same memory).
-FUSED_KNOB = "fused" in {f.name for f in dataclasses.fields(GenerationSettings)}
 
 
 @dataclass(frozen=True)
@@ -48,16 +45,19 @@ class Case:
 
 TARGETS = (Case("synthetic:llama-2-7b", 8, 2048), Case("synthetic:llama-2-7b", 1, 2048),
            Case("synthetic:llama-2-7b", 64, 512), Case("synthetic:llama-3-8b", 8, 8192))
-# variant -> GenerationSettings fields; "fused" selects the fast adapter
+# variant -> GenerationSettings fields. "auto" is the default: the fast adapter on a GPU (fused="auto"), the plain
+# one on the CPU; "plain" the plain adapter everywhere; "fused" the fast adapter everywhere.
 VARIANTS = {
-    "auto": {}, "torch attention": dict(attention="torch"), "triton attention": dict(attention="triton"),
-    "auto, eager (no graph)": dict(cuda_graph=False), "compiled": dict(compile=True),
+    "auto": {}, "plain": dict(fused=False), "torch attention": dict(attention="torch", fused=False),
+    "triton attention": dict(attention="triton", fused=False),
+    "auto, eager (no graph)": dict(cuda_graph=False), "plain, eager (no graph)": dict(fused=False, cuda_graph=False),
+    "compiled": dict(compile=True, fused=False),
     "fused": dict(fused=True), "fused, compiled": dict(fused=True, compile=True),
     "fused, eager (no graph)": dict(fused=True, cuda_graph=False),
     # the fast adapter's kernels launched with programmatic dependent launch (kernels/pdl.py; Hopper)
     "fused, pdl": dict(fused=True, pdl=True),
 }
-DEFAULT_VARIANTS = ("auto", "fused", "fused, pdl")  # on a CPU: without the PDL one
+DEFAULT_VARIANTS = ("auto", "plain", "fused, pdl")  # on a GPU auto is the fast adapter; on a CPU: without PDL
 
 
 def add_arguments(parser) -> None:
@@ -160,29 +160,26 @@ def compare_greedy(tokens: list[list[int]], logits: list[torch.Tensor], ref_toke
 
 
 class Engines:
-    """Our generators for one model: the plain one and, for fused variants, the fast adapter's (the PDL one is always
-    the bench's own: the engine's knob selects the fast adapter, not how its kernels launch)."""
+    """Our generators for one model: the engine's own (settings.fused picks its adapter) and, for the PDL variant, the
+    bench's fast adapter with PDL launches (the engine's knob selects the fast adapter, not how its kernels launch)."""
 
     def __init__(self, model) -> None:
-        self.model, self.plain, self._fast = model, Generator(model), {}
+        self.model, self.plain, self._pdl = model, Generator(model), None
 
-    def generator(self, fused: bool, pdl: bool = False) -> Generator:
-        if not fused or (FUSED_KNOB and not pdl):
+    def generator(self, pdl: bool = False) -> Generator:
+        if not pdl:
             return self.plain
-        if pdl not in self._fast:
+        if self._pdl is None:
             from engine.fast import fuse
 
-            adapter = fuse(self.model.adapter, pdl=pdl)
-            self._fast[pdl] = Generator(dataclasses.replace(self.model, adapter=adapter))
-        return self._fast[pdl]
+            self._pdl = Generator(dataclasses.replace(self.model, adapter=fuse(self.model.adapter, pdl=True)))
+        return self._pdl
 
     def generate(self, prompts, n: int, variant: str, *, keep_logits: bool = False):
         fields = dict(VARIANTS[variant])
-        fused, pdl = fields.pop("fused", False), fields.pop("pdl", False)
-        if fused and FUSED_KNOB and not pdl:
-            fields["fused"] = True
+        pdl = fields.pop("pdl", False)
         settings = GenerationSettings(max_new_tokens=n, ignore_eos=True, **fields)
-        engine = self.generator(fused, pdl)
+        engine = self.generator(pdl)
         result = engine.generate(prompts, settings, keep_logits=keep_logits)
         self.last = engine
         return result
@@ -200,7 +197,7 @@ def exactness(model, *, num_seqs: int, new_tokens: int, seed: int = 0, fp32_refe
     lengths = torch.randint(16, min(512, model.spec.max_positions - new_tokens), (num_seqs,), generator=gen).tolist()
     prompts = [torch.randint(3, model.spec.vocab_size, (n,), generator=gen).tolist() for n in lengths]
     engines = Engines(model)
-    ours = engines.generate(prompts, new_tokens, "auto", keep_logits=True)
+    ours = engines.generate(prompts, new_tokens, "plain", keep_logits=True)
     ref_tokens, ref_logits = hf_greedy(model.hf_model, prompts, max_new_tokens=new_tokens)
 
     result = {"model": model.source, "dtype": str(model.dtype), "num_seqs": num_seqs, "new_tokens": new_tokens,
@@ -294,7 +291,7 @@ def run(args) -> SuiteResult:
     notes = [f"read bandwidth (Triton streaming read, the roofline's ceiling): {read_gb_s:.0f} GB/s; device copy "
              f"{copy_gb_s:.0f} GB/s (read + write)" + (f"; torch bf16 sum reads {streaming_read_gb_s():.0f} GB/s"
                                                        if cuda else " (no GPU: host memory, torch sum)")]
-    details: dict = {"read_gb_s": read_gb_s, "copy_gb_s": copy_gb_s, "fused_knob": FUSED_KNOB, "cases": {}}
+    details: dict = {"read_gb_s": read_gb_s, "copy_gb_s": copy_gb_s, "cases": {}}
     headlines: list[Headline] = []
     measured: list[dict] = []  # one per timed row, turned into Rows once the ceiling is final
     by_model: dict[str, list[Case]] = {}
@@ -308,7 +305,7 @@ def run(args) -> SuiteResult:
         lengthen = source.startswith("synthetic:") and own is not None and longest > own
         model = load_model(source, device=device, dtype=dtype, max_positions=longest if lengthen else None)
         details.setdefault("models", {})[source] = model.card()
-        fused_wanted = any(VARIANTS[v].get("fused") for v in wanted)
+        fused_wanted = any(VARIANTS[v].get("fused") or (v == "auto" and cuda) for v in wanted)  # auto: fast on a GPU
         if fused_wanted:
             from engine.fast import why_not_fused
 
@@ -354,7 +351,7 @@ def run(args) -> SuiteResult:
                     notes.append(f"{case.label}: variant '{name}' did not run: {exc}")
                 except Exception as exc:  # noqa: BLE001 - e.g. a capture the driver refused: reported, the run goes on
                     notes.append(f"{case.label}: variant '{name}' failed: {type(exc).__name__}: {str(exc)[:300]}")
-            if "fused" in ours_ms and "auto" in ours_ms:
+            if "plain" in ours_ms and any(VARIANTS[v].get("fused") or (v == "auto" and cuda) for v in ours_ms):
                 _compare_variants(engines, prompt_lists, args.new_tokens, ours_ms, info, notes, case)
             peers: dict[str, float] = {}
             if first_case or args.peer_cases == "all":
@@ -404,12 +401,12 @@ def _compare_variants(engines, prompt_lists, new_tokens: int, ours_ms: dict, inf
     """Greedy tokens and logits of the fused variant against the plain one (and of PDL against fused: identical, or
     the early launch raced), on the case's prompts."""
     try:
-        plain = engines.generate(prompt_lists, new_tokens, "auto", keep_logits=True)
+        plain = engines.generate(prompt_lists, new_tokens, "plain", keep_logits=True)
         fast = engines.generate(prompt_lists, new_tokens, "fused", keep_logits=True)
-        c = info["fused_vs_auto"] = compare_greedy(fast.token_ids, fast.logits, plain.token_ids, plain.logits)
+        c = info["fused_vs_plain"] = compare_greedy(fast.token_ids, fast.logits, plain.token_ids, plain.logits)
         info["ours_internal_step_ms_median"] = statistics.median(plain.step_ms)
         info["fused_internal_step_ms_median"] = statistics.median(fast.step_ms)
-        notes.append(f"{case.label}: fused vs auto (same prompts, {new_tokens} greedy tokens): "
+        notes.append(f"{case.label}: fused vs plain (same prompts, {new_tokens} greedy tokens): "
                      f"{c['match_fraction']:.0%} of sequences token-identical; logits rel. error median "
                      f"{c['median_logits_rel_err']:.2e}, max {c['max_logits_rel_err']:.2e}")
         if "fused, pdl" in ours_ms:  # the same kernels launched early: any difference would be a race
@@ -418,7 +415,7 @@ def _compare_variants(engines, prompt_lists, new_tokens: int, ours_ms: dict, inf
             notes.append(f"{case.label}: fused with PDL vs without: {c['match_fraction']:.0%} of sequences "
                          f"token-identical, logits max rel. error {c['max_logits_rel_err']:.1e} (0 expected)")
     except Exception as exc:  # noqa: BLE001 - reported, the timed rows stand
-        notes.append(f"{case.label}: fused vs auto comparison failed: {type(exc).__name__}: {str(exc)[:300]}")
+        notes.append(f"{case.label}: fused vs plain comparison failed: {type(exc).__name__}: {str(exc)[:300]}")
 
 
 def _peers(model, input_ids, peers_wanted, args, info, notes, case) -> dict[str, float]:
@@ -446,7 +443,7 @@ def _breakdowns(model, engines: Engines, case: Case, wanted: list[str], notes: l
     from bench.profile_decode import format_breakdown, step_breakdown
 
     out = {}
-    adapters = {"auto": model.adapter}
+    adapters = {"plain": model.adapter}
     if any(VARIANTS[v].get("fused") for v in wanted):
         from engine.fast import fuse
 
@@ -489,7 +486,7 @@ def _exactness_headlines(exact: list[dict]) -> list[Headline]:
 def _headlines(cases: list[Case], wanted: list[str], by_key: dict, cuda: bool) -> list[Headline]:
     """Roofline percentages of the engine's fastest variant per target case, and its ratio to transformers static."""
     out = []
-    order = ("fused, pdl", "fused", "fused, compiled", "compiled", "auto")
+    order = ("auto", "fused, pdl", "fused", "fused, compiled", "compiled", "plain")
 
     def best(case):
         found = [(by_key[(case, v)][0].ms, v) for v in order if (case, v) in by_key]

@@ -7,12 +7,31 @@ these pieces with its own KV cache and attention. Tensors are (B, T, ...) with T
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _capturing(hidden: torch.Tensor) -> bool:
+    return hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def rotary_tables(rotary_emb: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor, *args):
+    """`rotary_emb(hidden, positions, *args)` (cos, sin), safe inside a CUDA-graph capture.
+
+    transformers' position-dependent RoPE types (longrope, dynamic) re-choose their frequencies from max(positions)
+    on every call, and some of its versions branch on that value in Python: a host sync, which invalidates a capture
+    and with it the process's CUDA context. Under capture the rotary module's own forward runs without that update:
+    the eager prefill before it has set the frequencies for the run, and the engine captures no step of a run that
+    passes the original context (engine/generator.py: `moving_rope`), so they would not change."""
+    if _capturing(hidden):
+        forward = inspect.unwrap(type(rotary_emb).forward)  # past transformers' dynamic_rope_update and no_grad
+        return forward(rotary_emb, hidden, positions, *args)
+    return rotary_emb(hidden, positions, *args)
 
 
 @dataclass(frozen=True)

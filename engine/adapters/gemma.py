@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.adapters.base import DecoderAdapter, ModelSpec
+from engine.adapters.base import DecoderAdapter, ModelSpec, rotary_tables
 from engine.adapters.config_facts import layer_types, rope_decoder_shape, rope_facts
 from engine.adapters.llama import SeparateProjections
 from engine.errors import UnsupportedArchitectureError
@@ -98,8 +98,8 @@ class GemmaAdapter(SeparateProjections, DecoderAdapter):
 
     def rope(self, hidden, positions):
         if not self._rope_types:  # Gemma 2: one table for every layer
-            return (self.decoder.rotary_emb(hidden, positions),) * self.spec.num_layers
-        tables = {t: self.decoder.rotary_emb(hidden, positions, t) for t in self._rope_types}
+            return (rotary_tables(self.decoder.rotary_emb, hidden, positions),) * self.spec.num_layers
+        tables = {t: rotary_tables(self.decoder.rotary_emb, hidden, positions, t) for t in self._rope_types}
         return tuple(tables[t] for t in self.text_config.layer_types)
 
     def logits(self, hidden):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.adapters.base import DecoderAdapter, ModelSpec
+from engine.adapters.base import DecoderAdapter, ModelSpec, rotary_tables
 from engine.adapters.config_facts import layer_types, rope_decoder_shape, rope_facts
 
 
@@ -83,7 +83,7 @@ class LlamaAdapter(SeparateProjections, DecoderAdapter):
         return self.decoder.embed_tokens(token_ids)
 
     def rope(self, hidden, positions):
-        return (self.decoder.rotary_emb(hidden, positions),) * self.spec.num_layers
+        return (rotary_tables(self.decoder.rotary_emb, hidden, positions),) * self.spec.num_layers
 
     def logits(self, hidden):
         return self.hf_model.lm_head(self.decoder.norm(hidden))

@@ -24,7 +24,13 @@ _FAST_FOR = {LlamaAdapter.__name__: FusedLlamaAdapter, "Phi3Adapter": FusedPhi3A
 
 def why_not_fused(adapter: DecoderAdapter) -> str | None:
     """None when `fuse(adapter)` gives a fast adapter, else one line saying why not."""
-    if isinstance(adapter, FAST_ADAPTERS) or type(adapter).__name__ in _FAST_FOR:
+    if isinstance(adapter, FAST_ADAPTERS):
+        return None
+    if adapter.layers and any(type(m).__name__ == "RowParallelLinear" for m in adapter.layers[0].modules()):
+        # engine/parallel/shard.py's rank part: its row-parallel projections all-reduce inside their forward, which
+        # the fast adapter's own GEMMs would skip
+        return "a tensor-parallel rank's part runs its plain adapter (row-parallel projections all-reduce themselves)"
+    if type(adapter).__name__ in _FAST_FOR:
         return None
     return f"no fast adapter for the {adapter.family or type(adapter).__name__} family: it runs its plain adapter"
 

@@ -128,9 +128,11 @@ class TensorParallelEngine:
         for name, why in (("fused", "the fast adapter runs the projections' GEMMs itself, past the row-parallel "
                                     "all-reduces"),
                           ("compile", "a compiled decode step over the ranks' collectives is not supported")):
-            if getattr(settings, name):
+            if getattr(settings, name) is True:
                 raise InvalidSettingsError(f"{name}=True is not supported under tensor parallel ({why}): set "
                                            f"{name}=False.")
+        if settings.fused == "auto":  # the plain adapter: its projections are the sharded modules
+            settings = replace(settings, fused=False)
         prompt_ids = self.generator.encode(prompts)  # bad prompts are refused here, before any rank hears of them
         if not settings.sampling.greedy and settings.sampling.seed is None:  # one seed for every rank's sampler
             settings = replace(settings, sampling=replace(settings.sampling, seed=random.randrange(2**63)))

@@ -48,6 +48,38 @@ def test_decode_suite_runs_every_part_on_cpu(tmp_path, capsys, one_thread):
                 "gpu_exact_tokens_match"):
         assert {"value", "unit", "device", "date", "command"} <= set(summary[key]), key
     assert "gpu_decode_vs_hf_static" not in summary  # no static peer ran on the CPU
+    # the cost model's GPU-resident step beside each case's measurement, from the profile the run recorded
+    from engine.loader import load_model
+    from engine.offload.profiler import HardwareProfile
+
+    profile = HardwareProfile.from_dict(details["profile"])
+    errors = []
+    for case in decode._cases(type("A", (), {"model": None, "batch": None, "prompt_len": None,
+                                             "cases": "tiny-llama:2x12,tiny-qwen3:1x9,tiny-opt:2x6"})()):
+        info = details["cases"][case.label]
+        spec = load_model(case.model, device="cpu", dtype="float32").spec
+        assert info["predicted_step_ms"] == pytest.approx(decode.predicted_step_ms(spec, profile, case, 5))
+        measured = next(r["ms"] for r in payload["rows"] if r["case"] == f"ours, auto, no graph on CPU ({case.label})")
+        assert info["prediction_err_pct"] == pytest.approx(100 * (info["predicted_step_ms"] - measured) / measured)
+        assert isinstance(info["ours_auto_setup_ms"], float)
+        errors.append(abs(info["prediction_err_pct"]))
+    assert summary["gpu_resident_prediction_max_err_pct"]["value"] == pytest.approx(max(errors))
+
+
+def test_a_step_is_timed_without_the_runs_setup(monkeypatch):
+    """(t(N) - t(2)) / (N - 2): a run's once-only costs (prefill, a CUDA-graph capture for runs of more than one
+    token) cancel and come back apart; (t(N) - t(1)) / (N - 1) would have spread the capture over the steps."""
+    monkeypatch.setattr(decode, "_timed", lambda fn: fn())
+    prefill_ms, capture_ms, step_ms = 50.0, 120.0, 7.0
+    run = lambda n: prefill_ms + (capture_ms if n > 1 else 0.0) + step_ms * n  # noqa: E731
+    median, samples, setup = decode._step_ms(run, 64, 3)
+    assert median == pytest.approx(step_ms) and samples == pytest.approx([step_ms] * 3)
+    assert setup == pytest.approx(capture_ms)
+
+
+def test_too_few_new_tokens_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="at least 3"):
+        main(["decode", "--cases", "tiny-llama:1x4", "--new-tokens", "2", "--results-dir", str(tmp_path)])
 
 
 def test_targets_are_the_four_issue_shapes_and_cases_parse():

@@ -3,10 +3,11 @@ transformers `generate` (static and dynamic cache) on the four target shapes, pl
 
 Cases (default): synthetic:llama-2-7b B8 P2048, B1 P2048 (ms/step = ms/token), B64 P512; synthetic:llama-3-8b B8
 P8192; bf16, 64 new tokens. `--model/--batch/--prompt-len` run one case instead. Decode step time is taken the same
-way for every contender: (time to generate N tokens - time to generate 1) / (N - 1), median over repeats, so prefill
-never counts. The roofline of a step is the bytes it must read (every weight but the embedding table, plus each
-sequence's K/V at the step's mean length) over the device's read bandwidth, measured in the same run by a tuned
-Triton streaming read (kernels/stream_read.py; the device-to-device copy and a torch sum are printed beside it).
+way for every contender: (time to generate N tokens - time to generate 2) / (N - 2), median over repeats, so neither
+prefill nor a run's one CUDA-graph capture counts (that setup is reported beside it). The scheduler's cost model
+predicts each case's GPU-resident step from the device's hardware profile; the error is reported per case. The
+roofline of a step is the bytes it must read (every weight but the embedding table, plus each sequence's K/V at the
+step's mean length) over the device's read bandwidth, measured in the same run by a tuned Triton streaming read (kernels/stream_read.py; the device-to-device copy and a torch sum are printed beside it).
 If any row reads faster than that, the ceiling is raised to it and a note says so: no figure exceeds 100 %.
 
 Before the fast adapter runs, the GEMM plan (engine/fast/plan.py) is measured for the cases' shapes where the
@@ -18,6 +19,7 @@ and fused, says where the time goes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -126,15 +128,21 @@ def _timed(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _step_ms(run, new_tokens: int, repeat: int, *, warmup_tokens: int = 2) -> tuple[float, list[float]]:
-    """Median over repeats of (t(N tokens) - t(1 token)) / (N - 1); run(n) generates n tokens."""
+def _step_ms(run, new_tokens: int, repeat: int, *, warmup_tokens: int = 2) -> tuple[float, list[float], float]:
+    """The steady decode step: median over repeats of (t(N tokens) - t(2 tokens)) / (N - 2); run(n) generates n
+    tokens. Both runs pay the same once-per-run setup (prefill, and the engine's CUDA-graph capture of the step for
+    runs of more than one token), so it cancels. That setup beyond one step, t(2) - t(1) - step, comes back third
+    (median): what a run pays once, which (t(N) - t(1)) / (N - 1) would have spread over its steps."""
     run(warmup_tokens)  # warm-up: allocator, cuBLAS handles, graph capture paths (and compiling, when asked)
-    samples = []
+    samples, setup = [], []
     for _ in range(repeat):
         full = _timed(lambda: run(new_tokens))
-        first = _timed(lambda: run(1))
-        samples.append((full - first) / (new_tokens - 1))
-    return statistics.median(samples), samples
+        two = _timed(lambda: run(2))
+        one = _timed(lambda: run(1))
+        step = (full - two) / (new_tokens - 2)
+        samples.append(step)
+        setup.append(two - one - step)
+    return statistics.median(samples), samples, statistics.median(setup)
 
 
 def _divergence(a: list[int], b: list[int]) -> int:
@@ -278,7 +286,20 @@ def _tune(model, cases: list[Case], device: torch.device) -> tuple[dict | None, 
     return table, notes
 
 
+def predicted_step_ms(spec, profile, case: Case, new_tokens: int) -> float:
+    """The scheduler's cost model for a GPU-resident run of the case (engine/offload/scheduler.py: plan_run with
+    every token resident): its mean predicted decode step over the run."""
+    from engine.offload.scheduler import plan_run
+
+    plan = plan_run(spec, profile, placement="gpu", batch=case.batch, prompt_tokens=case.prompt_len,
+                    new_tokens=new_tokens, resident_tokens=case.prompt_len + new_tokens, split=None, chunk_tokens=512)
+    return statistics.mean(step.predicted_ms for step in plan.steps)
+
+
 def run(args) -> SuiteResult:
+    if args.new_tokens < 3:
+        raise SystemExit(f"--new-tokens must be at least 3 (a decode step is timed as (t(N) - t(2)) / (N - 2)), "
+                         f"got {args.new_tokens}")
     wanted = _wanted_variants(args)
     cases = _cases(args)
     # The suite targets the GPU; on a CPU it runs too (fp32), so the harness itself is testable anywhere.
@@ -292,6 +313,11 @@ def run(args) -> SuiteResult:
              f"{copy_gb_s:.0f} GB/s (read + write)" + (f"; torch bf16 sum reads {streaming_read_gb_s():.0f} GB/s"
                                                        if cuda else " (no GPU: host memory, torch sum)")]
     details: dict = {"read_gb_s": read_gb_s, "copy_gb_s": copy_gb_s, "cases": {}}
+    from engine.offload.profiler import hardware_profile
+
+    profile = hardware_profile(device, quick=not cuda)  # the scheduler's measured speeds (cached per device)
+    details["profile"] = json.loads(profile.to_json())
+    predictions: dict[Case, float] = {}
     headlines: list[Headline] = []
     measured: list[dict] = []  # one per timed row, turned into Rows once the ceiling is final
     by_model: dict[str, list[Case]] = {}
@@ -343,7 +369,7 @@ def run(args) -> SuiteResult:
             for name in wanted:
                 warmup = args.new_tokens if VARIANTS[name].get("compile") else 2
                 try:
-                    ours_ms[name], info[f"ours_{name}_samples_ms"] = _step_ms(
+                    ours_ms[name], info[f"ours_{name}_samples_ms"], info[f"ours_{name}_setup_ms"] = _step_ms(
                         lambda n, name=name: engines.generate(prompt_lists, n, name), args.new_tokens, args.repeat,
                         warmup_tokens=warmup)
                     info[f"ours_{name}_attention"] = engines.last.attention_why
@@ -351,6 +377,12 @@ def run(args) -> SuiteResult:
                     notes.append(f"{case.label}: variant '{name}' did not run: {exc}")
                 except Exception as exc:  # noqa: BLE001 - e.g. a capture the driver refused: reported, the run goes on
                     notes.append(f"{case.label}: variant '{name}' failed: {type(exc).__name__}: {str(exc)[:300]}")
+            predictions[case] = info["predicted_step_ms"] = predicted_step_ms(model.spec, profile, case, args.new_tokens)
+            if "auto" in ours_ms:
+                err = 100 * (predictions[case] - ours_ms["auto"]) / ours_ms["auto"]
+                info["prediction_err_pct"] = err
+                notes.append(f"{case.label}: the cost model predicts {predictions[case]:.3f} ms per GPU-resident step, "
+                             f"ours auto measured {ours_ms['auto']:.3f} ms ({err:+.1f} %)")
             if "plain" in ours_ms and any(VARIANTS[v].get("fused") or (v == "auto" and cuda) for v in ours_ms):
                 _compare_variants(engines, prompt_lists, args.new_tokens, ours_ms, info, notes, case)
             peers: dict[str, float] = {}
@@ -393,6 +425,15 @@ def run(args) -> SuiteResult:
         if c.label in details["cases"]) + (" (B1: ms/step is ms/token)" if any(c.batch == 1 for c in cases) else ""))
     if not args.tag:
         headlines += _headlines(cases, wanted, by_key, cuda)
+        errors = {c: details["cases"][c.label]["prediction_err_pct"] for c in cases
+                  if "prediction_err_pct" in details["cases"].get(c.label, {})}
+        if errors:
+            worst = max(errors, key=lambda c: abs(errors[c]))
+            headlines.append(Headline(
+                "gpu_resident_prediction_max_err_pct", abs(errors[worst]),
+                f"% |predicted - measured| / measured, the cost model's GPU-resident step against ours auto, worst of "
+                f"{len(errors)} cases: {worst.label} ({errors[worst]:+.1f} %; target <= 10)",
+                peer="measured step, ours auto", peer_value=by_key[(worst, "auto")][0].ms))
     return SuiteResult(suite="decode" + (f"_{args.tag}" if args.tag else ""), rows=rows, headlines=headlines,
                        notes=notes, details=details)
 
@@ -431,8 +472,8 @@ def _peers(model, input_ids, peers_wanted, args, info, notes, case) -> dict[str,
         try:
             # A static cache makes transformers compile its forward on the first full-length run: warm up with one.
             warmup = args.new_tokens if peer == "static" else 2
-            peers[peer], info[f"transformers_{peer}_samples_ms"] = _step_ms(hf, args.new_tokens, args.repeat,
-                                                                            warmup_tokens=warmup)
+            peers[peer], info[f"transformers_{peer}_samples_ms"], info[f"transformers_{peer}_setup_ms"] = _step_ms(
+                hf, args.new_tokens, args.repeat, warmup_tokens=warmup)
         except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
             notes.append(f"{case.label}: transformers {peer} cache did not run: {type(exc).__name__}: {str(exc)[:300]}")
     return peers

@@ -7,8 +7,9 @@ way for every contender: (time to generate N tokens - time to generate 2) / (N -
 prefill nor a run's one CUDA-graph capture counts (that setup is reported beside it). The scheduler's cost model
 predicts each case's GPU-resident step from the device's hardware profile; the error is reported per case. The
 roofline of a step is the bytes it must read (every weight but the embedding table, plus each sequence's K/V at the
-step's mean length) over the device's read bandwidth, measured in the same run by a tuned Triton streaming read (kernels/stream_read.py; the device-to-device copy and a torch sum are printed beside it).
-If any row reads faster than that, the ceiling is raised to it and a note says so: no figure exceeds 100 %.
+step's mean length) over the device's read bandwidth, measured in the same run by a tuned Triton streaming read
+(kernels/stream_read.py; the device-to-device copy and a torch sum are printed beside it). If any row reads faster
+than that, the ceiling is raised to it and a note says so: no figure exceeds 100 %.
 
 Before the fast adapter runs, the GEMM plan (engine/fast/plan.py) is measured for the cases' shapes where the
 device's cache lacks them: cuBLAS against the skinny kernel per projection and batch, in a CUDA graph on cold

@@ -7,8 +7,10 @@ head h reads KV head h // (Hq // Hkv). Any head dim 1..256: tiles are padded to 
 
 One program handles one (sequence, KV head, split) of one segment: the Hq/Hkv query heads that share a KV head are
 packed as the rows of a small matrix, so each K/V tile is read from memory once. Every segment's splits write
-one partial/LSE buffer, merged by log-sum-exp in a second small kernel (skipped for one segment in one split). A
-split that sees no key (the sequence ends before it, or the window starts after it) leaves LSE -inf: weight 0.
+one partial/LSE buffer, merged by log-sum-exp in a second small kernel (skipped for one segment in one split), or,
+with merge="in-kernel", by each (sequence, KV head) row's last program to finish (an acq_rel ticket per row, reset
+by that program: one launch per segment, no merge kernel; the engine keeps the launched merge until the bench has
+measured both on a GPU). A split that sees no key (the sequence ends before it, or the window starts after it) leaves LSE -inf: weight 0.
 Every element offset is 64-bit: a staged segment's key rows are B*2*Hkv*D elements apart, so key * stride
 passes 2^31 at B*S ~ 262K tokens of a 7B model.
 
@@ -123,14 +125,16 @@ def _tanh(x):
 def _kernel(q_ptr, k_ptr, v_ptr, seq_lens_ptr, o_ptr, lse_ptr, qk_scale, softcap_log2,
             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_ob, stride_oh, stride_os, stride_lb, stride_lh, split_offset, key_start, num_slots, window,
-            num_kv_heads, tiles_per_split,
+            num_kv_heads, tiles_per_split, ticket_ptr, final_ptr, stride_fb, stride_fh, total_splits,
             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr, DISTANCE: tl.constexpr,
-            DOT_FP32: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr):
+            DOT_FP32: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr):
     # grid (num_splits, B * Hkv) over one segment. Writes fp32 partials (B, Hq, splits of all segments, D) at
     # column split_offset + split and their log2-domain LSE when SPLIT, else the normalised output into o_ptr.
     # Scores are in the log2 domain: qk_scale = sm_scale * log2(e), or sm_scale / softcap with SOFTCAP
     # (then s = softcap * tanh(q.k * sm_scale / softcap), times log2(e) = softcap_log2 * tanh(...)).
+    # MERGE_IN_KERNEL: each program takes a ticket of its (seq, KV head) row once its partials are written; the one
+    # that draws the last of total_splits (over every segment's launch) merges the row into final_ptr and resets it.
     split = tl.program_id(0)
     b = tl.program_id(1) // num_kv_heads
     kv_head = tl.program_id(1) % num_kv_heads
@@ -204,6 +208,32 @@ def _kernel(q_ptr, k_ptr, v_ptr, seq_lens_ptr, o_ptr, lse_ptr, qk_scale, softcap
         tl.store(o_rows + offs_d[None, :], out, mask=o_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + b64 * stride_lb + head * stride_lh + column, lse, mask=m_ok)
+        if MERGE_IN_KERNEL:
+            tl.debug_barrier()  # every thread's partials are written before the ticket releases them
+            ticket = tl.atomic_add(ticket_ptr + tl.program_id(1), 1, sem="acq_rel", scope="gpu")
+            if ticket == total_splits - 1:
+                # the online log-sum-exp over the row's splits: the same sum as _merge_kernel's, in one pass
+                lse_rows = lse_ptr + b64 * stride_lb + head * stride_lh
+                part_rows = o_ptr + b64 * stride_ob + head[:, None] * stride_oh + offs_d[None, :]
+                m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                den = tl.zeros([BLOCK_M], tl.float32)
+                merged = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                for s in range(0, total_splits):
+                    s64 = tl.cast(s, tl.int64)
+                    # .cg: other SMs wrote these; L1 is not coherent with them, L2 is
+                    lse_s = tl.load(lse_rows + s64, mask=m_ok, other=float("-inf"), cache_modifier=".cg")
+                    part = tl.load(part_rows + s64 * stride_os, mask=o_mask, other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m_run, lse_s)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split seen yet: weights stay 0
+                    rescale = tl.exp2(m_run - m_safe)
+                    w = tl.exp2(lse_s - m_safe)
+                    merged = merged * rescale[:, None] + part * w[:, None]
+                    den = den * rescale + w
+                    m_run = m_new
+                merged = merged / tl.where(den > 0, den, 1.0)[:, None]  # a row with no visible key gives 0
+                f_rows = final_ptr + b64 * stride_fb + head[:, None] * stride_fh
+                tl.store(f_rows + offs_d[None, :], merged.to(final_ptr.dtype.element_ty), mask=o_mask)
+                tl.store(ticket_ptr + tl.program_id(1), 0)  # ready for the next call
     else:
         o_rows = o_ptr + b64 * stride_ob + head[:, None] * stride_oh
         tl.store(o_rows + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=o_mask)
@@ -274,10 +304,33 @@ def _check_inputs(q: torch.Tensor, segments: Sequence[KVSegment], seq_lens: torc
         raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is first imported")
 
 
+MERGES = ("launch", "in-kernel")
+MERGE_TICKET_ROWS = 1 << 16  # (seq, KV head) rows the in-kernel merge's counters cover; more rows merge by launch
+_MERGE_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def merge_tickets(device: torch.device, rows: int) -> torch.Tensor | None:
+    """The per-device ticket counters of the in-kernel merge (zeros between calls: each row's merging program resets
+    its own), or None where that merge cannot run: more rows than the counters, or first use inside a CUDA-graph
+    capture (allocated outside one, they are captured like any buffer). Calls that share them must be ordered (one
+    stream), as the engine's attention calls are."""
+    if rows > MERGE_TICKET_ROWS:
+        return None
+    tickets = _MERGE_TICKETS.get(device)
+    if tickets is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        tickets = _MERGE_TICKETS[device] = torch.zeros(MERGE_TICKET_ROWS, dtype=torch.int32, device=device)
+    return tickets
+
+
 def _launch(q: torch.Tensor, segments: Sequence[KVSegment], plans: Sequence[LaunchPlan], seq_lens: torch.Tensor, *,
-            sm_scale: float | None, window: int | None, softcap: float | None, out: torch.Tensor) -> torch.Tensor:
-    """Every plan's split kernel into one partial/LSE buffer, then one merge (none for one plan of one split).
-    Allocations depend on shapes and plans only, never on data: capturable in a CUDA graph."""
+            sm_scale: float | None, window: int | None, softcap: float | None, out: torch.Tensor,
+            merge: str = "launch") -> torch.Tensor:
+    """Every plan's split kernel into one partial/LSE buffer, then one merge (none for one plan of one split): a
+    second kernel ("launch"), or the last program of each row inside the split kernel ("in-kernel", where
+    merge_tickets allows; else by launch). Allocations depend on shapes and plans only, never on data: capturable
+    in a CUDA graph."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = segments[plans[0].segment].k.shape[1]
     interpret = _interpreting()
@@ -295,6 +348,8 @@ def _launch(q: torch.Tensor, segments: Sequence[KVSegment], plans: Sequence[Laun
     else:
         partial, lse = out, out  # the kernel writes the output directly; lse_ptr unused
         o_strides = (out.stride(0), out.stride(1), 0)
+    assert merge in MERGES, f"merge must be one of {MERGES}, got {merge!r}"
+    tickets = merge_tickets(q.device, batch * num_kv_heads) if split and merge == "in-kernel" else None
     scale = head_dim ** -0.5 if sm_scale is None else sm_scale
     split_offset = 0
     for plan in plans:
@@ -313,13 +368,15 @@ def _launch(q: torch.Tensor, segments: Sequence[KVSegment], plans: Sequence[Laun
             stride_lb=lse.stride(0) if split else 0, stride_lh=lse.stride(1) if split else 0,
             split_offset=split_offset, key_start=seg.start, num_slots=seg.num_slots,
             window=0 if window is None else window, num_kv_heads=num_kv_heads, tiles_per_split=plan.tiles_per_split,
+            ticket_ptr=seq_lens if tickets is None else tickets, final_ptr=out, stride_fb=out.stride(0),
+            stride_fh=out.stride(1), total_splits=total_splits, MERGE_IN_KERNEL=tickets is not None,
             GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=plan.block_n,
             SPLIT=split, PREFETCH=prefetch, DISTANCE=plan.prefetch_distance,
             # fp32 dots for fp32 inputs, and under the interpreter (its bf16 tl.dot is wrong in triton 3.9)
             DOT_FP32=q.dtype == torch.float32 or interpret, SOFTCAP=softcap is not None, WINDOW=window is not None,
             num_warps=plan.num_warps, num_stages=plan.num_stages)
         split_offset += plan.num_splits
-    if split:
+    if split and tickets is None:
         _merge_kernel[(batch * num_heads,)](
             part_ptr=partial, lse_ptr=lse, out_ptr=out, num_heads=num_heads, num_splits=total_splits,
             stride_pb=partial.stride(0), stride_ph=partial.stride(1), stride_ps=partial.stride(2),
@@ -332,23 +389,25 @@ def _launch(q: torch.Tensor, segments: Sequence[KVSegment], plans: Sequence[Laun
 def decode_attention_segments(q: torch.Tensor, segments: Sequence[KVSegment], seq_lens: torch.Tensor, *,
                               sm_scale: float | None = None, window: int | None = None, softcap: float | None = None,
                               config: DecodeAttentionConfig = DecodeAttentionConfig(),
-                              out: torch.Tensor | None = None) -> torch.Tensor:
+                              out: torch.Tensor | None = None, merge: str = "launch") -> torch.Tensor:
     """Attention of each sequence's newest token over the visible keys of every segment -> (B, Hq, D), q's dtype.
 
     Scores s = q.k * sm_scale (default D^-0.5), soft-capped to softcap * tanh(s / softcap) when `softcap` is set;
     keys visible as kernels.segments.visible_keys says. One split-kernel launch per segment with slots (its own
     key start and splits, `plan_segments`), one merge over all of them. No host syncs and no data-dependent
-    allocation, so it can be captured in a CUDA graph; the interpreter always runs without prefetch."""
+    allocation, so it can be captured in a CUDA graph; the interpreter always runs without prefetch. merge: how the
+    splits are merged (`_launch`); "in-kernel" saves a launch, the bench measures whether it pays."""
     _check_inputs(q, segments, seq_lens, out, window, softcap)
     plans = plan_segments(segments, window=window, config=config, num_sms=sm_count(q.device))
     out = torch.empty_like(q) if out is None else out
-    return _launch(q, segments, plans, seq_lens, sm_scale=sm_scale, window=window, softcap=softcap, out=out)
+    return _launch(q, segments, plans, seq_lens, sm_scale=sm_scale, window=window, softcap=softcap, out=out,
+                   merge=merge)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
                      sm_scale: float | None = None, window: int | None = None, softcap: float | None = None,
                      config: DecodeAttentionConfig = DecodeAttentionConfig(), out: torch.Tensor | None = None,
-                     plan: LaunchPlan | None = None) -> torch.Tensor:
+                     plan: LaunchPlan | None = None, merge: str = "launch") -> torch.Tensor:
     """decode_attention_segments over one segment at slot 0: k_cache, v_cache (B, Hkv, S_max, D), seq_lens each in
     1..S_max. `plan` overrides the planner (benches use it to sweep)."""
     batch, num_heads, head_dim = q.shape
@@ -360,7 +419,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         plans = (dataclasses.replace(plan, segment=0),)
     out = torch.empty_like(q) if out is None else out
-    return _launch(q, segments, plans, seq_lens, sm_scale=sm_scale, window=window, softcap=softcap, out=out)
+    return _launch(q, segments, plans, seq_lens, sm_scale=sm_scale, window=window, softcap=softcap, out=out,
+                   merge=merge)
 
 
 def decode_attention_segments_reference(q: torch.Tensor, segments: Sequence[KVSegment], seq_lens: torch.Tensor, *,

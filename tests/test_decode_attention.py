@@ -419,3 +419,64 @@ def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.prefetch = "on"
     assert dataclasses.replace(config, prefetch="off").prefetch == "off"
+
+
+# -- the in-kernel merge (merge="in-kernel"): each row's last program merges its splits ------------------------------
+class _NoMergeLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("the merge kernel was launched: the in-kernel merge should have merged")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[7] != 1], ids=lambda c: f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-S{c[3]}-D{c[4]}-{c[5]}-splits{c[7]}-w{c[8]}-cap{c[9]}")
+def test_the_in_kernel_merge_equals_the_launched_one(case, monkeypatch):
+    import kernels.decode_attention as da
+
+    batch, num_heads, num_kv_heads, max_seq_len, head_dim, dtype, seq_lens, num_splits, window, softcap = case
+    q, k, v, lens = _inputs(batch, num_heads, num_kv_heads, max_seq_len, head_dim, dtype, seq_lens, window=window)
+    config = DecodeAttentionConfig(num_splits=num_splits or 4, block_n=16)
+    launched = _run(q, k, v, lens, window=window, softcap=softcap, config=config)
+    monkeypatch.setattr(da, "_merge_kernel", _NoMergeLaunch())
+    plans = plan_segments([KVSegment(k, v, 0)], window=window, config=config, num_sms=da.sm_count(q.device))
+    if sum(p.num_splits for p in plans) == 1:
+        pytest.skip("one split: nothing to merge")
+    merged = _run(q, k, v, lens, window=window, softcap=softcap, config=config, merge="in-kernel")
+    _check(merged, decode_attention_reference(q.double(), k, v, lens, window=window, softcap=softcap), dtype)
+    assert (merged.float() - launched.float()).abs().max().item() <= (1e-6 if dtype == torch.float32 else 1e-2)
+    assert not da._MERGE_TICKETS[q.device].any()  # every row's counter is back at zero for the next call
+
+
+@pytest.mark.parametrize("case", SEGMENT_CASES[:3], ids=lambda c: "+".join(f"{l}{n}" for l, n in c[0]))
+def test_the_in_kernel_merge_spans_every_segments_launch(case, monkeypatch):
+    """Segments launch one split kernel each; the tickets count over all of them, so a row merges once, in the
+    last launch, over every segment's splits (rows that see nothing of a segment included)."""
+    import kernels.decode_attention as da
+
+    layouts, seq_lens, window, softcap, num_heads, num_kv_heads, head_dim, dtype = case
+    gen = torch.Generator().manual_seed(len(layouts) + head_dim)
+    batch, segments, start = len(seq_lens), [], 0
+    for layout, num_slots in layouts:
+        segments.append(_segment(layout, batch, num_kv_heads, start, num_slots, head_dim, dtype, gen))
+        start += num_slots
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    _poison_invisible(segments, lens, window)
+    q = torch.randn(batch, num_heads, head_dim, generator=gen).to(dtype)
+    config = DecodeAttentionConfig(num_splits=2, block_n=16)
+    monkeypatch.setattr(da, "_merge_kernel", _NoMergeLaunch())
+    out = torch.full_like(q, float("nan"))
+    decode_attention_segments(q, segments, lens, window=window, softcap=softcap, out=out, config=config,
+                              merge="in-kernel")
+    _check(out, decode_attention_segments_reference(q.double(), segments, lens, window=window, softcap=softcap), dtype)
+    assert not da._MERGE_TICKETS[q.device].any()
+
+
+def test_rows_past_the_counters_merge_by_launch(monkeypatch):
+    import kernels.decode_attention as da
+
+    q, k, v, lens = _inputs(3, 4, 2, 97, 64, torch.float32, [97, 1, 60])
+    config = DecodeAttentionConfig(num_splits=3, block_n=16)
+    launched = _run(q, k, v, lens, config=config)
+    monkeypatch.setattr(da, "MERGE_TICKET_ROWS", 5)  # 3 sequences x 2 KV heads = 6 rows: too many
+    assert da.merge_tickets(q.device, 6) is None and da.merge_tickets(q.device, 5) is not None
+    assert torch.equal(_run(q, k, v, lens, config=config, merge="in-kernel"), launched)
+    with pytest.raises(AssertionError, match="merge must be one of"):
+        _run(q, k, v, lens, config=config, merge="fused")

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 
 _PREFETCH = "cp.async.bulk.prefetch.L2"
 
-# name -> (dtype, GROUP, HEAD_DIM, BLOCK_N, num_stages, PREFETCH, DISTANCE, SOFTCAP, WINDOW)
+# name -> (dtype, GROUP, HEAD_DIM, BLOCK_N, num_stages, PREFETCH, DISTANCE, SOFTCAP, WINDOW[, MERGE_IN_KERNEL])
 VARIANTS = {
     "mha_prefetch_d2": ("bf16", 1, 128, 64, 3, True, 2, False, False),
     "gqa4_prefetch_d1": ("bf16", 4, 128, 64, 3, True, 1, False, False),
@@ -42,6 +42,8 @@ VARIANTS = {
     "d256_bf16_big_tiles": ("bf16", 4, 256, 64, 3, False, 1, False, False),
     "d256_fp32": ("fp32", 4, 256, 32, 3, False, 1, False, False),
     "d128_fp32_big_tiles": ("fp32", 4, 128, 128, 2, False, 1, False, False),
+    # each row's last program merges the splits itself (merge="in-kernel")
+    "gqa4_merge_in_kernel": ("bf16", 4, 128, 64, 3, False, 1, False, True, True),
 }
 
 _CHILD = r"""
@@ -73,12 +75,12 @@ def compile_(fn, pointers, constexprs, floats=(), **options):
 
 
 out = {}
-for name, (dtype, group, head_dim, block_n, stages, prefetch, distance, softcap, window) in json.loads(sys.argv[2]).items():
+for name, (dtype, group, head_dim, block_n, stages, prefetch, distance, softcap, window, *merge) in json.loads(sys.argv[2]).items():
     pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "seq_lens_ptr": "*i32",
-                "o_ptr": "*fp32", "lse_ptr": "*fp32"}
+                "o_ptr": "*fp32", "lse_ptr": "*fp32", "ticket_ptr": "*i32", "final_ptr": f"*{dtype}"}
     constexprs = dict(GROUP=group, BLOCK_M=16, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), BLOCK_N=block_n,
                       SPLIT=True, PREFETCH=prefetch, DISTANCE=distance, DOT_FP32=dtype == "fp32", SOFTCAP=softcap,
-                      WINDOW=window)
+                      WINDOW=window, MERGE_IN_KERNEL=bool(merge and merge[0]))
     out[name] = compile_(_kernel, pointers, constexprs, floats=("qk_scale", "softcap_log2"), num_stages=stages)
 out["merge"] = compile_(_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
                         dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=64, CHUNK=32))
@@ -175,6 +177,15 @@ def test_shared_memory_within_the_planner_estimate(compiled, variant):
     dtype, _, head_dim, block_n, stages, *_ = VARIANTS[variant]
     estimate = shared_memory_estimate(block_n, head_dim, stages, element_bytes=4 if dtype == "fp32" else 2)
     assert compiled[variant]["shared"] <= estimate <= HOPPER_SHARED_MEMORY_BYTES, (compiled[variant]["shared"], estimate)
+
+
+def test_the_in_kernel_merge_takes_an_acq_rel_ticket_and_reads_the_splits_from_l2(compiled):
+    ptx = compiled["gqa4_merge_in_kernel"]["ptx"]
+    atomics = [line for line in ptx.splitlines() if "atom." in line]
+    assert atomics and all("acq_rel" in a and "gpu" in a and "add" in a for a in atomics), atomics
+    assert "bar.sync" in ptx  # every thread's partials written before the ticket
+    assert re.search(r"ld\.global\.cg", ptx), "the merging program must read other SMs' partials past L1"
+    assert "atom." not in compiled["gqa4_no_prefetch"]["ptx"]  # the default merge launches its own kernel
 
 
 def test_merge_kernel_compiles_for_sm90(compiled):

@@ -37,11 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _variants():
+    """name -> decode_attention keyword arguments: the config, and how the splits are merged."""
     from kernels.decode_attention import DecodeAttentionConfig
 
-    return {"ours auto": DecodeAttentionConfig(), "ours prefetch off": DecodeAttentionConfig(prefetch="off"),
-            "ours prefetch on d=1": DecodeAttentionConfig(prefetch="on", prefetch_distance=1),
-            "ours prefetch on d=2": DecodeAttentionConfig(prefetch="on", prefetch_distance=2)}
+    return {"ours auto": dict(config=DecodeAttentionConfig()),
+            "ours auto, merge in-kernel": dict(config=DecodeAttentionConfig(), merge="in-kernel"),
+            "ours prefetch off": dict(config=DecodeAttentionConfig(prefetch="off")),
+            "ours prefetch on d=1": dict(config=DecodeAttentionConfig(prefetch="on", prefetch_distance=1)),
+            "ours prefetch on d=2": dict(config=DecodeAttentionConfig(prefetch="on", prefetch_distance=2))}
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -81,9 +84,9 @@ def _check_shape(shape, variants, details: dict) -> dict[str, float]:
     errors = {}
     for lens_name, lens in (("full", full), ("mixed", mixed)):
         ref = decode_attention_reference(q.float(), k, v, lens)  # fp32 math, upcast one sequence at a time
-        for name, config in variants.items():
+        for name, kwargs in variants.items():
             out = torch.full_like(q, float("nan"))
-            decode_attention(q, k, v, lens, config=config, out=out)
+            decode_attention(q, k, v, lens, out=out, **kwargs)
             errors[f"{name} [{lens_name}]"] = _rel_err(out, ref)
     details["rel_err"] = errors
     bad = {n: e for n, e in errors.items() if not e <= MAX_REL_ERR}
@@ -164,23 +167,28 @@ def _sweep(shape, sets, num_sets, repeat, num_sms) -> dict[str, float | str]:
     return results
 
 
-def _graph_check(sets) -> str:
-    """The launcher must be capturable in a CUDA graph (no host syncs, no data-dependent allocation)."""
+def _graph_check(sets, **kwargs) -> str:
+    """The launcher must be capturable in a CUDA graph (no host syncs, no data-dependent allocation), and replays
+    must keep giving the eager result (the in-kernel merge's counters reset themselves)."""
     from kernels.decode_attention import decode_attention
 
     q, k, v, lens = sets[0]
-    eager = decode_attention(q, k, v, lens)
+    eager = decode_attention(q, k, v, lens, **kwargs)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        decode_attention(q, k, v, lens)  # compile outside the capture
+        decode_attention(q, k, v, lens, **kwargs)  # compile outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = decode_attention(q, k, v, lens)
-    graph.replay()
-    torch.cuda.synchronize()
-    return "ok" if torch.equal(captured, eager) else "mismatch"
+        captured = decode_attention(q, k, v, lens, **kwargs)
+    same = []
+    for _ in range(3):
+        captured.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        same.append(torch.equal(captured, eager))
+    return "ok" if all(same) else f"mismatch on replays {[i for i, ok in enumerate(same) if not ok]}"
 
 
 def _time_flashinfer(shape, sets, num_sets, repeat, details, notes) -> dict[str, float | None]:
@@ -257,15 +265,16 @@ def run(args) -> SuiteResult:
         if shape == shapes[0]:
             try:
                 details["cuda_graph_capture"] = _graph_check(sets)
+                details["cuda_graph_capture_merge_in_kernel"] = _graph_check(sets, merge="in-kernel")
             except Exception as exc:  # noqa: BLE001 - recorded, the timings still count
                 details["cuda_graph_capture"] = f"failed: {str(exc).strip()[:300]}"
                 notes.append(f"CUDA graph capture failed: {str(exc).strip()[:200]}")
-        plan = choose_launch(batch, num_kv_heads, seq_len, HEAD_DIM, num_sms, variants["ours auto"])
+        plan = choose_launch(batch, num_kv_heads, seq_len, HEAD_DIM, num_sms, variants["ours auto"]["config"])
         shape_details["auto_plan"] = dataclasses.asdict(plan)
         times: dict[str, float | None] = {}
-        for variant, config in variants.items():
+        for variant, kwargs in variants.items():
             try:
-                times[variant] = rotating_median_ms(lambda i: decode_attention(*sets[i], config=config),
+                times[variant] = rotating_median_ms(lambda i: decode_attention(*sets[i], **kwargs),
                                                     num_sets=num_sets, repeat=args.repeat)
             except Exception as exc:  # noqa: BLE001 - recorded; the headlines then leave this shape out
                 times[variant] = None

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import threading
 
-# Phrases of the CUDA runtime's messages (as torch raises them) for errors that corrupt the context.
+# Phrases of the CUDA runtime's messages (as torch raises them) for errors that corrupt the context. Not a bare
+# "device-side assert": torch ends every CUDA error's message with "Compile with `TORCH_USE_CUDA_DSA` to enable
+# device-side assertions", so that phrase would call any CUDA error (a failed graph capture, a bad launch argument)
+# sticky; an assert that fired reads "device-side assert triggered".
 STICKY_MARKERS = (
     "illegal memory access", "cudaerrorillegaladdress", "illegal instruction", "unspecified launch failure",
-    "cudaerrorlaunchfailure", "misaligned address", "device-side assert", "invalid program counter",
-    "hardware stack error", "uncorrectable ecc", "cudaerrorecc", "an illegal address",
+    "cudaerrorlaunchfailure", "misaligned address", "device-side assert triggered", "cudaerrorassert",
+    "invalid program counter", "hardware stack error", "uncorrectable ecc", "cudaerrorecc", "an illegal address",
 )
 
 _lock = threading.Lock()

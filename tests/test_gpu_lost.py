@@ -92,3 +92,29 @@ def test_the_session_reports_the_loss_to_the_panel_that_ran_it(monkeypatch):
     assert isinstance(failed.value, GpuContextLostError) and "Restart the app" in str(failed.value)
     assert session.busy() is None  # the job ended: nothing hangs, the lock is free
     assert session.model is not None  # the loaded model is kept (freeing its weights would abort the process)
+
+
+_TORCH_TAIL = ("\nCUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below "
+               "might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\nCompile with "
+               "`TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
+
+
+@pytest.mark.parametrize("message, sticky", [
+    ("CUDA error: an illegal memory access was encountered", True),
+    ("CUDA error: unspecified launch failure", True),
+    ("CUDA error: device-side assert triggered", True),
+    ("CUDA error: misaligned address", True),
+    ("CUDA error: operation failed due to a previous error during capture", False),
+    ("CUDA error: operation not permitted when stream is capturing", False),
+    ("CUDA error: invalid argument", False),
+    ("CUDA error: too many resources requested for launch", False),
+])
+def test_only_errors_that_corrupt_the_context_count_as_lost(message, sticky):
+    """As torch raises them: every CUDA error's message ends with a hint about device-side assertions, which must
+    not make a recoverable error (a failed graph capture, a bad launch) look like a lost context."""
+    error = RuntimeError(message + _TORCH_TAIL)
+    assert gpu_errors.is_context_lost(error) is sticky
+    try:
+        raise ValueError("the engine's wrapper") from error
+    except ValueError as wrapped:
+        assert gpu_errors.is_context_lost(wrapped) is sticky  # found through the cause chain too

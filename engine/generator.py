@@ -152,6 +152,9 @@ class Generator:
         if settings.fused == "auto" and self.model.device.type != "cuda":
             self.fused_why = "auto: the plain adapter on the CPU (the fused pieces are the same torch ops there)"
             return self.model.adapter
+        if settings.fused == "auto" and settings.compile:
+            self.fused_why = "auto: the plain adapter under compile (inductor fuses its ops itself; fused=True to combine)"
+            return self.model.adapter
         from engine.fast import fuse, why_not_fused
 
         why = why_not_fused(self.model.adapter)

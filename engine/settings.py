@@ -116,7 +116,8 @@ class GenerationSettings:
     # The fast adapter (engine/fast): fused q/k/v and gate/up weights, one-pass norm, RoPE and activation kernels, the
     # skinny GEMM where the device's measured GEMM plan says it wins. The same numbers as the plain adapter.
     # "auto": on a CUDA device for every family that has one (1.37x the plain adapter's step on an H200, no compile
-    # wait), the plain adapter on the CPU (where the fused pieces are the same torch ops) and under tensor parallel.
+    # wait), the plain adapter on the CPU (where the fused pieces are the same torch ops), under compile and under
+    # tensor parallel.
     fused: bool | str = "auto"
     offload: OffloadSettings = field(default_factory=OffloadSettings)
 

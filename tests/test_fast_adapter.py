@@ -217,6 +217,7 @@ def test_the_default_is_the_fast_adapter_on_a_gpu_and_the_plain_one_on_the_cpu(m
     assert gen._adapter(GenerationSettings(fused=False)) is model.adapter and gen.fused_why == "off"
     on_gpu = Generator(dataclasses.replace(model, device=torch.device("cuda")))  # how "auto" reads the device
     assert isinstance(on_gpu._adapter(GenerationSettings()), FusedLlamaAdapter) and "fast adapter" in on_gpu.fused_why
+    assert on_gpu._adapter(GenerationSettings(compile=True)) is model.adapter and "under compile" in on_gpu.fused_why
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None, "Auto"])

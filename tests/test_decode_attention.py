@@ -85,6 +85,11 @@ def _check(out, ref, dtype):
     assert worst <= _TOL[dtype], f"worst row relative error {worst:.3g} > {_TOL[dtype]} (row {divmod(err.argmax().item(), err.shape[1])})"
 
 
+class _NoMergeLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("the merge kernel was launched: the in-kernel merge should have merged")
+
+
 def _run(q, k, v, lens, **kwargs):
     out = torch.full_like(q, float("nan"))
     got = decode_attention(q, k, v, lens, out=out, **kwargs)
@@ -176,9 +181,16 @@ SEGMENT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("merge", ["launch", "in-kernel"])
 @pytest.mark.parametrize("num_splits", [1, None])
 @pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda c: "+".join(f"{l}{n}" for l, n in c[0]) + f"-D{c[6]}-w{c[2]}-cap{c[3]}")
-def test_segments_match_reference(case, num_splits):
+def test_segments_match_reference(case, num_splits, merge, monkeypatch):
+    """In-kernel merge: each segment launches its split kernel; the tickets count over all of them, so a row merges
+    once, in the last launch, over every segment's splits (rows that see nothing of a segment included)."""
+    import kernels.decode_attention as da
+
+    if merge == "in-kernel":
+        monkeypatch.setattr(da, "_merge_kernel", _NoMergeLaunch())
     layouts, seq_lens, window, softcap, num_heads, num_kv_heads, head_dim, dtype = case
     gen = torch.Generator().manual_seed(len(layouts) + head_dim)
     batch, segments, start = len(seq_lens), [], 0
@@ -190,9 +202,11 @@ def test_segments_match_reference(case, num_splits):
     q = torch.randn(batch, num_heads, head_dim, generator=gen).to(dtype)
     out = torch.full_like(q, float("nan"))
     got = decode_attention_segments(q, segments, lens, window=window, softcap=softcap, out=out,
-                                    config=DecodeAttentionConfig(num_splits=num_splits, block_n=16))
+                                    config=DecodeAttentionConfig(num_splits=num_splits, block_n=16), merge=merge)
     assert got is out
     _check(out, decode_attention_segments_reference(q.double(), segments, lens, window=window, softcap=softcap), dtype)
+    if merge == "in-kernel":
+        assert not da._MERGE_TICKETS[q.device].any()  # every row's counter is back at zero for the next call
 
 
 def test_segments_equal_one_cache():
@@ -422,11 +436,6 @@ def test_config_is_frozen():
 
 
 # -- the in-kernel merge (merge="in-kernel"): each row's last program merges its splits ------------------------------
-class _NoMergeLaunch:
-    def __getitem__(self, grid):
-        raise AssertionError("the merge kernel was launched: the in-kernel merge should have merged")
-
-
 @pytest.mark.parametrize("case", [c for c in CASES if c[7] != 1], ids=lambda c: f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-S{c[3]}-D{c[4]}-{c[5]}-splits{c[7]}-w{c[8]}-cap{c[9]}")
 def test_the_in_kernel_merge_equals_the_launched_one(case, monkeypatch):
     import kernels.decode_attention as da
@@ -443,30 +452,6 @@ def test_the_in_kernel_merge_equals_the_launched_one(case, monkeypatch):
     _check(merged, decode_attention_reference(q.double(), k, v, lens, window=window, softcap=softcap), dtype)
     assert (merged.float() - launched.float()).abs().max().item() <= (1e-6 if dtype == torch.float32 else 1e-2)
     assert not da._MERGE_TICKETS[q.device].any()  # every row's counter is back at zero for the next call
-
-
-@pytest.mark.parametrize("case", SEGMENT_CASES[:3], ids=lambda c: "+".join(f"{l}{n}" for l, n in c[0]))
-def test_the_in_kernel_merge_spans_every_segments_launch(case, monkeypatch):
-    """Segments launch one split kernel each; the tickets count over all of them, so a row merges once, in the
-    last launch, over every segment's splits (rows that see nothing of a segment included)."""
-    import kernels.decode_attention as da
-
-    layouts, seq_lens, window, softcap, num_heads, num_kv_heads, head_dim, dtype = case
-    gen = torch.Generator().manual_seed(len(layouts) + head_dim)
-    batch, segments, start = len(seq_lens), [], 0
-    for layout, num_slots in layouts:
-        segments.append(_segment(layout, batch, num_kv_heads, start, num_slots, head_dim, dtype, gen))
-        start += num_slots
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    _poison_invisible(segments, lens, window)
-    q = torch.randn(batch, num_heads, head_dim, generator=gen).to(dtype)
-    config = DecodeAttentionConfig(num_splits=2, block_n=16)
-    monkeypatch.setattr(da, "_merge_kernel", _NoMergeLaunch())
-    out = torch.full_like(q, float("nan"))
-    decode_attention_segments(q, segments, lens, window=window, softcap=softcap, out=out, config=config,
-                              merge="in-kernel")
-    _check(out, decode_attention_segments_reference(q.double(), segments, lens, window=window, softcap=softcap), dtype)
-    assert not da._MERGE_TICKETS[q.device].any()
 
 
 def test_rows_past_the_counters_merge_by_launch(monkeypatch):

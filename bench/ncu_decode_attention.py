@@ -1,10 +1,12 @@
-"""Nsight Compute counters for the decode-attention kernel, prefetch off vs on, on two shapes.
+"""Nsight Compute counters for the decode-attention kernel: pipeline depth x prefetch, on a few shapes.
 
-    python bench/ncu_decode_attention.py [--results-dir bench/results] [--ncu /path/to/ncu]
+    python bench/ncu_decode_attention.py [--results-dir bench/results] [--ncu /path/to/ncu] [--tag h200]
+        [--shapes '1,32,8,32768;32,32,32,4096'] [--variants '0:off,0:on1']
 
-Runs `ncu --csv --clock-control none` on this same script in worker mode (one shape, one prefetch
-setting, the split kernel `_kernel` profiled after warm-up calls), parses the CSV, and writes
-`decode_attention_ncu.json` and `.md` with the device, date and command. L2 service is reported
+Variants are `stages:prefetch` (stages 0: the planner's depth; prefetch off, on1 or on2: tiles ahead). Runs `ncu
+--csv --clock-control none` on this same script in worker mode (one shape, one variant, the split kernel `_kernel`
+profiled after warm-up calls), parses the CSV, and writes `decode_attention_ncu[_TAG].json` and `.md` with the
+device, date and command. L2 service is reported
 two ways: ncu's plain hit rate, and the partition-aware fraction of L1 (tex) read sectors served by
 L2 = (tex lookup hits + ltcfabric lookup hits) / tex reads, since on H100 about half of the hits land
 in the far partition and arrive over the fabric. Exits non-zero when ncu is missing or fails.
@@ -45,7 +47,14 @@ _UNIT_SCALE = {"nsecond": 1.0, "ns": 1.0, "usecond": 1e3, "us": 1e3, "msecond": 
                "byte": 1.0, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "tbyte": 1e12}
 
 
-def _worker(shape: tuple[int, ...], prefetch: str) -> None:
+def _variant(text: str) -> tuple[int, str, int]:
+    """'3:on1' -> (3 stages, prefetch "on", distance 1); stages 0: the planner's."""
+    stages, prefetch = text.split(":")
+    distance = int(prefetch[2:] or 1) if prefetch.startswith("on") else 1
+    return int(stages), "on" if prefetch.startswith("on") else "off", distance
+
+
+def _worker(shape: tuple[int, ...], variant: str) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -56,7 +65,8 @@ def _worker(shape: tuple[int, ...], prefetch: str) -> None:
     k = torch.randn(batch, num_kv_heads, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     lens = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
-    config = DecodeAttentionConfig(prefetch=prefetch)
+    stages, prefetch, distance = _variant(variant)
+    config = DecodeAttentionConfig(prefetch=prefetch, prefetch_distance=distance, num_stages=stages or None)
     for _ in range(WARMUP_CALLS + 1):
         decode_attention(q, k, v, lens, config=config)
     torch.cuda.synchronize()
@@ -95,7 +105,7 @@ def _profile(ncu: str, shape, prefetch: str, metrics: list[str]) -> tuple[dict, 
         cmd = [ncu, "--csv", "--clock-control", "none", "--print-units", "base", "--kernel-name", "_kernel",
                "--launch-skip", str(WARMUP_CALLS), "--launch-count", "1", "--metrics", ",".join(metrics),
                "--log-file", str(log), sys.executable, str(Path(__file__).resolve()), "--worker",
-               "--shape", ",".join(map(str, shape)), "--prefetch", prefetch]
+               "--shape", ",".join(map(str, shape)), "--variant", prefetch]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         text = (log.read_text() if log.exists() else "") + "\n" + proc.stdout
         if proc.returncode != 0 or '"Metric Name"' not in text:
@@ -128,7 +138,7 @@ def _measure(ncu: str, shape, prefetch: str, cache: dict) -> dict:
     fabric_hits = _value(raw, "lts__t_sectors_srcunit_ltcfabric_op_read_lookup_hit.sum")
     return {
         "shape": f"B{batch} Hq{num_heads} Hkv{num_kv_heads} S{seq_len}",
-        "prefetch": prefetch,
+        "prefetch": prefetch,  # the variant, stages:prefetch
         "duration_us": duration_ns / 1e3 if duration_ns else None,
         "gb_s": bytes_moved / duration_ns if duration_ns else None,
         "dram_read_mb": (_value(raw, "dram__bytes_read.sum", base_unit="byte") or 0) / 1e6 or None,
@@ -164,23 +174,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ncu", default=None, help="ncu executable (default: PATH, then /usr/local/cuda/bin/ncu)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--prefetch", default="off", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="0:off", help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES))
+    parser.add_argument("--variants", default="0:off,0:on1", help="stages:prefetch, e.g. '1:off,1:on1,3:off,3:on1'")
+    parser.add_argument("--tag", default="", help="results go to decode_attention_ncu_TAG.*")
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(tuple(int(x) for x in args.shape.split(",")), args.prefetch)
+        _worker(tuple(int(x) for x in args.shape.split(",")), args.variant)
         return 0
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        _variant(v)  # a malformed variant fails here, before any profiling
     ncu = args.ncu or shutil.which("ncu") or next(
         (p for p in ("/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/ncu") if os.path.exists(p)), None)
     if not ncu:
         print("ncu (Nsight Compute) not found on PATH or in /usr/local/cuda/bin; install it or pass --ncu", file=sys.stderr)
         return 2
     rows, cache = [], {}
-    for shape in SHAPES:
-        for prefetch in ("off", "on"):
+    for shape in shapes:
+        for variant in variants:
             try:
-                rows.append(_measure(ncu, shape, prefetch, cache))
-            except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
-                print(f"{shape} prefetch {prefetch}: {exc}", file=sys.stderr)
+                rows.append(_measure(ncu, shape, variant, cache))
+            except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
+                print(f"{shape} {variant}: {exc}", file=sys.stderr)
                 return 1
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "raw"}), flush=True)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -189,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
                "l2_served_formula": "(lts__t_sectors_srcunit_tex_op_read_lookup_hit.sum + "
                                     "lts__t_sectors_srcunit_ltcfabric_op_read_lookup_hit.sum) / lts__t_sectors_srcunit_tex_op_read.sum"}
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / "decode_attention_ncu.json").write_text(json.dumps(payload, indent=2) + "\n")
-    md = ["# Nsight Compute: decode attention `_kernel`, prefetch off vs on", "",
+    stem = "decode_attention_ncu" + (f"_{args.tag}" if args.tag else "")
+    (args.results_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    md = ["# Nsight Compute: decode attention `_kernel`, pipeline depth x prefetch", "",
           f"- device: {payload['device']}", f"- date: {date}", f"- command: `{command}`",
           f"- ncu: `{rows[0]['ncu_command']}`", f"- L2 served = {payload['l2_served_formula']}", "",
-          "| shape | prefetch | duration µs | GB/s | DRAM read MB | K+V+q+out MB | L2 hit % | L2 served % | long-scoreboard stall | occupancy % |",
+          "| shape | stages:prefetch (0: the planner's depth) | duration µs | GB/s | DRAM read MB | K+V+q+out MB | L2 hit % | L2 served % | long-scoreboard stall | occupancy % |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['shape']} | {r['prefetch']} | {_fmt(r['duration_us'], '{:.1f}')} | {_fmt(r['gb_s'], '{:.0f}')} | "
@@ -203,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     md += ["", f"- long-scoreboard metric: `{rows[0]['long_scoreboard_metric']}`",
            "- durations are ncu's (`--clock-control none`, one kernel launch, caches flushed before each replay pass by "
            "ncu's default `--cache-control all`); the merge kernel is not included"]
-    (args.results_dir / "decode_attention_ncu.md").write_text("\n".join(md) + "\n")
+    (args.results_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

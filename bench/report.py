@@ -74,6 +74,7 @@ class SuiteResult:
     headlines: list[Headline] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    tables: list[str] = field(default_factory=list)  # further markdown tables, after the rows' and headlines'
 
 
 def device_name() -> str:
@@ -153,6 +154,8 @@ def write_results(result: SuiteResult, *, results_dir: Path = RESULTS_DIR, comma
         for h in result.headlines:
             md.append(f"| `{h.key}` | {h.value:.4g} | {h.unit} | {h.peer or '-'} | {_fmt(h.peer_value, '{:.4g}')} |")
         md.append("")
+    for extra_table in result.tables:
+        md += [extra_table, ""]
     md += [f"- {n}" for n in result.notes]
     (results_dir / f"{result.suite}.md").write_text("\n".join(md) + "\n")
     update_summary(result.headlines, device=device, date=date, command=command, results_dir=results_dir)

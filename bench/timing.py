@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch
 
+from engine.lab.kernel_timing import queued_median_ms as rotating_median_ms  # noqa: F401 - re-exported
+
 
 def median_ms(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 10, sync: bool = True) -> float:
     """Median wall time of `fn()` in ms, timed with CUDA events (host clock on CPU)."""
@@ -58,41 +60,6 @@ def cold_l2_num_sets(bytes_per_set: int, *, min_sets: int = 2, max_total_bytes: 
     return max(1, min(wanted, max_total_bytes // max(1, bytes_per_set)))
 
 
-def rotating_median_ms(fn: Callable[[int], object], *, num_sets: int, warmup: int = 3, repeat: int = 10,
-                       min_sample_ms: float = 2.0) -> float:
-    """Median ms per call of `fn(i)`, with i cycling over `num_sets` buffer sets (cold L2 per call).
-
-    Each sample queues enough calls to last `min_sample_ms` behind a GPU sleep, so the GPU runs them
-    back to back and the host's launch overhead is not counted; events bracket only the calls.
-    """
-    import time
-
-    for i in range(warmup):
-        fn(i % num_sets)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn(0)
-    end.record()
-    end.synchronize()
-    calls = max(1, min(200, int(min_sample_ms / max(start.elapsed_time(end), 1e-3))))
-    t0 = time.perf_counter()
-    for i in range(calls):
-        fn(i % num_sets)
-    host_s = time.perf_counter() - t0  # time to enqueue one sample's calls
-    torch.cuda.synchronize()
-    times_ms = []
-    for r in range(repeat):
-        torch.cuda._sleep(int(host_s * 1.5 * 2e9) + 100_000)  # ~2 GHz: keeps the GPU busy while we enqueue
-        start.record()
-        for i in range(calls):
-            fn((r * calls + i) % num_sets)
-        end.record()
-        end.synchronize()
-        times_ms.append(start.elapsed_time(end) / calls)
-    return statistics.median(times_ms)
-
-
 def streaming_read_gb_s(*, num_bytes: int = 2 << 30, repeat: int = 10) -> float:
     """Read-only streaming bandwidth: a bf16 -> fp32 sum over a buffer far larger than L2."""
     src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
@@ -101,12 +68,17 @@ def streaming_read_gb_s(*, num_bytes: int = 2 << 30, repeat: int = 10) -> float:
     return num_bytes / (ms * 1e-3) / 1e9
 
 
-def triton_read_gb_s(*, num_bytes: int = 4 << 30, programs_per_sm: int = 8, block: int = 4096,
-                     repeat: int = 10) -> float:
-    """The device's achievable read bandwidth: kernels/stream_read.py over a bf16 buffer far larger than L2 (4 GiB,
-    8 programs per SM, 4096-element blocks: 4.56 TB/s on an H200, where a torch bf16 sum reads 3.99). The buffer
-    shrinks to a quarter of the free memory when 4 GiB would not fit. Without a GPU: a torch sum over host memory
-    (the interpreter runs the kernel correctly, not fast)."""
+# (programs per SM, block elements, warps) the read sweeps: persistent grids of 1-16 programs per SM, 8-32 KiB blocks
+READ_CONFIGS = tuple((per_sm, block, warps) for per_sm in (2, 4, 8, 16) for block in (4096, 8192, 16384)
+                     for warps in (4, 8))
+LAST_READ_SWEEP: dict[str, float] = {}  # "programs/SM x block x warps" -> GB/s of the last sweep (for notes)
+
+
+def triton_read_gb_s(*, num_bytes: int = 4 << 30, configs=READ_CONFIGS, repeat: int = 10) -> float:
+    """The device's achievable read bandwidth: the fastest of kernels/stream_read.py's configs over a bf16 buffer far
+    larger than L2 (4 GiB; each config's median over `repeat`); LAST_READ_SWEEP keeps every config's figure. The
+    buffer shrinks to a quarter of the free memory when 4 GiB would not fit. Without a GPU: a torch sum over host
+    memory (the interpreter runs the kernel correctly, not fast)."""
     if not torch.cuda.is_available():
         src = torch.randn(min(num_bytes, 256 << 20) // 4)
         ms = median_ms(lambda: torch.sum(src), warmup=2, repeat=repeat)
@@ -114,9 +86,23 @@ def triton_read_gb_s(*, num_bytes: int = 4 << 30, programs_per_sm: int = 8, bloc
     from kernels.stream_read import stream_read
 
     free, _ = torch.cuda.mem_get_info()
-    num_bytes = min(num_bytes, free // 4) // (2 * block) * (2 * block)
+    largest_block = max(block for _, block, _ in configs)
+    num_bytes = min(num_bytes, free // 4) // (2 * largest_block) * (2 * largest_block)
     src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    programs = programs_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
-    ms = median_ms(lambda: stream_read(src, programs=programs, block=block), warmup=3, repeat=repeat)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    LAST_READ_SWEEP.clear()
+    for per_sm, block, warps in configs:
+        ms = median_ms(lambda: stream_read(src, programs=per_sm * num_sms, block=block, num_warps=warps),
+                       warmup=3, repeat=repeat)
+        LAST_READ_SWEEP[f"{per_sm}/SM x {block} x {warps} warps"] = num_bytes / (ms * 1e-3) / 1e9
     del src
-    return num_bytes / (ms * 1e-3) / 1e9
+    return max(LAST_READ_SWEEP.values())
+
+
+def read_sweep_note() -> str:
+    """The last sweep's fastest and slowest configs, for a bench's notes."""
+    if not LAST_READ_SWEEP:
+        return ""
+    ranked = sorted(LAST_READ_SWEEP.items(), key=lambda kv: -kv[1])
+    return (f"Triton streaming read over {len(ranked)} configs (programs/SM x block elements x warps): fastest "
+            f"{ranked[0][0]} {ranked[0][1]:.0f} GB/s, slowest {ranked[-1][0]} {ranked[-1][1]:.0f} GB/s")

@@ -9,8 +9,8 @@ One program handles one (sequence, KV head, split) of one segment: the Hq/Hkv qu
 packed as the rows of a small matrix, so each K/V tile is read from memory once. Every segment's splits write
 one partial/LSE buffer, merged by log-sum-exp in a second small kernel (skipped for one segment in one split), or,
 with merge="in-kernel", by each (sequence, KV head) row's last program to finish (an acq_rel ticket per row, reset
-by that program: one launch per segment, no merge kernel; the engine keeps the launched merge until the bench has
-measured both on a GPU). A split that sees no key (the sequence ends before it, or the window starts after it) leaves LSE -inf: weight 0.
+by that program: one launch per segment, no merge kernel). merge="auto", the default, merges in the kernel where a
+row has at most IN_KERNEL_MERGE_MAX_SPLITS splits (measured faster there) and by launch above. A split that sees no key (the sequence ends before it, or the window starts after it) leaves LSE -inf: weight 0.
 Every element offset is 64-bit: a staged segment's key rows are B*2*Hkv*D elements apart, so key * stride
 passes 2^31 at B*S ~ 262K tokens of a 7B model.
 
@@ -304,7 +304,12 @@ def _check_inputs(q: torch.Tensor, segments: Sequence[KVSegment], seq_lens: torc
         raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is first imported")
 
 
-MERGES = ("launch", "in-kernel")
+MERGES = ("auto", "launch", "in-kernel")
+# "auto" merges inside the split kernel up to this many splits per row, by launch above. Measured on an H200
+# (bench/results/decode_attention_sweep.md, 2026-12-01): at 4 splits the in-kernel merge saved 2.4-3.0 us of a
+# 40 us call (B1 Hq32 Hkv32 S8192, B4 Hq40 Hkv8 S8192); at 16 splits it saved nothing (B1 Hq32 Hkv8 S32768),
+# since the last program reads the row's splits one after another while the merge kernel reads them in parallel.
+IN_KERNEL_MERGE_MAX_SPLITS = 8
 MERGE_TICKET_ROWS = 1 << 16  # (seq, KV head) rows the in-kernel merge's counters cover; more rows merge by launch
 _MERGE_TICKETS: dict[torch.device, torch.Tensor] = {}
 
@@ -324,9 +329,17 @@ def merge_tickets(device: torch.device, rows: int) -> torch.Tensor | None:
     return tickets
 
 
+def chosen_merge(merge: str, total_splits: int) -> str:
+    """The merge a call runs: "launch" or "in-kernel" as asked, "auto" by the row's split count."""
+    assert merge in MERGES, f"merge must be one of {MERGES}, got {merge!r}"
+    if merge != "auto":
+        return merge
+    return "in-kernel" if total_splits <= IN_KERNEL_MERGE_MAX_SPLITS else "launch"
+
+
 def _launch(q: torch.Tensor, segments: Sequence[KVSegment], plans: Sequence[LaunchPlan], seq_lens: torch.Tensor, *,
             sm_scale: float | None, window: int | None, softcap: float | None, out: torch.Tensor,
-            merge: str = "launch") -> torch.Tensor:
+            merge: str = "auto") -> torch.Tensor:
     """Every plan's split kernel into one partial/LSE buffer, then one merge (none for one plan of one split): a
     second kernel ("launch"), or the last program of each row inside the split kernel ("in-kernel", where
     merge_tickets allows; else by launch). Allocations depend on shapes and plans only, never on data: capturable
@@ -348,9 +361,34 @@ def _launch(q: torch.Tensor, segments: Sequence[KVSegment], plans: Sequence[Laun
     else:
         partial, lse = out, out  # the kernel writes the output directly; lse_ptr unused
         o_strides = (out.stride(0), out.stride(1), 0)
-    assert merge in MERGES, f"merge must be one of {MERGES}, got {merge!r}"
+    merge = chosen_merge(merge, total_splits)
     tickets = merge_tickets(q.device, batch * num_kv_heads) if split and merge == "in-kernel" else None
     scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+    try:
+        _launch_splits(q, segments, plans, seq_lens, partial, lse, o_strides, tickets, out, split=split, scale=scale,
+                       softcap=softcap, window=window, total_splits=total_splits, num_kv_heads=num_kv_heads,
+                       group=group, block_m=block_m, block_d=block_d, interpret=interpret)
+    except BaseException:
+        # A launch refused after an earlier segment's programs took tickets would leave counts behind, and the next
+        # call would merge too early: clear them (not inside a capture, where nothing ran).
+        if tickets is not None and not (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            tickets.zero_()
+        raise
+    if split and tickets is None:
+        _merge_kernel[(batch * num_heads,)](
+            part_ptr=partial, lse_ptr=lse, out_ptr=out, num_heads=num_heads, num_splits=total_splits,
+            stride_pb=partial.stride(0), stride_ph=partial.stride(1), stride_ps=partial.stride(2),
+            stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_ob=out.stride(0), stride_oh=out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(total_splits),
+            CHUNK=min(32, triton.next_power_of_2(total_splits)), num_warps=4)
+    return out
+
+
+def _launch_splits(q, segments, plans, seq_lens, partial, lse, o_strides, tickets, out, *, split: bool, scale: float,
+                   softcap: float | None, window: int | None, total_splits: int, num_kv_heads: int, group: int,
+                   block_m: int, block_d: int, interpret: bool) -> None:
+    """One split-kernel launch per plan (segment), each writing its splits' columns of the partial/LSE buffer."""
+    batch, _, head_dim = q.shape
     split_offset = 0
     for plan in plans:
         seg = segments[plan.segment]
@@ -376,27 +414,20 @@ def _launch(q: torch.Tensor, segments: Sequence[KVSegment], plans: Sequence[Laun
             DOT_FP32=q.dtype == torch.float32 or interpret, SOFTCAP=softcap is not None, WINDOW=window is not None,
             num_warps=plan.num_warps, num_stages=plan.num_stages)
         split_offset += plan.num_splits
-    if split and tickets is None:
-        _merge_kernel[(batch * num_heads,)](
-            part_ptr=partial, lse_ptr=lse, out_ptr=out, num_heads=num_heads, num_splits=total_splits,
-            stride_pb=partial.stride(0), stride_ph=partial.stride(1), stride_ps=partial.stride(2),
-            stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_ob=out.stride(0), stride_oh=out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(total_splits),
-            CHUNK=min(32, triton.next_power_of_2(total_splits)), num_warps=4)
-    return out
 
 
 def decode_attention_segments(q: torch.Tensor, segments: Sequence[KVSegment], seq_lens: torch.Tensor, *,
                               sm_scale: float | None = None, window: int | None = None, softcap: float | None = None,
                               config: DecodeAttentionConfig = DecodeAttentionConfig(),
-                              out: torch.Tensor | None = None, merge: str = "launch") -> torch.Tensor:
+                              out: torch.Tensor | None = None, merge: str = "auto") -> torch.Tensor:
     """Attention of each sequence's newest token over the visible keys of every segment -> (B, Hq, D), q's dtype.
 
     Scores s = q.k * sm_scale (default D^-0.5), soft-capped to softcap * tanh(s / softcap) when `softcap` is set;
     keys visible as kernels.segments.visible_keys says. One split-kernel launch per segment with slots (its own
     key start and splits, `plan_segments`), one merge over all of them. No host syncs and no data-dependent
     allocation, so it can be captured in a CUDA graph; the interpreter always runs without prefetch. merge: how the
-    splits are merged (`_launch`); "in-kernel" saves a launch, the bench measures whether it pays."""
+    splits are merged (`_launch`): "auto" (in the split kernel up to IN_KERNEL_MERGE_MAX_SPLITS splits per row, by a
+    second launch above), "launch" or "in-kernel"."""
     _check_inputs(q, segments, seq_lens, out, window, softcap)
     plans = plan_segments(segments, window=window, config=config, num_sms=sm_count(q.device))
     out = torch.empty_like(q) if out is None else out
@@ -407,7 +438,7 @@ def decode_attention_segments(q: torch.Tensor, segments: Sequence[KVSegment], se
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
                      sm_scale: float | None = None, window: int | None = None, softcap: float | None = None,
                      config: DecodeAttentionConfig = DecodeAttentionConfig(), out: torch.Tensor | None = None,
-                     plan: LaunchPlan | None = None, merge: str = "launch") -> torch.Tensor:
+                     plan: LaunchPlan | None = None, merge: str = "auto") -> torch.Tensor:
     """decode_attention_segments over one segment at slot 0: k_cache, v_cache (B, Hkv, S_max, D), seq_lens each in
     1..S_max. `plan` overrides the planner (benches use it to sweep)."""
     batch, num_heads, head_dim = q.shape

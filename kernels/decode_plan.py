@@ -32,6 +32,11 @@ MIN_TILES_PER_SPLIT = 4
 # the 3-wave floor is a guess that keeps the last wave's tail small.
 TILE_ELEMENTS = 8192
 BIG_TILE_MIN_WAVES = 3.0
+# Under-occupied grids (fewer (seq, KV head) rows than SMs, splits filling the SMs) took 32 KiB tiles too: on an
+# H200, 128-key tiles 3 stages deep were the fastest or within 0.5 us of it on B1 Hq32 Hkv8 S32768 (40.2 against
+# 41.8 us with 64-key tiles), B1 Hq32 Hkv32 S8192 and B4 Hq40 Hkv8 S8192 (bench/results/decode_attention_sweep.md,
+# 2026-12-01). Measured with 16 such tiles per split; kept to splits of at least this many.
+BIG_TILE_MIN_TILES_PER_SPLIT = 8
 # Hopper's shared memory per block (opt-in): 227 KiB. Triton's pipeline holds num_stages - 1 K and V tiles in
 # flight (fp32: at least two tiles, for the fp32 dot's operand layouts) plus up to 16 KiB of layout-conversion
 # scratch and the q tile: what tests/test_decode_attention_ptx.py compiles for sm_90 stays under this estimate.
@@ -107,8 +112,16 @@ def choose_launch(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int
         block_n = config.block_n
     else:
         block_n = min(128, max(16, TILE_ELEMENTS // block_d))
-        if element_bytes == 2 and block_d >= 128 and rows >= BIG_TILE_MIN_WAVES * num_sms:
-            block_n = min(128, 2 * block_n)
+        if element_bytes == 2 and block_d >= 128:
+            big = min(128, 2 * block_n)
+            if rows >= BIG_TILE_MIN_WAVES * num_sms:
+                block_n = big
+            elif rows < num_sms and config.num_splits is None and block_d == 128:  # the head dim measured
+                big_tiles = _cdiv(max_seq_len, big)
+                splits = min(max(1, int(TARGET_PROGRAMS_PER_SM * num_sms // rows)),
+                             max(1, big_tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
+                if big_tiles >= BIG_TILE_MIN_TILES_PER_SPLIT * splits:
+                    block_n = big
 
     def fits(tile: int, stages: int) -> bool:
         return shared_memory_estimate(tile, head_dim, stages, element_bytes=element_bytes) <= shared_memory_bytes
@@ -125,7 +138,12 @@ def choose_launch(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int
         tile_why = (f" ({wanted_tile}-key tiles {_stages(num_stages or 1)} deep overflow {shared_memory_bytes >> 10} KiB "
                     f"of shared memory at head dim {head_dim})")
     if num_stages is None:
-        num_stages = 3 if block_n * block_d * element_bytes <= 32 * 1024 else 2
+        tile_bytes = block_n * block_d * element_bytes
+        # Full grids of 32 KiB tiles keep enough bytes in flight two stages deep: on an H200, 2 stages ran B128 Hq32
+        # Hkv8 S2048 in 243.5 us against 246.1 with 3, and tied on B64 and B32 (2026-12-01, decode_attention_sweep2
+        # and decode_attention_study); under-occupied grids of them need the third (40.2 against 41+ us at B1).
+        full_grid = rows >= BIG_TILE_MIN_WAVES * num_sms and block_d == 128  # the head dim measured
+        num_stages = 2 if tile_bytes > 32 * 1024 or (tile_bytes == 32 * 1024 and full_grid) else 3
     while num_stages > 1 and not fits(block_n, num_stages):
         num_stages -= 1  # K and V tiles in flight must fit in shared memory
         stages_why += ", reduced to fit shared memory"

@@ -369,7 +369,7 @@ def test_splits_fill_the_gpu_and_none_is_empty(batch, num_kv_heads, max_seq_len,
 
 def test_big_tiles_only_for_many_waves_of_16_bit_programs():
     big = choose_launch(128, 8, 2048, 128, 132)  # 1024 programs: 7.8 waves
-    assert big.block_n == 128 and big.num_stages == 3
+    assert big.block_n == 128 and big.num_stages == 2  # 32 KiB tiles on a full grid: two stages (measured on an H200)
     assert choose_launch(128, 8, 2048, 128, 132, element_bytes=4).block_n == 64  # fp32: keep 32 KiB tiles
     assert choose_launch(2, 8, 2048, 128, 132).block_n == 64  # 16 programs: a big tile would idle SMs
     fp32_big = choose_launch(1, 8, 4096, 128, 132, DecodeAttentionConfig(block_n=128), element_bytes=4)
@@ -443,7 +443,7 @@ def test_the_in_kernel_merge_equals_the_launched_one(case, monkeypatch):
     batch, num_heads, num_kv_heads, max_seq_len, head_dim, dtype, seq_lens, num_splits, window, softcap = case
     q, k, v, lens = _inputs(batch, num_heads, num_kv_heads, max_seq_len, head_dim, dtype, seq_lens, window=window)
     config = DecodeAttentionConfig(num_splits=num_splits or 4, block_n=16)
-    launched = _run(q, k, v, lens, window=window, softcap=softcap, config=config)
+    launched = _run(q, k, v, lens, window=window, softcap=softcap, config=config, merge="launch")
     monkeypatch.setattr(da, "_merge_kernel", _NoMergeLaunch())
     plans = plan_segments([KVSegment(k, v, 0)], window=window, config=config, num_sms=da.sm_count(q.device))
     if sum(p.num_splits for p in plans) == 1:
@@ -459,9 +459,86 @@ def test_rows_past_the_counters_merge_by_launch(monkeypatch):
 
     q, k, v, lens = _inputs(3, 4, 2, 97, 64, torch.float32, [97, 1, 60])
     config = DecodeAttentionConfig(num_splits=3, block_n=16)
-    launched = _run(q, k, v, lens, config=config)
+    launched = _run(q, k, v, lens, config=config, merge="launch")
     monkeypatch.setattr(da, "MERGE_TICKET_ROWS", 5)  # 3 sequences x 2 KV heads = 6 rows: too many
     assert da.merge_tickets(q.device, 6) is None and da.merge_tickets(q.device, 5) is not None
     assert torch.equal(_run(q, k, v, lens, config=config, merge="in-kernel"), launched)
     with pytest.raises(AssertionError, match="merge must be one of"):
         _run(q, k, v, lens, config=config, merge="fused")
+
+
+class _CountingLaunch:
+    """Stands in for a jitted kernel: counts grid launches and forwards them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("num_splits, merged_in_kernel", [(2, True), (8, True), (9, False), (16, False)])
+def test_auto_merges_in_the_kernel_up_to_its_split_limit(num_splits, merged_in_kernel, monkeypatch):
+    import kernels.decode_attention as da
+
+    assert da.chosen_merge("auto", num_splits) == ("in-kernel" if merged_in_kernel else "launch")
+    assert da.chosen_merge("launch", 2) == "launch" and da.chosen_merge("in-kernel", 200) == "in-kernel"
+    q, k, v, lens = _inputs(2, 4, 2, 16 * num_splits, 32, torch.float32, [16 * num_splits, 19])  # a tile per split
+    config = DecodeAttentionConfig(num_splits=num_splits, block_n=16)
+    launched = _run(q, k, v, lens, config=config, merge="launch")
+    counting = _CountingLaunch(da._merge_kernel)
+    monkeypatch.setattr(da, "_merge_kernel", counting)
+    got = _run(q, k, v, lens, config=config)  # the default: auto
+    assert counting.launches == (0 if merged_in_kernel else 1)
+    assert (got - launched).abs().max().item() <= 1e-6
+    _check(got, decode_attention_reference(q.double(), k, v, lens), torch.float32)
+
+
+def test_a_refused_launch_clears_the_tickets_earlier_segments_took(monkeypatch):
+    """Two segments, the second's launch refused after the first's programs took their tickets: the counters are
+    cleared, so the next call merges at the right program and is exact."""
+    import kernels.decode_attention as da
+    from kernels.decode_attention import decode_attention_segments, decode_attention_segments_reference
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 32, generator=gen)
+    segs = [KVSegment(torch.randn(2, 2, 40, 32, generator=gen), torch.randn(2, 2, 40, 32, generator=gen), 0),
+            KVSegment(torch.randn(2, 2, 24, 32, generator=gen), torch.randn(2, 2, 24, 32, generator=gen), 40)]
+    lens = torch.tensor([64, 50], dtype=torch.int32)
+    config = DecodeAttentionConfig(num_splits=2, block_n=16)
+    real = da._kernel
+
+    class RefuseSecond:
+        calls = 0
+
+        def __getitem__(self, grid):
+            RefuseSecond.calls += 1
+            if RefuseSecond.calls == 2:
+                raise RuntimeError("out of resources")
+            return real[grid]
+
+    monkeypatch.setattr(da, "_kernel", RefuseSecond())
+    with pytest.raises(RuntimeError, match="out of resources"):
+        decode_attention_segments(q, segs, lens, config=config, merge="in-kernel")
+    assert not da._MERGE_TICKETS[q.device].any()
+    monkeypatch.setattr(da, "_kernel", real)
+    got = decode_attention_segments(q, segs, lens, config=config, merge="in-kernel")
+    _check(got, decode_attention_segments_reference(q.double(), segs, lens), torch.float32)
+
+
+@pytest.mark.parametrize("shape, block_n, num_splits", [
+    ((1, 8, 32768), 128, 16),  # under-occupied, 16 tiles of 128 keys per split: the measured big-tile case
+    ((4, 8, 8192), 128, 4),
+    ((1, 32, 8192), 128, 4),
+    ((1, 8, 2048), 64, 8),  # 16 tiles of 128 keys in all: under 8 per split at 16 splits, so 64-key tiles
+    ((8, 32, 2048), 64, 1),  # 256 rows on 132 SMs: not under-occupied, under 3 waves
+    ((128, 8, 2048), 128, 1),  # 1024 rows: 7.8 waves, 32 KiB tiles two stages deep
+])
+def test_under_occupied_long_rows_plan_32_kib_tiles(shape, block_n, num_splits):
+    batch, num_kv_heads, seq_len = shape
+    plan = choose_launch(batch, num_kv_heads, seq_len, 128, 132)
+    stages = 2 if batch * num_kv_heads >= 3 * 132 else 3
+    assert (plan.block_n, plan.num_splits, plan.num_stages) == (block_n, num_splits, stages), plan.why
+    if batch * num_kv_heads < 132:  # head dim 256 on an under-occupied grid: not measured, 16 KiB tiles kept
+        assert choose_launch(batch, num_kv_heads, seq_len, 256, 132).block_n == 32

@@ -115,7 +115,7 @@ def test_headline_keys_follow_the_targets():
 
 
 @pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 before triton is imported")
-@pytest.mark.parametrize("numel,programs,block", [(4096 * 6, 3, 1024), (1000, 4, 64), (5, 2, 16)])
+@pytest.mark.parametrize("numel,programs,block", [(4096 * 6, 3, 1024), (1000, 4, 64), (5, 2, 16), (3, 4, 16), (64 * 7, 2, 64)])
 def test_stream_read_reads_every_element_once(numel, programs, block):
     from kernels.stream_read import stream_read, stream_read_reference
 
@@ -138,3 +138,11 @@ def test_profile_decode_command_line_on_cpu(capsys, one_thread):
     assert profile_decode.kind_of("_add_rms_norm_kernel") == "norm"
     assert profile_decode.kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
     assert profile_decode.kind_of("_kernel") == "attention"
+
+
+def test_ncu_variants_parse_and_refuse_malformed_ones():
+    from bench.ncu_decode_attention import _variant
+
+    assert _variant("3:on2") == (3, "on", 2) and _variant("0:off") == (0, "off", 1) and _variant("1:on") == (1, "on", 1)
+    with pytest.raises(ValueError):
+        _variant("three:off")

@@ -168,13 +168,13 @@ def test_the_kernels_tab_through_gradio_client(served_demo_app):
 
 
 def test_the_gpu_path_runs_end_to_end_on_cpu_stand_ins(monkeypatch, tmp_path):
-    """_measure with the interpreter for the kernel, a host clock for do_bench, a fake CUPTI for L2: every row checked
+    """_measure with the interpreter for the kernel, a fixed GPU timer, a fake CUPTI for L2: every row checked
     against the reference, timed, and given the mean L2 of its own loop; a failing variant is a row saying so."""
     import types
 
     import torch
-    import triton.testing
 
+    import engine.lab.kernel_timing as kernel_timing
     import kernels.decode_attention as kda
     from cupti_fake import FakeCupti
     from engine.telemetry import CuptiPmSampler
@@ -186,12 +186,12 @@ def test_the_gpu_path_runs_end_to_end_on_cpu_stand_ins(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     calls = []
 
-    def do_bench(fn, warmup, rep, return_mode):
-        fn()
-        calls.append(rep)
+    def queued_median_ms(fn, *, num_sets, repeat):
+        fn(0)
+        calls.append(repeat)
         return 0.5
 
-    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(kernel_timing, "queued_median_ms", queued_median_ms)
     fake = FakeCupti()
     sampler = CuptiPmSampler(importer=fake.importer, cuda_available=lambda: True, calibrate=False, interval_us=1000)
     during = sampler.sample_during

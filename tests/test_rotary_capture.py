@@ -30,3 +30,20 @@ def test_captured_tables_equal_the_eager_ones_and_skip_the_update(preset, monkey
         assert not torch.equal(doubled, eager[0][0])
         monkeypatch.setattr(base, "_capturing", lambda h: False)
         assert torch.equal(adapter.rope(hidden, positions)[0][0], eager[0][0])  # eager: transformers' update again
+
+
+def test_a_compiled_step_never_asks_the_capture_state(monkeypatch):
+    """torch.compile cannot trace torch.cuda.is_current_stream_capturing (a graph break fails the fullgraph compile
+    of the decode step, as it did on an H200): while compiling, the question is not asked."""
+    import types
+
+    def untraceable():
+        raise AssertionError("asked while compiling")
+
+    cuda_hidden = types.SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", untraceable)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert base._capturing(cuda_hidden) is False
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    with pytest.raises(AssertionError, match="asked while compiling"):
+        base._capturing(cuda_hidden)

@@ -149,8 +149,14 @@ def test_study_bench_smoke_under_the_interpreter(tmp_path, monkeypatch):
     monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
     shapes = [(2, 4, 2, 40), (1, 2, 1, 33)]
     notes: list[str] = []
-    rows, table = study(shapes, head_dim=32, dtype=torch.float32, device="cpu", notes=notes)
-    assert len(rows) == 9 * len(shapes)
+    sampler = _StubSampler()
+    rows, table, auto_rows = study(shapes, head_dim=32, dtype=torch.float32, device="cpu", notes=notes,
+                                   sampler=sampler, counters_ms=1.0)
+    assert len(rows) == 9 * len(shapes) and sampler.loops == len(rows)
+    assert all(r.extra["l2_hit_pct"] == 40.0 and r.extra["stall_long_scoreboard"] == 2.5 for r in rows)
+    assert "dram_pct" not in rows[0].extra  # the stub's chip has no DRAM counter
+    assert [r.extra["shape"] for r in auto_rows] == [list(s) for s in shapes]
+    assert all(r.ms and r.extra["rel_err"] < 1e-4 and "tuned" in r.extra["why"] for r in auto_rows)
     assert all(r.ms and r.gb_s and r.extra["rel_err"] < 1e-4 and "error" not in r.extra for r in rows), notes
     assert rows[0].bytes_moved == 2 * 2 * 2 * 40 * 32 * 4  # K and V bytes
     classes = {shape_class(4, 40, 32, "float32"), shape_class(1, 33, 32, "float32")}
@@ -159,3 +165,65 @@ def test_study_bench_smoke_under_the_interpreter(tmp_path, monkeypatch):
     tuned = table.entries[shape_class(4, 40, 32, "float32")]
     plan, = plan_segments([_segment(2, 2, 40, 32, torch.float32)], num_sms=8, interpret=False)
     assert plan.num_stages == tuned.num_stages and "tuned" in plan.why
+
+
+class _StubSampler:
+    """A CUPTI sampler's surface for counter_means: every loop sampled as 7 samples, the first and last at the loop's
+    edges (dropped), the rest at 40 % L2 hits and 2.5 stalled warps."""
+
+    def __init__(self):
+        import types
+
+        from engine.telemetry.pm_metrics import L2_SM, STALL
+
+        self.loops = 0
+        self._choice = types.SimpleNamespace(roles={L2_SM: "l2_sm_metric", STALL: "stalls"})
+
+    def probe(self):
+        import types
+
+        return types.SimpleNamespace(choice=self._choice)
+
+    def sample_during(self, fn):
+        import types
+
+        fn()
+        self.loops += 1
+        edge = types.SimpleNamespace(l2_hit_pct=99.0, values={"stalls": 99.0})
+        mid = types.SimpleNamespace(l2_hit_pct=40.0, values={"stalls": 2.5})
+        return [edge, *[mid] * 5, edge]
+
+
+def _row(shape, variant, ms, *, stages=1, per_sm=0.5):
+    from bench.report import Row
+
+    return Row(case=f"{shape} {variant}", ms=ms, bytes_moved=1 << 20,
+               extra={"shape": list(shape), "variant": variant, "num_stages": stages, "programs_per_sm": per_sm})
+
+
+def test_shallow_gain_takes_depth_one_on_under_occupied_grids_only():
+    from bench.suites.decode_attention_study import shallow_gain
+
+    small, full = (1, 8, 1, 4096), (64, 32, 8, 4096)
+    rows = [_row(small, "stages=1 prefetch=off", 0.30), _row(small, "stages=1 prefetch=d1", 0.20),
+            _row(small, "stages=1 prefetch=d2", 0.25), _row(small, "stages=3 prefetch=d1", 0.01, stages=3),
+            # a full grid gains more, but is not under-occupied: left out
+            _row(full, "stages=1 prefetch=off", 1.0, per_sm=7.8), _row(full, "stages=1 prefetch=d1", 0.1, per_sm=7.8)]
+    gain, where = shallow_gain(rows)
+    assert gain == pytest.approx(1.5) and "B1 Hq8 Hkv1 S4096" in where and "prefetch=d1" in where
+    assert shallow_gain(rows[4:]) is None
+
+
+def test_auto_vs_best_is_the_worst_shape_and_the_counters_table_shows_every_row():
+    from bench.suites.decode_attention_study import auto_vs_best, counters_table
+
+    a, b = (1, 32, 8, 32768), (8, 32, 32, 16384)
+    rows = [_row(a, "stages=3 prefetch=off", 0.040), _row(a, "stages=1 prefetch=off", 0.080),
+            _row(b, "stages=3 prefetch=off", 0.480)]
+    rows[0].extra.update(l2_hit_pct=12.5, stall_long_scoreboard=3.25)
+    autos = [_row(a, "auto", 0.044), _row(b, "auto", 0.480)]
+    ratio, where = auto_vs_best(rows, autos)
+    assert ratio == pytest.approx(0.040 / 0.044) and where == "B1 Hq32 Hkv8 S32768"
+    table = counters_table(rows, autos).splitlines()
+    assert len(table) == 2 + len(rows) + len(autos)
+    assert "| 12.5 | 3.25 | - |" in table[2] and table[3].endswith("| - | - | - |")

@@ -16,7 +16,8 @@ import warnings
 import torch
 
 from bench.report import Headline, Row, SuiteResult
-from bench.timing import cold_l2_num_sets, l2_cache_bytes, rotating_median_ms, streaming_read_gb_s, triton_read_gb_s
+from bench.timing import (cold_l2_num_sets, l2_cache_bytes, read_sweep_note, rotating_median_ms, streaming_read_gb_s,
+                          triton_read_gb_s)
 
 # (B, Hq, Hkv, S)
 SHAPES = [(1, 32, 8, 32768), (1, 32, 32, 8192), (8, 32, 32, 16384), (32, 32, 32, 4096), (64, 32, 8, 4096),
@@ -41,7 +42,7 @@ def _variants():
     from kernels.decode_attention import DecodeAttentionConfig
 
     return {"ours auto": dict(config=DecodeAttentionConfig()),
-            "ours auto, merge in-kernel": dict(config=DecodeAttentionConfig(), merge="in-kernel"),
+            "ours auto, merge by launch": dict(config=DecodeAttentionConfig(), merge="launch"),
             "ours prefetch off": dict(config=DecodeAttentionConfig(prefetch="off")),
             "ours prefetch on d=1": dict(config=DecodeAttentionConfig(prefetch="on", prefetch_distance=1)),
             "ours prefetch on d=2": dict(config=DecodeAttentionConfig(prefetch="on", prefetch_distance=2))}
@@ -132,38 +133,37 @@ def _time_sdpa(shape, sets, num_sets, repeat, details, notes) -> dict[str, float
 
 
 def _sweep(shape, sets, num_sets, repeat, num_sms) -> dict[str, float | str]:
-    """Tuning: splits x prefetch, num_stages and block_n, beside the auto plan (prefetch off)."""
+    """Tuning: tile x warps x pipeline depth x splits (about 1, 2, 4 programs per SM) x merge, prefetch off (it never
+    paid with a pipeline), beside the auto plan. More warps, deeper pipelines and more programs keep more bytes in
+    flight per SM, which an under-occupied grid lacks; the in-kernel merge saves the second launch."""
     import kernels.decode_attention as kda
 
     batch, _, num_kv_heads, seq_len = shape
     rows = batch * num_kv_heads
-
-    def plan_for(**kwargs):
-        return kda.choose_launch(batch, num_kv_heads, seq_len, HEAD_DIM, num_sms, kda.DecodeAttentionConfig(**kwargs))
-
-    base = plan_for(prefetch="off")
-    plans = {}
-    # splits that put about 1, 2, 3, 4, 6, 8 programs on each SM (and 1, 2 for large batches)
-    for num_splits in sorted({1, 2} | {max(1, round(k * num_sms / rows)) for k in (1, 2, 3, 4, 6, 8)}):
-        for prefetch, dist in (("off", 1), ("on", 1), ("on", 2)):
-            plan = plan_for(prefetch=prefetch, prefetch_distance=dist, num_splits=min(num_splits, kda.MAX_SPLITS))
-            plans[f"splits={plan.num_splits} ({plan.programs_per_sm:.2f}/SM) pf={prefetch if prefetch == 'off' else 'd%d' % dist}"] = plan
-    for stages in (2, 3, 4):
-        plans[f"auto-splits ({base.num_splits}) stages={stages}"] = dataclasses.replace(base, num_stages=stages)
-    for block_n in (32, 64, 128):
-        plans[f"block_n={block_n}"] = plan_for(prefetch="off", block_n=block_n)
-    # More warps or deeper pipelines keep more bytes in flight per SM: what an under-occupied grid lacks.
-    for block_n in (64, 128):
-        for warps in (4, 8):
-            for stages in (2, 3, 4):
-                plan = dataclasses.replace(plan_for(prefetch="off", block_n=block_n), num_warps=warps, num_stages=stages)
-                plans[f"block_n={block_n} warps={warps} stages={stages} splits={plan.num_splits}"] = plan
+    q, k, v, lens = sets[0]
+    ref = kda.decode_attention_reference(q, k, v, lens)
     results: dict[str, float | str] = {}
-    for name, plan in plans.items():
-        try:
-            results[name] = rotating_median_ms(lambda i: kda.decode_attention(*sets[i], plan=plan), num_sets=num_sets, repeat=repeat)
-        except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a tuning result
-            results[name] = f"error: {str(exc).strip()[:200]}"
+    for block_n in (32, 64, 128):
+        for per_sm in (1, 2, 4):
+            num_splits = min(kda.MAX_SPLITS, max(1, round(per_sm * num_sms / rows)))
+            base = kda.choose_launch(batch, num_kv_heads, seq_len, HEAD_DIM, num_sms,
+                                     kda.DecodeAttentionConfig(prefetch="off", block_n=block_n, num_splits=num_splits))
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    plan = dataclasses.replace(base, num_warps=warps, num_stages=stages)
+                    for merge in ("launch", "in-kernel"):
+                        name = (f"block_n={block_n} splits={plan.num_splits} ({plan.programs_per_sm:.2f}/SM) "
+                                f"warps={warps} stages={stages} merge={merge}")
+                        try:
+                            err = _rel_err(kda.decode_attention(q, k, v, lens, plan=plan, merge=merge), ref)
+                            if not err <= MAX_REL_ERR:
+                                results[name] = f"wrong: relative error {err:.3g}"
+                                continue
+                            results[name] = rotating_median_ms(
+                                lambda i: kda.decode_attention(*sets[i], plan=plan, merge=merge),
+                                num_sets=num_sets, repeat=repeat)
+                        except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result
+                            results[name] = f"error: {str(exc).strip()[:200]}"
     return results
 
 
@@ -236,7 +236,7 @@ def run(args) -> SuiteResult:
     notes = [f"read-only ceiling {read_gb_s:.0f} GB/s, the faster of two reads measured in this run (Triton streaming "
              f"read over 4 GiB {stream_gb_s:.0f}, torch bf16 sum over 2 GiB {sum_gb_s:.0f}); L2 {l2_cache_bytes() >> 20} MiB",
              "times: median per call, buffer sets rotated (cold L2), calls queued back to back behind a GPU sleep",
-             "ratio = best peer time (SDPA backends, FlashInfer) / our time (> 1: we are faster)"]
+             "ratio = best peer time (SDPA backends, FlashInfer) / our time (> 1: we are faster)", read_sweep_note()]
     details: dict = {"read_gb_s": read_gb_s, "stream_read_gb_s": stream_gb_s, "sum_read_gb_s": sum_gb_s,
                      "num_sms": num_sms, "shapes": {}}
     from bench.peers.flashinfer_decode import flashinfer_version
@@ -266,6 +266,7 @@ def run(args) -> SuiteResult:
             try:
                 details["cuda_graph_capture"] = _graph_check(sets)
                 details["cuda_graph_capture_merge_in_kernel"] = _graph_check(sets, merge="in-kernel")
+                details["cuda_graph_capture_merge_launch"] = _graph_check(sets, merge="launch")
             except Exception as exc:  # noqa: BLE001 - recorded, the timings still count
                 details["cuda_graph_capture"] = f"failed: {str(exc).strip()[:300]}"
                 notes.append(f"CUDA graph capture failed: {str(exc).strip()[:200]}")

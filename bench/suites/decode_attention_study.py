@@ -2,12 +2,21 @@
 
 For each shape (B, Hq, Hkv, S) every variant of `kernels.decode_attention.variant_grid` (1, 2, 3 stages x prefetch
 off / on 1 tile ahead / on 2 tiles ahead; splits and tiles as the launcher plans them) is checked against the fp32
-reference on fresh random inputs (poisoned output), then timed: triton.testing.do_bench's median, with buffer sets
-rotated so each call finds its K/V cold in L2 (as bench/suites/decode_attention.py does). GB/s counts the K/V bytes.
+reference on fresh random inputs (poisoned output), then timed: calls queued back to back behind a GPU sleep, buffer
+sets rotated so each call finds its K/V cold in L2 (engine/lab/kernel_timing.py, as bench/suites/decode_attention.py
+does: the GPU's time, which is what a call costs in the engine's CUDA graphs; triton's do_bench, used before
+2026-12-01 16:00 UTC, timed the host's launch of small kernels). GB/s counts the K/V bytes. With CUPTI PM sampling
+(cupti-python, libcupti preloaded) each variant then runs alone for `--counters-ms` under sampling: its mean L2 hit
+rate and long-scoreboard stalls (the counters the chip's single-pass sets offer, engine/telemetry/pm_metrics.py).
 The fastest variant of each shape class (kernels/tuning.py) goes into this device's tuning table, which
-`prefetch="auto"` and an unset num_stages follow from then on.
+`prefetch="auto"` and an unset num_stages follow from then on; `auto` is then timed on every shape beside the
+fastest fixed variant.
 
-    python -m bench decode_attention_study [--shapes '1,32,8,32768;32,32,32,4096'] [--no-table]
+Headlines: `prefetch_shallow_gain` (at pipeline depth 1, on the under-occupied shapes: prefetch off time / the
+faster prefetch-on time, the best such shape) and `decode_attn_auto_vs_best_variant` (the fastest fixed variant's
+time / auto's, the worst shape).
+
+    python -m bench decode_attention_study [--shapes '1,32,8,32768;32,32,32,4096'] [--no-table] [--counters-ms 0]
 
 `study()` is what to call from a session on the GPU. Under TRITON_INTERPRET=1 it also runs tiny shapes on the CPU,
 timed by the host clock, prefetch forced off: a smoke test of the code, never a measurement.
@@ -23,12 +32,13 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from bench.report import Row, SuiteResult
+from bench.report import Headline, Row, SuiteResult
 from bench.timing import cold_l2_num_sets, median_ms
 
-# (B, Hq, Hkv, S): the decode_attention bench's shapes and the under-occupied grids prefetch might still help
+# (B, Hq, Hkv, S): the decode_attention bench's shapes, one sequence of 128K keys, and the under-occupied grids
+# prefetch might still help
 SHAPES = [(1, 32, 8, 32768), (1, 32, 32, 8192), (8, 32, 32, 16384), (32, 32, 32, 4096), (64, 32, 8, 4096),
-          (128, 32, 8, 2048), (4, 40, 8, 8192), (1, 32, 8, 2048), (1, 8, 1, 4096), (2, 32, 8, 1024)]
+          (128, 32, 8, 2048), (4, 40, 8, 8192), (1, 32, 8, 131072), (1, 32, 8, 2048), (1, 8, 1, 4096), (2, 32, 8, 1024)]
 HEAD_DIM = 128
 DTYPE = torch.bfloat16
 MAX_REL_ERR = 1e-2
@@ -37,7 +47,10 @@ MAX_REL_ERR = 1e-2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", type=str, default=None, help="subset, e.g. '1,32,8,32768;32,32,32,4096'")
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
-    parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench's timed span per variant (ms)")
+    parser.add_argument("--repeat", type=int, default=11, help="timed samples per variant (>= 2 ms each; median)")
+    parser.add_argument("--counters-ms", type=float, default=60.0,
+                        help="span each variant runs under CUPTI PM sampling for L2 and stalls (0: no counters)")
+    parser.add_argument("--interval-us", type=int, default=1000, help="the PM sampling interval")
     parser.add_argument("--no-table", action="store_true", help="measure only; leave the device's tuning table alone")
 
 
@@ -45,19 +58,15 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
-def _median_ms(fn: Callable[[int], object], *, num_sets: int, device: torch.device, rep_ms: float) -> float:
-    """Median ms per call of fn(i), i cycling over the buffer sets; do_bench on the GPU (it also flushes L2 between
-    calls), the host clock under the interpreter."""
-    counter = itertools.count()
-
-    def call() -> object:
-        return fn(next(counter) % num_sets)
-
+def _median_ms(fn: Callable[[int], object], *, num_sets: int, device: torch.device, repeat: int) -> float:
+    """Median ms per call of fn(i), i cycling over the buffer sets: the GPU's time of calls queued back to back
+    (engine/lab/kernel_timing.py); the host clock under the interpreter."""
     if device.type == "cuda":
-        import triton.testing
+        from engine.lab.kernel_timing import queued_median_ms
 
-        return float(triton.testing.do_bench(call, warmup=max(5.0, rep_ms / 4), rep=rep_ms, return_mode="median"))
-    return median_ms(call, warmup=1, repeat=3)
+        return queued_median_ms(fn, num_sets=num_sets, repeat=repeat)
+    counter = itertools.count()
+    return median_ms(lambda: fn(next(counter) % num_sets), warmup=1, repeat=3)
 
 
 def _make_sets(shape, num_sets: int, *, head_dim: int, dtype: torch.dtype, device: torch.device, seed: int):
@@ -95,14 +104,18 @@ def _pick_per_class(rows: list[Row]) -> dict[str, tuple[Row, float]]:
 
 
 def study(shapes: Sequence[tuple[int, int, int, int]] = SHAPES, *, head_dim: int = HEAD_DIM, dtype: torch.dtype = DTYPE,
-          device: torch.device | str = "cuda", rep_ms: float = 100.0,
-          table_path: Path | Literal["device"] | None = "device", notes: list[str] | None = None):
-    """Time every variant on every shape -> (rows, the tuning table of these measurements).
+          device: torch.device | str = "cuda", repeat: int = 11,
+          table_path: Path | Literal["device"] | None = "device", notes: list[str] | None = None,
+          sampler=None, counters_ms: float = 60.0):
+    """Time every variant on every shape -> (rows, the tuning table of these measurements, auto rows).
 
     Rows are bench.report.Row (ms per call, K/V bytes, GB/s; extra: shape, variant, asked and ran settings, the
-    plan's why, relative error). The table (fastest variant per shape class) is also written, merged over what is
-    there: to this device's table (`"device"`), to `table_path`, or nowhere (None)."""
+    plan's why, relative error, and with a CUPTI `sampler` the variant's mean L2 hit % and long-scoreboard stalls).
+    The table (fastest variant per shape class) is also written, merged over what is there: to this device's table
+    (`"device"`), to `table_path`, or nowhere (None). Auto rows: `auto` with that table, one per shape."""
     import kernels.decode_attention as kda
+    from engine.lab.kernel_study import counter_means
+    from kernels.segments import KVSegment
     from kernels.tuning import TunedVariant, TuningTable, device_key, dtype_name, now_iso, shape_class, write_table
     from kernels.tuning import table_path as device_table_path
 
@@ -114,6 +127,7 @@ def study(shapes: Sequence[tuple[int, int, int, int]] = SHAPES, *, head_dim: int
     num_sms = kda.sm_count(device)
     element_bytes = torch.empty((), dtype=dtype).element_size()
     rows: list[Row] = []
+    kept: dict[tuple, list] = {}  # shape -> its buffer sets and reference, until auto has run on it
     for shape in shapes:
         batch, num_heads, num_kv_heads, seq_len = shape
         name = f"B{batch} Hq{num_heads} Hkv{num_kv_heads} S{seq_len}"
@@ -129,7 +143,7 @@ def study(shapes: Sequence[tuple[int, int, int, int]] = SHAPES, *, head_dim: int
             extra = {"shape": list(shape), "shape_class": cls, "variant": variant.name, "num_stages": config.num_stages,
                      "prefetch": config.prefetch == "on", "prefetch_distance": config.prefetch_distance,
                      "ran": {"num_stages": plan.num_stages, "prefetch": plan.prefetch, "block_n": plan.block_n,
-                             "num_splits": plan.num_splits}, "why": plan.why}
+                             "num_splits": plan.num_splits}, "programs_per_sm": plan.programs_per_sm, "why": plan.why}
             try:
                 out = torch.full_like(q, float("nan"))
                 kda.decode_attention(q, k, v, lens, plan=plan, out=out)
@@ -137,15 +151,17 @@ def study(shapes: Sequence[tuple[int, int, int, int]] = SHAPES, *, head_dim: int
                 if not err <= MAX_REL_ERR:
                     raise AssertionError(f"relative error {err:.3g} > {MAX_REL_ERR}")
                 ms = _median_ms(lambda i: kda.decode_attention(*sets[i], plan=plan), num_sets=num_sets, device=device,
-                                rep_ms=rep_ms)
+                                repeat=repeat)
+                if sampler is not None and counters_ms > 0:
+                    counter = itertools.count()
+                    extra.update(counter_means(sampler, lambda: kda.decode_attention(
+                        *sets[next(counter) % num_sets], plan=plan), counters_ms, device))
             except Exception as exc:  # noqa: BLE001 - a variant that fails or is wrong is a result, not a crash
                 extra["error"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
                 notes.append(f"{name} {variant.name}: {extra['error']}")
                 ms = None
             rows.append(Row(case=f"{name} · {variant.name}", ms=ms, bytes_moved=kv_bytes, extra=extra))
-        del sets
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        kept[shape] = [sets, ref, num_sets, kv_bytes]
     entries = {cls: TunedVariant(num_stages=row.extra["num_stages"], prefetch=row.extra["prefetch"],
                                  prefetch_distance=row.extra["prefetch_distance"], gb_s=row.gb_s,
                                  measured_shape=tuple(row.extra["shape"]))
@@ -154,23 +170,133 @@ def study(shapes: Sequence[tuple[int, int, int, int]] = SHAPES, *, head_dim: int
     if table_path is not None:
         path = write_table(table, device_table_path(device) if table_path == "device" else Path(table_path))
         notes.append(f"tuning table: {path} ({len(entries)} classes measured)")
-    return rows, table
+    auto_rows = []
+    for shape, (sets, ref, num_sets, kv_bytes) in kept.items():  # auto, as the engine plans it from this table
+        batch, num_heads, num_kv_heads, seq_len = shape
+        q, k, v, lens = sets[0]
+        auto, = kda.plan_segments([KVSegment(k, k, 0)], num_sms=num_sms, interpret=interpret, tuning=table)
+        extra = {"shape": list(shape), "variant": "auto", "why": auto.why,
+                 "ran": {"num_stages": auto.num_stages, "prefetch": auto.prefetch, "block_n": auto.block_n,
+                         "num_splits": auto.num_splits}}
+        try:
+            extra["rel_err"] = err = _rel_err(kda.decode_attention(q, k, v, lens, plan=auto), ref)
+            if not err <= MAX_REL_ERR:
+                raise AssertionError(f"relative error {err:.3g} > {MAX_REL_ERR}")
+            ms = _median_ms(lambda i: kda.decode_attention(*sets[i], plan=auto), num_sets=num_sets, device=device,
+                            repeat=repeat)
+        except Exception as exc:  # noqa: BLE001 - recorded; the headline then leaves the shape out
+            extra["error"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+            ms = None
+        auto_rows.append(Row(case=f"B{batch} Hq{num_heads} Hkv{num_kv_heads} S{seq_len} · auto (tuned)", ms=ms,
+                             bytes_moved=kv_bytes, extra=extra))
+    kept.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows, table, auto_rows
+
+
+UNDER_OCCUPIED_PROGRAMS_PER_SM = 1.0  # grids that leave SMs without a second program: where prefetch should pay
+
+
+def shallow_gain(rows: Sequence[Row]) -> tuple[float, str] | None:
+    """At pipeline depth 1 on the under-occupied shapes: (prefetch off ms / the faster prefetch-on ms, the shape and
+    distance), for the shape where prefetch gains most; None when no such shape was timed."""
+    best = None
+    by_shape: dict[tuple, dict[str, Row]] = {}
+    for row in rows:
+        if row.ms is not None and row.extra.get("num_stages") == 1:
+            by_shape.setdefault(tuple(row.extra["shape"]), {})[row.extra["variant"]] = row
+    for shape, variants in by_shape.items():
+        off = variants.get("stages=1 prefetch=off")
+        ons = [r for n, r in variants.items() if n != "stages=1 prefetch=off"]
+        if off is None or not ons or off.extra.get("programs_per_sm", 0.0) >= UNDER_OCCUPIED_PROGRAMS_PER_SM:
+            continue
+        on = min(ons, key=lambda r: r.ms)
+        gain = off.ms / on.ms
+        if best is None or gain > best[0]:
+            best = (gain, f"B{shape[0]} Hq{shape[1]} Hkv{shape[2]} S{shape[3]}, {on.extra['variant']}, "
+                          f"{off.extra['programs_per_sm']:.2f} programs/SM")
+    return best
+
+
+def auto_vs_best(rows: Sequence[Row], auto_rows: Sequence[Row]) -> tuple[float, str] | None:
+    """(the fastest fixed variant's ms / auto's ms, the shape), for the shape where auto is furthest behind."""
+    worst = None
+    for auto in auto_rows:
+        shape = auto.extra["shape"]
+        fixed = [r.ms for r in rows if r.ms is not None and r.extra["shape"] == shape]
+        if auto.ms is None or not fixed:
+            continue
+        ratio = min(fixed) / auto.ms
+        if worst is None or ratio < worst[0]:
+            worst = (ratio, "B{} Hq{} Hkv{} S{}".format(*shape))
+    return worst
+
+
+def counters_table(rows: Sequence[Row], auto_rows: Sequence[Row]) -> str:
+    """Markdown: per variant, ms, GB/s, L2 hit % and long-scoreboard stalls side by side."""
+    lines = ["| case | ms | GB/s | L2 hit % | long-scoreboard stalls | DRAM read % |", "|---|---|---|---|---|---|"]
+
+    def fmt(value, spec):
+        return "-" if value is None else spec.format(value)
+
+    for row in [*rows, *auto_rows]:
+        lines.append(f"| {row.case} | {fmt(row.ms, '{:.4f}')} | {fmt(row.gb_s, '{:.0f}')} | "
+                     f"{fmt(row.extra.get('l2_hit_pct'), '{:.1f}')} | {fmt(row.extra.get('stall_long_scoreboard'), '{:.2f}')} | "
+                     f"{fmt(row.extra.get('dram_pct'), '{:.1f}')} |")
+    return "\n".join(lines)
+
+
+def _sampler(interval_us: int, notes: list[str]):
+    """The CUPTI PM sampler for the variants' counters, or None (the note says why)."""
+    from engine.telemetry import CuptiPmSampler
+    from engine.telemetry.pm_metrics import series_labels
+
+    sampler = CuptiPmSampler(0, interval_us=interval_us, calibrate=False)
+    probe = sampler.probe()
+    if not probe.l2_available:
+        notes.append(f"counters: none sampled ({probe.reason})")
+        return None
+    calibration = sampler.calibration()
+    labels = series_labels(probe.choice, interval_us=interval_us, calibration=calibration)
+    notes.append("counters: " + "; ".join(f"{track}: {label}" for track, label in labels.items()))
+    for line in probe.choice.missing:
+        notes.append(f"counters: {line}")
+    return sampler
 
 
 def run(args) -> SuiteResult:
     if not torch.cuda.is_available():
         raise SystemExit("decode_attention_study needs a CUDA GPU (tests smoke study() under the interpreter)")
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
-    notes = ["times: triton.testing.do_bench median per call, L2 flushed and buffer sets rotated (cold K/V)",
+    notes = ["times: median per call of calls queued back to back behind a GPU sleep (the GPU's time, no host "
+             "launch), buffer sets rotated (cold K/V)",
              "GB/s: K and V bytes of the full lengths per call; variants checked against the fp32 reference first"]
-    rows, table = study(shapes, head_dim=args.head_dim, rep_ms=args.rep_ms,
-                        table_path=None if args.no_table else "device", notes=notes)
+    sampler = _sampler(args.interval_us, notes) if args.counters_ms > 0 else None
+    rows, table, auto_rows = study(shapes, head_dim=args.head_dim, repeat=args.repeat,
+                                   table_path=None if args.no_table else "device", notes=notes, sampler=sampler,
+                                   counters_ms=args.counters_ms)
     for cls, tuned in sorted(table.entries.items()):
         notes.append(f"{cls}: {tuned.num_stages} stages, prefetch {'d%d' % tuned.prefetch_distance if tuned.prefetch else 'off'}"
                      f" ({tuned.gb_s:.0f} GB/s on {'x'.join(map(str, tuned.measured_shape))})")
+    headlines = []
+    gain = shallow_gain(rows)
+    if gain is not None:
+        headlines.append(Headline("prefetch_shallow_gain", gain[0],
+                                  f"x (prefetch off ms / prefetch on ms at pipeline depth 1, under-occupied grids "
+                                  f"(< {UNDER_OCCUPIED_PROGRAMS_PER_SM:g} program/SM), best shape: {gain[1]}; "
+                                  "target >= 1.5)", "prefetch off, depth 1"))
+    else:
+        notes.append("prefetch_shallow_gain not reported: no under-occupied shape was timed at depth 1")
+    worst = auto_vs_best(rows, auto_rows)
+    if worst is not None:
+        headlines.append(Headline("decode_attn_auto_vs_best_variant", worst[0],
+                                  f"x (fastest fixed variant ms / auto ms with this run's tuning table, worst shape: "
+                                  f"{worst[1]}; 1.0 = auto is the fastest)", "fastest fixed variant"))
     details = {"table_device": table.device, "table": {k: vars(v) for k, v in table.entries.items()},
-               "head_dim": args.head_dim, "dtype": str(DTYPE)}
-    return SuiteResult(suite="decode_attention_study", rows=rows, notes=notes, details=details)
+               "head_dim": args.head_dim, "dtype": str(DTYPE), "counters": sampler is not None}
+    return SuiteResult(suite="decode_attention_study", rows=[*rows, *auto_rows], headlines=headlines, notes=notes,
+                       details=details, tables=[counters_table(rows, auto_rows)])
 
 
 if __name__ == "__main__":  # python -m bench.suites.decode_attention_study == python -m bench decode_attention_study

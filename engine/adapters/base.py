@@ -17,6 +17,10 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def _capturing(hidden: torch.Tensor) -> bool:
+    # Under torch.compile the question is not traceable (a graph break fails a fullgraph compile); a compiled step
+    # is captured after inductor has run, from its generated code, which never calls this module.
+    if torch.compiler.is_compiling():
+        return False
     return hidden.is_cuda and torch.cuda.is_current_stream_capturing()
 
 

@@ -2,8 +2,9 @@
 
 On a GPU each chosen variant (kernels/decode_plan.variant_grid: 1, 2, 3 stages x prefetch off / 1 / 2 tiles ahead),
 `auto` (what the planner picks on this device, from its measured tuning table) and torch SDPA as the peer are checked
-against the fp32 reference, timed (triton do_bench's median, K/V buffer sets rotated so every call reads cold from
-DRAM, as bench/suites/decode_attention_study.py does: GB/s counts the K/V bytes) and, where CUPTI samples L2, run
+against the fp32 reference, timed (engine/lab/kernel_timing.py: calls queued back to back, so the time is the GPU's and
+not the host launcher's; K/V buffer sets rotated so every call reads cold from DRAM, as
+bench/suites/decode_attention_study.py does: GB/s counts the K/V bytes) and, where CUPTI samples L2, run
 again for `l2_ms` under PM sampling: the row's L2 hit % is the mean over that loop, of the counter and with the
 calibration the Profile panel's label names. The seed paper (arXiv 2504.06319) judged prefetch by L2 hit rate; the
 table puts it beside the time and GB/s, which decide.
@@ -262,9 +263,8 @@ class KernelStudy:
 
     def _measure(self, shape: StudyShape, names: Sequence[str], *, sample_l2: bool, rep_ms: float,
                  l2_ms: float) -> StudyResult:
-        import triton.testing
-
         import kernels.decode_attention as kda
+        from engine.lab.kernel_timing import queued_median_ms
 
         device = self.device
         if device.type == "cuda" and device.index is None:
@@ -295,9 +295,9 @@ class KernelStudy:
                     raise AssertionError(f"relative error {err:.3g} > {MAX_REL_ERR}")
                 counter = iter(range(1 << 62))
                 step = lambda: call(*sets[next(counter) % num_sets])  # noqa: E731
-                ms = float(triton.testing.do_bench(step, warmup=max(5.0, rep_ms / 4), rep=rep_ms,
-                                                   return_mode="median"))
-                l2 = self._l2_over(sampler, step, l2_ms, device) if sampler is not None else None
+                # samples of >= 2 ms each: rep_ms of them in all
+                ms = queued_median_ms(lambda i: call(*sets[i]), num_sets=num_sets, repeat=max(5, round(rep_ms / 2)))
+                l2 = counter_means(sampler, step, l2_ms, device).get("l2_hit_pct") if sampler is not None else None
                 rows.append(VariantRow(name=name, plan=plan, ms=ms, gb_s=shape.kv_bytes / (ms * 1e-3) / 1e9,
                                        l2_hit_pct=l2, rel_err=err, source="measured here"))
             except Exception as exc:  # noqa: BLE001 - a variant that fails is a row saying so
@@ -305,8 +305,8 @@ class KernelStudy:
                                        source="measured here"))
         sets.clear()
         torch.cuda.empty_cache()
-        note = (f"{torch.cuda.get_device_name(device)}: do_bench median over {rep_ms:g} ms per row, {num_sets} K/V "
-                f"sets rotated (cold L2); GB/s = K+V bytes / time; checked against the fp32 reference first"
+        note = (f"{torch.cuda.get_device_name(device)}: median over ~{rep_ms:g} ms of calls queued back to back per "
+                f"row (GPU time, no host launch), {num_sets} K/V sets rotated (cold L2); GB/s = K+V bytes / time; checked against the fp32 reference first"
                 + (f"; {'; '.join(notes)}" if notes else ""))
         return StudyResult(shape=shape, device=torch.cuda.get_device_name(device), measured=True, rows=tuple(rows),
                            note=note, l2_label=l2_label)
@@ -338,20 +338,36 @@ class KernelStudy:
         notes = [] if calibration is not None else [sampler.calibration_note]
         return sampler, f"mean over each row's {probe.choice.l2_metric} samples: {labels.get(COUNTER_L2, '')}", notes
 
-    @staticmethod
-    def _l2_over(sampler: Any, step: Callable[[], object], l2_ms: float, device: torch.device) -> float | None:
-        def loop() -> None:
-            torch.cuda.synchronize(device)
-            t_end = time.perf_counter() + l2_ms / 1e3
-            while time.perf_counter() < t_end:
-                for _ in range(16):
-                    step()
-                torch.cuda.synchronize(device)
 
-        values = [s.l2_hit_pct for s in sampler.sample_during(loop) if s.l2_hit_pct is not None]
-        values = values[1:-1] if len(values) >= 5 else values  # the edges straddle the loop's start and end
-        return statistics.fmean(values) if values else None
+def counter_means(sampler: Any, step: Callable[[], object], span_ms: float, device: torch.device) -> dict[str, float]:
+    """Run `step` back to back for `span_ms` under the sampler's PM sampling -> the mean of each sampled figure:
+    "l2_hit_pct" (the chosen L2 counter) and, where the chip's set has them, "stall_long_scoreboard" and "dram_pct"
+    (by engine/telemetry/pm_metrics.py's roles). The first and last samples straddle the loop's edges: dropped."""
+    from engine.telemetry.pm_metrics import DRAM_PCT, STALL
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def loop() -> None:
+        sync()
+        t_end = time.perf_counter() + span_ms / 1e3
+        while time.perf_counter() < t_end:
+            for _ in range(16):
+                step()
+            sync()
+
+    samples = sampler.sample_during(loop)
+    samples = samples[1:-1] if len(samples) >= 5 else samples
+    choice = sampler.probe().choice
+    roles = choice.roles if choice is not None else {}
+    series = {"l2_hit_pct": [s.l2_hit_pct for s in samples if s.l2_hit_pct is not None]}
+    for role in (STALL, DRAM_PCT):
+        if role in roles:
+            series[role] = [s.values[roles[role]] for s in samples
+                            if roles[role] in s.values and math.isfinite(s.values[roles[role]])]
+    return {name: statistics.fmean(values) for name, values in series.items() if values}
 
 
 __all__ = ["ALL_ROWS", "AUTO", "COLUMNS", "PEER", "VARIANT_NAMES", "KernelStudy", "StudyResult", "StudyShape",
-           "VariantRow", "auto_why", "committed_rows", "pick", "plan_line"]
+           "VariantRow", "auto_why", "committed_rows", "counter_means", "pick", "plan_line"]

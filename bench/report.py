@@ -146,20 +146,29 @@ def write_results(result: SuiteResult, *, results_dir: Path = RESULTS_DIR, comma
         "headlines": [dataclasses.asdict(h) for h in result.headlines],
         "notes": result.notes,
         "details": result.details,
+        "tables": result.tables,
     }
     (results_dir / f"{result.suite}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    md = [f"# bench suite `{result.suite}`", "", f"- device: {device}", f"- date: {date}", f"- command: `{command}`", "", table, ""]
-    if result.headlines:
-        md += ["| headline | value | unit | peer | peer value |", "|---|---|---|---|---|"]
-        for h in result.headlines:
-            md.append(f"| `{h.key}` | {h.value:.4g} | {h.unit} | {h.peer or '-'} | {_fmt(h.peer_value, '{:.4g}')} |")
-        md.append("")
-    for extra_table in result.tables:
-        md += [extra_table, ""]
-    md += [f"- {n}" for n in result.notes]
-    (results_dir / f"{result.suite}.md").write_text("\n".join(md) + "\n")
+    (results_dir / f"{result.suite}.md").write_text(markdown_of(payload))
     update_summary(result.headlines, device=device, date=date, command=command, results_dir=results_dir)
     return payload
+
+
+def markdown_of(payload: dict) -> str:
+    """The .md of a results payload (what write_results writes beside the .json; also re-renders a .json)."""
+    rows = [Row(**{k: v for k, v in r.items()}) for r in payload["rows"]]
+    md = [f"# bench suite `{payload['suite']}`", "", f"- device: {payload['device']}", f"- date: {payload['date']}",
+          f"- command: `{payload['command']}`", "", markdown_table(rows), ""]
+    headlines = [Headline(**h) for h in payload.get("headlines", [])]
+    if headlines:
+        md += ["| headline | value | unit | peer | peer value |", "|---|---|---|---|---|"]
+        for h in headlines:
+            md.append(f"| `{h.key}` | {h.value:.4g} | {h.unit} | {h.peer or '-'} | {_fmt(h.peer_value, '{:.4g}')} |")
+        md.append("")
+    for extra_table in payload.get("tables", []):
+        md += [extra_table, ""]
+    md += [f"- {n}" for n in payload.get("notes", [])]
+    return "\n".join(md) + "\n"
 
 
 def update_summary(headlines: list[Headline], *, device: str, date: str, command: str, results_dir: Path) -> None:

@@ -87,3 +87,19 @@ def test_offload_suite_runs_every_part_on_cpu_and_keeps_its_smoke_figures_out_of
     assert {p["case"] for p in details["predictions"]} >= {"cpu, split 0 (all K/V copied)", "cpu, auto split"}
     assert (tmp_path / "offload_quick_trace.json.gz").exists()
     assert json.loads((tmp_path / "summary.json").read_text()) == {"kept_key": {"value": 1.0, "unit": "x"}}
+
+
+def test_results_markdown_renders_again_from_its_json(tmp_path):
+    """The .md beside a .json is markdown_of(that json): a results file whose .md did not come back from a GPU run
+    renders the same page from its .json; extra tables sit between the headlines and the notes."""
+    import json
+
+    from bench.report import SuiteResult, markdown_of, write_results
+
+    result = SuiteResult(suite="demo_suite", rows=[Row(case="a", ms=2.0, bytes_moved=4_000_000), Row(case="b", ms=None)],
+                         headlines=[Headline("demo_key", 1.25, "x", "peer", 3.0)], notes=["a note"],
+                         tables=["| t |\n|---|\n| 1 |"])
+    write_results(result, results_dir=tmp_path, command="python -m bench demo_suite")
+    md = (tmp_path / "demo_suite.md").read_text()
+    assert markdown_of(json.loads((tmp_path / "demo_suite.json").read_text())) == md
+    assert md.index("`demo_key`") < md.index("| t |") < md.index("- a note") and "2.000" in md

@@ -146,3 +146,14 @@ def test_ncu_variants_parse_and_refuse_malformed_ones():
     assert _variant("3:on2") == (3, "on", 2) and _variant("0:off") == (0, "off", 1) and _variant("1:on") == (1, "on", 1)
     with pytest.raises(ValueError):
         _variant("three:off")
+
+
+def test_sweep_table_ranks_each_shapes_variants_against_auto_and_the_best_peer():
+    from bench.suites.decode_attention import sweep_table
+
+    details = {"shapes": {"B1 S8": {"ms": {"ours auto": 0.040, "sdpa cudnn": 0.039}, "best_peer": "sdpa cudnn",
+                                    "sweep_ms": {"a": 0.042, "b": 0.038, "c": "error: too many resources"}},
+                          "B8 S2": {"ms": {"ours auto": 0.5}}}}
+    lines = sweep_table(details, top=1).splitlines()
+    assert lines[2] == "| B1 S8 | b | 38.0 | 1.053x | 1.026x (sdpa cudnn) |"
+    assert "2 variants timed, 1 failed or wrong" in lines[3] and len(lines) == 4  # a shape without a sweep: no rows

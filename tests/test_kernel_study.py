@@ -117,16 +117,18 @@ def test_on_the_cpu_the_committed_gpu_figures_stand_in_for_timings(tmp_path):
     result = study.run(SHAPE)
     assert not result.measured and "No GPU here: timings need one" in result.note
     rows = {r.name: r for r in result.rows}
-    # The probe's study (with L2) first; the prefetch study fills what it lacks.
-    assert rows["stages=1 prefetch=d1"].l2_hit_pct == 31.5 and rows["stages=1 prefetch=d1"].source.startswith(
-        "committed: NVIDIA H200") and "11:00" in rows["stages=1 prefetch=d1"].source
+    # The prefetch study (GPU-clock times) first; the probe's study (do_bench times) adds only the L2 it lacks.
+    d1 = rows["stages=1 prefetch=d1"]
+    assert d1.ms == 0.052 and d1.l2_hit_pct == 31.5 and d1.source.startswith("committed: NVIDIA H200")
+    assert "10:00" in d1.source and "L2 committed" in d1.source and "11:00" in d1.source
     assert rows["stages=3 prefetch=off"].ms == 0.041 and rows["stages=3 prefetch=off"].l2_hit_pct is None
+    assert rows[PEER].ms is None and rows[PEER].l2_hit_pct == 24.0 and "(L2 only)" in rows[PEER].source
     assert rows["stages=2 prefetch=off"].source == "planned" and rows["stages=2 prefetch=off"].ms is None
     assert result.fastest.name == "stages=3 prefetch=off"  # the peer is not a variant
     assert result.l2_label == "L2 hit rate of the SMs' requests, partition-averaged"
     headers, table = result.table()
     assert headers[:5] == ["variant", "ms", "GB/s", "L2 hit %", "vs fastest"]
-    assert dict((r[0], r[4]) for r in table)["stages=1 prefetch=d1"] == pytest.approx(0.05 / 0.041, abs=1e-3)
+    assert dict((r[0], r[4]) for r in table)["stages=1 prefetch=d1"] == pytest.approx(0.052 / 0.041, abs=1e-3)
     other = study.run(StudyShape(batch=2, num_heads=32, num_kv_heads=8, seq_len=1024))
     assert all(r.source == "planned" for r in other.rows) and "B1 Hq32 Hkv8 S32768 D128" in other.note
     _, notes, _ = committed_rows(SHAPE, results_dir=tmp_path / "nothing")

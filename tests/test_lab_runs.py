@@ -58,7 +58,7 @@ def test_a_profile_streams_one_update_per_step_and_keeps_a_consistent_record(ses
     assert all(s.predicted_ms > 0 and s.pcie_floor_ms > 0 for s in record.steps)
     assert record.pct_of_floor == pytest.approx(100 * record.pcie_floor_ms / record.median_step_ms)
     assert record.settings["offload.placement"] == "cpu" and record.settings["ignore_eos"] is True
-    assert "MHA" in record.plan_reason and "CPU" in record.link_note and "decode_attention_ncu.md" in record.l2_note
+    assert "MHA" in record.plan_reason and "CPU" in record.link_note and "decode_attention_ncu_h200.md" in record.l2_note
     assert all(u.payload_gb_s["h2d"] > 0 for u in updates if u.step)
     view = session.live()
     assert view.status == "done" and view.record is record and len(view.spans) == len(record.spans)

@@ -167,6 +167,25 @@ def _sweep(shape, sets, num_sets, repeat, num_sms) -> dict[str, float | str]:
     return results
 
 
+def sweep_table(details: dict, *, top: int = 8) -> str:
+    """Markdown: per swept shape, its `top` fastest sweep variants beside ours auto and the best peer (µs)."""
+    lines = ["| shape | variant | µs | vs ours auto | vs best peer |", "|---|---|---|---|---|"]
+    for name, shape in details.get("shapes", {}).items():
+        sweep = {k: v for k, v in shape.get("sweep_ms", {}).items() if isinstance(v, float)}
+        if not sweep:
+            continue
+        ours = shape.get("ms", {}).get("ours auto")
+        peer = shape.get("best_peer")
+        peer_ms = shape.get("ms", {}).get(peer) if peer else None
+        for variant, ms in sorted(sweep.items(), key=lambda kv: kv[1])[:top]:
+            lines.append(f"| {name} | {variant} | {ms * 1e3:.1f} | {ours / ms:.3f}x | "
+                         f"{f'{peer_ms / ms:.3f}x ({peer})' if peer_ms else '-'} |" if ours else
+                         f"| {name} | {variant} | {ms * 1e3:.1f} | - | - |")
+        failed = len(shape.get("sweep_ms", {})) - len(sweep)
+        lines.append(f"| {name} | ({len(sweep)} variants timed{f', {failed} failed or wrong' if failed else ''}) | | | |")
+    return "\n".join(lines)
+
+
 def _graph_check(sets, **kwargs) -> str:
     """The launcher must be capturable in a CUDA graph (no host syncs, no data-dependent allocation), and replays
     must keep giving the eager result (the in-kernel merge's counters reset themselves)."""
@@ -341,7 +360,9 @@ def run(args) -> SuiteResult:
         headlines.append(Headline("decode_attn_b1_long_ratio_vs_cudnn", b1_cudnn, "x (cuDNN ms / ours auto ms at B1 Hq32 Hkv8 S32768; target >= 1.15)", "torch SDPA cuDNN"))
     elif any(s == B1_LONG for s in shapes):
         notes.append("decode_attn_b1_long_ratio_vs_cudnn not reported: cuDNN SDPA did not run on B1 Hq32 Hkv8 S32768")
-    return SuiteResult(suite="decode_attention", rows=rows, headlines=headlines, notes=notes, details=details)
+    tables = [sweep_table(details)] if args.sweep else []
+    return SuiteResult(suite="decode_attention", rows=rows, headlines=headlines, notes=notes, details=details,
+                       tables=tables)
 
 
 if __name__ == "__main__":  # python -m bench.suites.decode_attention == python -m bench decode_attention

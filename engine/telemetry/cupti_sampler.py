@@ -42,7 +42,7 @@ from engine.telemetry.cupti_calibration import (L2Calibration, calibrate, calibr
 from engine.telemetry.pm_metrics import (L2_ROLES, CounterChoice, choose_counters, cupti_counters, l2_formula,
                                          series_labels)
 
-NCU_FALLBACK = "bench/results/decode_attention_ncu.md"
+NCU_FALLBACK = "bench/results/decode_attention_ncu_h200.md"
 DEFAULT_INTERVAL_US = 5000
 MIN_INTERVAL_US, MAX_INTERVAL_US = 100, 100_000
 INSTALL_HINT = "pip install 'cupti-python>=13.4' nvidia-cuda-cupti"

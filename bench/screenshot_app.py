@@ -1,11 +1,14 @@
-"""Screenshot the app's Profile panel showing an imported run (e.g. one measured on an H100).
+"""Screenshot the app's Profile panel showing an imported run (e.g. one measured on an H100), or its Kernels panel.
 
     python bench/screenshot_app.py bench/results/runs/h100_app_profile_run.trace.json.gz assets/profile_h100.png \
         [--step 6 --step-png assets/profile_step_h100.png]
+    python bench/screenshot_app.py --kernels 1,32,8,131072 assets/kernels_h200.png
 
 Starts the app on this machine (loopback, demo model), opens the Profile tab in Debian's chromium (headless,
 Playwright), imports the run with the panel's "Import a run" button, waits until the page has drawn it, and saves
-the page; `--step-png` also saves the one-step view of decode step `--step` alone.
+the page; `--step-png` also saves the one-step view of decode step `--step` alone. `--kernels B,Hq,Hkv,S` instead
+opens the Kernels tab, enters that shape, runs the variants (on this CPU: the committed GPU figures of the shape) and
+saves the panel's bars.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ CHROMIUM_ARGS = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swi
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trace", type=Path)
+    parser.add_argument("trace", type=Path, nargs="?", help="the run to import (not with --kernels)")
     parser.add_argument("png", type=Path)
+    parser.add_argument("--kernels", default=None, help="B,Hq,Hkv,S: screenshot the Kernels panel on this shape")
     parser.add_argument("--tab", default="Profile")
     parser.add_argument("--step", type=int, default=0, help="the step in the one-step view (0: the last)")
     parser.add_argument("--step-png", type=Path, default=None, help="also save the one-step view alone here")
     args = parser.parse_args(argv)
+    if (args.trace is None) == (args.kernels is None):
+        parser.error("give a trace to import, or --kernels B,Hq,Hkv,S")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("Debian's chromium is needed (apt-get install chromium)")
@@ -45,6 +51,10 @@ def main(argv=None) -> int:
             browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(demo.local_url, wait_until="networkidle")
+            if args.kernels:
+                _kernels(page, args.kernels, args.png)
+                browser.close()
+                return 0
             page.get_by_role("tab", name=args.tab).click()
             # Import through the panel's own upload button, as a user would.
             with page.expect_file_chooser() as chooser:
@@ -71,6 +81,22 @@ def main(argv=None) -> int:
     record = session.run()
     print(f"wrote {args.png}: run #{record.run_id} {record.label}")
     return 0
+
+
+def _kernels(page, shape: str, png: Path) -> None:
+    batch, heads, kv_heads, seq_len = (int(x) for x in shape.split(","))
+    page.get_by_role("tab", name="Kernels").click()
+    for label, value in (("batch B", batch), ("query heads Hq", heads), ("KV heads Hkv", kv_heads),
+                         ("keys per sequence S", seq_len)):
+        page.get_by_label(label).fill(str(value))
+    page.get_by_role("button", name="Run the variants").click()
+    page.wait_for_function("(s) => [...document.querySelectorAll('[data-testid=\"plotly\"]')].some(d => d.layout && "
+                           "d.layout.title && d.layout.title.text && d.layout.title.text.includes(s))",
+                           arg=f"S{seq_len} ", timeout=60_000)
+    page.wait_for_timeout(1500)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    page.locator("[data-testid='plotly']").filter(has_text="L2 hit").first.screenshot(path=str(png))
+    print(f"wrote {png}: Kernels panel, B{batch} Hq{heads} Hkv{kv_heads} S{seq_len}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ packed as the rows of a small matrix, so each K/V tile is read from memory once.
 one partial/LSE buffer, merged by log-sum-exp in a second small kernel (skipped for one segment in one split), or,
 with merge="in-kernel", by each (sequence, KV head) row's last program to finish (an acq_rel ticket per row, reset
 by that program: one launch per segment, no merge kernel). merge="auto", the default, merges in the kernel where a
-row has at most IN_KERNEL_MERGE_MAX_SPLITS splits (measured faster there) and by launch above. A split that sees no key (the sequence ends before it, or the window starts after it) leaves LSE -inf: weight 0.
+row has at most IN_KERNEL_MERGE_MAX_SPLITS splits (measured faster there) and by launch above. A split that sees no
+key (the sequence ends before it, or the window starts after it) leaves LSE -inf: weight 0.
 Every element offset is 64-bit: a staged segment's key rows are B*2*Hkv*D elements apart, so key * stride
 passes 2^31 at B*S ~ 262K tokens of a 7B model.
 

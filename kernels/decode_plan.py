@@ -71,6 +71,12 @@ class LaunchPlan:
     shared_memory_bytes: int = 0  # estimated shared memory of one program
 
 
+def _wanted_splits(rows: int, num_tiles: int, num_sms: int) -> int:
+    """Splits per row that put about TARGET_PROGRAMS_PER_SM programs on each SM, keeping MIN_TILES_PER_SPLIT tiles in
+    each split."""
+    return min(max(1, int(TARGET_PROGRAMS_PER_SM * num_sms // rows)), max(1, num_tiles // MIN_TILES_PER_SPLIT))
+
+
 def block_d_for(head_dim: int) -> int:
     """The padded head dim of the kernel's tiles: a power of two >= 16 (tl.dot's smallest K)."""
     return max(16, _next_power_of_2(head_dim))
@@ -118,9 +124,7 @@ def choose_launch(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int
                 block_n = big
             elif rows < num_sms and config.num_splits is None and block_d == 128:  # the head dim measured
                 big_tiles = _cdiv(max_seq_len, big)
-                splits = min(max(1, int(TARGET_PROGRAMS_PER_SM * num_sms // rows)),
-                             max(1, big_tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
-                if big_tiles >= BIG_TILE_MIN_TILES_PER_SPLIT * splits:
+                if big_tiles >= BIG_TILE_MIN_TILES_PER_SPLIT * min(_wanted_splits(rows, big_tiles, num_sms), MAX_SPLITS):
                     block_n = big
 
     def fits(tile: int, stages: int) -> bool:
@@ -152,7 +156,7 @@ def choose_launch(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int
     if config.num_splits is not None:
         wanted, split_why = config.num_splits, f"{config.num_splits} splits asked"
     else:
-        wanted = min(max(1, int(TARGET_PROGRAMS_PER_SM * num_sms // rows)), max(1, num_tiles // MIN_TILES_PER_SPLIT))
+        wanted = _wanted_splits(rows, num_tiles, num_sms)
         split_why = f"{rows} (seq, KV head) rows on {num_sms} SMs, aim {TARGET_PROGRAMS_PER_SM:g} program/SM"
     tiles_per_split = _cdiv(num_tiles, max(1, min(wanted, num_tiles, MAX_SPLITS)))
     num_splits = _cdiv(num_tiles, tiles_per_split)  # no split is empty at max_seq_len keys

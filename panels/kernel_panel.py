@@ -37,10 +37,16 @@ def study_figure(result: StudyResult) -> go.Figure:
     for col, (values, fmt) in enumerate((([r.ms for r in rows], "{:.4f}"), ([r.gb_s for r in rows], "{:.0f}"),
                                          ([r.l2_hit_pct for r in rows], "{:.1f}")), start=1):
         fig.add_trace(go.Bar(x=names, y=values, marker_color=colours, showlegend=False,
-                             text=[fmt.format(v) if v is not None else "—" for v in values], textposition="outside"),
+                             text=[fmt.format(v) if v is not None else "—" for v in values], textposition="outside",
+                             cliponaxis=False),
                       row=1, col=col)
-    where = "measured here" if result.measured else "committed figures"
-    fig.update_layout(LAYOUT, height=420, title=f"{result.shape.label} on {result.device} ({where})",
+    if result.measured:
+        device, where = result.device, "measured here"
+    else:  # the GPU the committed rows were measured on ("committed: <device> (<SMs, torch>), <date>")
+        device = next((r.source.removeprefix("committed: ").split(" (")[0] for r in rows
+                       if r.source.startswith("committed: ")), result.device)
+        where = "committed figures"
+    fig.update_layout(LAYOUT, height=420, title=f"{result.shape.label} on {device} ({where})",
                       uirevision="kernel-study", margin=dict(l=50, r=20, t=70, b=140))
     fig.update_xaxes(tickangle=-40)
     return fig

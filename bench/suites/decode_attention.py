@@ -178,9 +178,9 @@ def sweep_table(details: dict, *, top: int = 8) -> str:
         peer = shape.get("best_peer")
         peer_ms = shape.get("ms", {}).get(peer) if peer else None
         for variant, ms in sorted(sweep.items(), key=lambda kv: kv[1])[:top]:
-            lines.append(f"| {name} | {variant} | {ms * 1e3:.1f} | {ours / ms:.3f}x | "
-                         f"{f'{peer_ms / ms:.3f}x ({peer})' if peer_ms else '-'} |" if ours else
-                         f"| {name} | {variant} | {ms * 1e3:.1f} | - | - |")
+            vs_auto = f"{ours / ms:.3f}x" if ours else "-"
+            vs_peer = f"{peer_ms / ms:.3f}x ({peer})" if peer_ms else "-"
+            lines.append(f"| {name} | {variant} | {ms * 1e3:.1f} | {vs_auto} | {vs_peer} |")
         failed = len(shape.get("sweep_ms", {})) - len(sweep)
         lines.append(f"| {name} | ({len(sweep)} variants timed{f', {failed} failed or wrong' if failed else ''}) | | | |")
     return "\n".join(lines)

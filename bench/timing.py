@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from engine.lab.kernel_timing import queued_median_ms as rotating_median_ms  # noqa: F401 - re-exported
+from engine.gpu_timing import queued_median_ms as rotating_median_ms  # noqa: F401 - re-exported
 
 
 def median_ms(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 10, sync: bool = True) -> float:

@@ -176,7 +176,7 @@ def test_the_gpu_path_runs_end_to_end_on_cpu_stand_ins(monkeypatch, tmp_path):
 
     import torch
 
-    import engine.lab.kernel_timing as kernel_timing
+    import engine.gpu_timing as gpu_timing
     import kernels.decode_attention as kda
     from cupti_fake import FakeCupti
     from engine.telemetry import CuptiPmSampler
@@ -193,7 +193,7 @@ def test_the_gpu_path_runs_end_to_end_on_cpu_stand_ins(monkeypatch, tmp_path):
         calls.append(repeat)
         return 0.5
 
-    monkeypatch.setattr(kernel_timing, "queued_median_ms", queued_median_ms)
+    monkeypatch.setattr(gpu_timing, "queued_median_ms", queued_median_ms)
     fake = FakeCupti()
     sampler = CuptiPmSampler(importer=fake.importer, cuda_available=lambda: True, calibrate=False, interval_us=1000)
     during = sampler.sample_during

@@ -3,7 +3,7 @@
 For each shape (B, Hq, Hkv, S) every variant of `kernels.decode_attention.variant_grid` (1, 2, 3 stages x prefetch
 off / on 1 tile ahead / on 2 tiles ahead; splits and tiles as the launcher plans them) is checked against the fp32
 reference on fresh random inputs (poisoned output), then timed: calls queued back to back behind a GPU sleep, buffer
-sets rotated so each call finds its K/V cold in L2 (engine/lab/kernel_timing.py, as bench/suites/decode_attention.py
+sets rotated so each call finds its K/V cold in L2 (engine/gpu_timing.py, as bench/suites/decode_attention.py
 does: the GPU's time, which is what a call costs in the engine's CUDA graphs; triton's do_bench, used before
 2026-12-01 16:00 UTC, timed the host's launch of small kernels). GB/s counts the K/V bytes. With CUPTI PM sampling
 (cupti-python, libcupti preloaded) each variant then runs alone for `--counters-ms` under sampling: its mean L2 hit
@@ -60,9 +60,9 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _median_ms(fn: Callable[[int], object], *, num_sets: int, device: torch.device, repeat: int) -> float:
     """Median ms per call of fn(i), i cycling over the buffer sets: the GPU's time of calls queued back to back
-    (engine/lab/kernel_timing.py); the host clock under the interpreter."""
+    (engine/gpu_timing.py); the host clock under the interpreter."""
     if device.type == "cuda":
-        from engine.lab.kernel_timing import queued_median_ms
+        from engine.gpu_timing import queued_median_ms
 
         return queued_median_ms(fn, num_sets=num_sets, repeat=repeat)
     counter = itertools.count()

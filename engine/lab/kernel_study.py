@@ -2,7 +2,7 @@
 
 On a GPU each chosen variant (kernels/decode_plan.variant_grid: 1, 2, 3 stages x prefetch off / 1 / 2 tiles ahead),
 `auto` (what the planner picks on this device, from its measured tuning table) and torch SDPA as the peer are checked
-against the fp32 reference, timed (engine/lab/kernel_timing.py: calls queued back to back, so the time is the GPU's and
+against the fp32 reference, timed (engine/gpu_timing.py: calls queued back to back, so the time is the GPU's and
 not the host launcher's; K/V buffer sets rotated so every call reads cold from DRAM, as
 bench/suites/decode_attention_study.py does: GB/s counts the K/V bytes) and, where CUPTI samples L2, run
 again for `l2_ms` under PM sampling: the row's L2 hit % is the mean over that loop, of the counter and with the
@@ -281,7 +281,7 @@ class KernelStudy:
     def _measure(self, shape: StudyShape, names: Sequence[str], *, sample_l2: bool, rep_ms: float,
                  l2_ms: float) -> StudyResult:
         import kernels.decode_attention as kda
-        from engine.lab.kernel_timing import queued_median_ms
+        from engine.gpu_timing import queued_median_ms
 
         device = self.device
         if device.type == "cuda" and device.index is None:

@@ -26,7 +26,7 @@ import torch
 
 from engine.cache_files import cache_root, write_cache_file
 
-PROFILE_VERSION = 2  # 2: attention timed over back-to-back calls
+PROFILE_VERSION = 3  # 2: attention timed over back-to-back calls; 3: on the GPU's clock, calls queued
 # Transfer sizes: from one activation chunk of a small batch to a whole layer's KV of a large one.
 COPY_SIZES_GPU = (256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20)
 COPY_SIZES_CPU = (64 << 10, 1 << 20, 8 << 20)
@@ -219,22 +219,21 @@ def _gemm_curves(device: torch.device, *, repeat: int) -> tuple[GemmCurve, ...]:
 def _attention_gb_s(device: torch.device, *, repeat: int) -> float:
     """Decode attention over a GPU-resident cache, KV bytes read per second (the kernel the engine uses).
 
-    Timed over back-to-back calls, as the engine's graphed steps run it: one call's host launch cost would
-    otherwise count as GPU time."""
+    Timed on the GPU's clock, calls queued behind a GPU sleep (engine/gpu_timing.py), as the engine's graphed steps
+    run it. Ten calls bracketed by events from an idle GPU (profile version 2) counted the host's planning and
+    launch: on an H200 that read 3.0-3.5 TB/s where the kernel reads 4.6 (bench/results/decode_attention.md), and
+    the GPU-resident predictions came out 8-19 % slow."""
     if device.type == "cuda":
+        from engine.gpu_timing import queued_median_ms
         from kernels.decode_attention import decode_attention
 
-        batch, heads, seq, dim, dtype = 8, 32, 4096, 128, torch.bfloat16
+        batch, heads, seq, dim, dtype = 8, 32, 4096, 128, torch.bfloat16  # 537 MB of K/V: 9x an H200's L2
         q = torch.randn(batch, heads, dim, dtype=dtype, device=device)
         k, v = (torch.randn(batch, heads, seq, dim, dtype=dtype, device=device) for _ in range(2))
         lens = torch.full((batch,), seq, dtype=torch.int32, device=device)
-        calls = 10
-
-        def back_to_back() -> None:
-            for _ in range(calls):
-                decode_attention(q, k, v, lens, sm_scale=dim**-0.5)
-
-        ms = _timer(device)(back_to_back, repeat) / calls
+        with torch.cuda.device(device):
+            ms = queued_median_ms(lambda i: decode_attention(q, k, v, lens, sm_scale=dim**-0.5), num_sets=1,
+                                  repeat=repeat)
     else:
         from engine.decode.attention import decode_attention_torch
         from kernels.segments import KVSegment

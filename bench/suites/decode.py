@@ -7,9 +7,10 @@ way for every contender: (time to generate N tokens - time to generate 2) / (N -
 prefill nor a run's one CUDA-graph capture counts (that setup is reported beside it). The scheduler's cost model
 predicts each case's GPU-resident step from the device's hardware profile; the error is reported per case. The
 roofline of a step is the bytes it must read (every weight but the embedding table, plus each sequence's K/V at the
-step's mean length) over the device's read bandwidth, measured in the same run: the faster of a Triton streaming read swept over
-grid, block and warps (kernels/stream_read.py) and a torch bf16 sum; the device-to-device copy is printed beside it. If any row reads faster
-than that, the ceiling is raised to it and a note says so: no figure exceeds 100 %.
+step's mean length) over the device's read bandwidth, measured in the same run: the faster of a Triton streaming
+read swept over grid, block and warps (kernels/stream_read.py) and a torch bf16 sum; the device-to-device copy is
+printed beside it. If any row reads faster than that, the ceiling is raised to it and a note says so: no figure
+exceeds 100 %.
 
 Before the fast adapter runs, the GEMM plan (engine/fast/plan.py) is measured for the cases' shapes where the
 device's cache lacks them: cuBLAS against the skinny kernel per projection and batch, in a CUDA graph on cold
@@ -318,8 +319,8 @@ def run(args) -> SuiteResult:
     notes = [f"read bandwidth (the roofline's ceiling, the faster of two reads): {read_gb_s:.0f} GB/s; Triton streaming "
              f"read {stream_gb_s:.0f} GB/s, torch bf16 sum {sum_gb_s:.0f} GB/s; device copy {copy_gb_s:.0f} GB/s "
              "(read + write)" + ("" if cuda else " (no GPU: host memory, torch sum)")]
-    if read_sweep_note():
-        notes.append(read_sweep_note())
+    if sweep_note := read_sweep_note():
+        notes.append(sweep_note)
     details: dict = {"read_gb_s": read_gb_s, "copy_gb_s": copy_gb_s, "cases": {}}
     from engine.offload.profiler import hardware_profile
 

@@ -127,16 +127,37 @@ def study(shapes: Sequence[tuple[int, int, int, int]] = SHAPES, *, head_dim: int
     num_sms = kda.sm_count(device)
     element_bytes = torch.empty((), dtype=dtype).element_size()
     rows: list[Row] = []
-    kept: dict[tuple, list] = {}  # shape -> its buffer sets and reference, until auto has run on it
-    for shape in shapes:
-        batch, num_heads, num_kv_heads, seq_len = shape
-        name = f"B{batch} Hq{num_heads} Hkv{num_kv_heads} S{seq_len}"
+
+    def inputs(shape):
+        """The shape's K/V bytes, buffer sets (seeded: the same on every call) and fp32 reference of set 0."""
+        batch, _, num_kv_heads, seq_len = shape
         kv_bytes = 2 * batch * num_kv_heads * seq_len * head_dim * element_bytes
-        cls = shape_class(batch * num_kv_heads, seq_len, head_dim, dtype_name(dtype))
         num_sets = cold_l2_num_sets(kv_bytes)
         sets = _make_sets(shape, num_sets, head_dim=head_dim, dtype=dtype, device=device, seed=sum(shape))
         q, k, v, lens = sets[0]
-        ref = kda.decode_attention_reference(q.float(), k, v, lens)
+        return kv_bytes, sets, kda.decode_attention_reference(q.float(), k, v, lens)
+
+    def checked_ms(plan, sets, ref, extra: dict) -> float:
+        """Check `plan` against the reference on set 0 (poisoned output; the error goes into `extra`), then time it
+        over the rotated sets; raises when it is wrong."""
+        q, k, v, lens = sets[0]
+        out = torch.full_like(q, float("nan"))
+        kda.decode_attention(q, k, v, lens, plan=plan, out=out)
+        extra["rel_err"] = err = _rel_err(out, ref)
+        if not err <= MAX_REL_ERR:
+            raise AssertionError(f"relative error {err:.3g} > {MAX_REL_ERR}")
+        return _median_ms(lambda i: kda.decode_attention(*sets[i], plan=plan), num_sets=len(sets), device=device,
+                          repeat=repeat)
+
+    def release() -> None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    for shape in shapes:
+        batch, num_heads, num_kv_heads, seq_len = shape
+        name = f"B{batch} Hq{num_heads} Hkv{num_kv_heads} S{seq_len}"
+        cls = shape_class(batch * num_kv_heads, seq_len, head_dim, dtype_name(dtype))
+        kv_bytes, sets, ref = inputs(shape)
         for variant in kda.variant_grid(batch, num_kv_heads, seq_len, head_dim, num_sms, element_bytes=element_bytes,
                                         interpret=interpret):
             plan, config = variant.plan, variant.config
@@ -145,23 +166,18 @@ def study(shapes: Sequence[tuple[int, int, int, int]] = SHAPES, *, head_dim: int
                      "ran": {"num_stages": plan.num_stages, "prefetch": plan.prefetch, "block_n": plan.block_n,
                              "num_splits": plan.num_splits}, "programs_per_sm": plan.programs_per_sm, "why": plan.why}
             try:
-                out = torch.full_like(q, float("nan"))
-                kda.decode_attention(q, k, v, lens, plan=plan, out=out)
-                extra["rel_err"] = err = _rel_err(out, ref)
-                if not err <= MAX_REL_ERR:
-                    raise AssertionError(f"relative error {err:.3g} > {MAX_REL_ERR}")
-                ms = _median_ms(lambda i: kda.decode_attention(*sets[i], plan=plan), num_sets=num_sets, device=device,
-                                repeat=repeat)
+                ms = checked_ms(plan, sets, ref, extra)
                 if sampler is not None and counters_ms > 0:
                     counter = itertools.count()
                     extra.update(counter_means(sampler, lambda: kda.decode_attention(
-                        *sets[next(counter) % num_sets], plan=plan), counters_ms, device))
+                        *sets[next(counter) % len(sets)], plan=plan), counters_ms, device))
             except Exception as exc:  # noqa: BLE001 - a variant that fails or is wrong is a result, not a crash
                 extra["error"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
                 notes.append(f"{name} {variant.name}: {extra['error']}")
                 ms = None
             rows.append(Row(case=f"{name} · {variant.name}", ms=ms, bytes_moved=kv_bytes, extra=extra))
-        kept[shape] = [sets, ref, num_sets, kv_bytes]
+        del sets, ref
+        release()
     entries = {cls: TunedVariant(num_stages=row.extra["num_stages"], prefetch=row.extra["prefetch"],
                                  prefetch_distance=row.extra["prefetch_distance"], gb_s=row.gb_s,
                                  measured_shape=tuple(row.extra["shape"]))
@@ -171,27 +187,23 @@ def study(shapes: Sequence[tuple[int, int, int, int]] = SHAPES, *, head_dim: int
         path = write_table(table, device_table_path(device) if table_path == "device" else Path(table_path))
         notes.append(f"tuning table: {path} ({len(entries)} classes measured)")
     auto_rows = []
-    for shape, (sets, ref, num_sets, kv_bytes) in kept.items():  # auto, as the engine plans it from this table
+    for shape in shapes:  # auto, as the engine plans it from this table, on the same (re-made) inputs
         batch, num_heads, num_kv_heads, seq_len = shape
-        q, k, v, lens = sets[0]
+        kv_bytes, sets, ref = inputs(shape)
+        k = sets[0][1]
         auto, = kda.plan_segments([KVSegment(k, k, 0)], num_sms=num_sms, interpret=interpret, tuning=table)
         extra = {"shape": list(shape), "variant": "auto", "why": auto.why,
                  "ran": {"num_stages": auto.num_stages, "prefetch": auto.prefetch, "block_n": auto.block_n,
                          "num_splits": auto.num_splits}}
         try:
-            extra["rel_err"] = err = _rel_err(kda.decode_attention(q, k, v, lens, plan=auto), ref)
-            if not err <= MAX_REL_ERR:
-                raise AssertionError(f"relative error {err:.3g} > {MAX_REL_ERR}")
-            ms = _median_ms(lambda i: kda.decode_attention(*sets[i], plan=auto), num_sets=num_sets, device=device,
-                            repeat=repeat)
+            ms = checked_ms(auto, sets, ref, extra)
         except Exception as exc:  # noqa: BLE001 - recorded; the headline then leaves the shape out
             extra["error"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
             ms = None
         auto_rows.append(Row(case=f"B{batch} Hq{num_heads} Hkv{num_kv_heads} S{seq_len} · auto (tuned)", ms=ms,
                              bytes_moved=kv_bytes, extra=extra))
-    kept.clear()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        del sets, ref
+        release()
     return rows, table, auto_rows
 
 

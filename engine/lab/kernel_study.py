@@ -323,7 +323,8 @@ class KernelStudy:
         sets.clear()
         torch.cuda.empty_cache()
         note = (f"{torch.cuda.get_device_name(device)}: median over ~{rep_ms:g} ms of calls queued back to back per "
-                f"row (GPU time, no host launch), {num_sets} K/V sets rotated (cold L2); GB/s = K+V bytes / time; checked against the fp32 reference first"
+                f"row (GPU time, no host launch), {num_sets} K/V sets rotated (cold L2); GB/s = K+V bytes / time; "
+                "checked against the fp32 reference first"
                 + (f"; {'; '.join(notes)}" if notes else ""))
         return StudyResult(shape=shape, device=torch.cuda.get_device_name(device), measured=True, rows=tuple(rows),
                            note=note, l2_label=l2_label)

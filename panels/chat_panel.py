@@ -114,9 +114,10 @@ def build(session: LabSession) -> None:
     message.submit(respond, inputs, outputs, **queue)
 
     def on_stop(request: gr.Request):
-        # The reply itself ends with "finished: stopped" (no stream is cancelled, so its last words arrive).
+        # The reply itself ends with "finished: stopped" (no stream is cancelled, so its last words arrive) within a
+        # token; a line written here could land after that one and hide how the reply ended.
         if session.stop_chat(owner=owner(request)):
-            return "Stopping the reply after the current token ..."
+            return gr.skip()
         return "No reply of this tab is running."
 
     stop.click(on_stop, None, stats, queue=False, **PRIVATE)

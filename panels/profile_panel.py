@@ -217,8 +217,10 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
         yield line, gr.Timer(active=True), gr.update(choices=run_choices(session), value=shown), gr.skip()
 
     def on_stop(request: gr.Request):
+        # The progress line says "stopping after the current step" (the page's timer reads it within a second), and
+        # the run's own last line says how it ended: a reply here could land after that line and hide it.
         if session.stop_profile(owner(request)):
-            return "Stopping after the current step ..."
+            return gr.skip()
         return "No profile of this tab is running."
 
     def on_pick(value, request: gr.Request):

@@ -256,12 +256,20 @@ def test_zoom_is_kept_while_a_run_is_drawn_and_stop_confirms(browser, served):
     assert page.evaluate(f"() => {PLOT.format(id='kvlab-timeline')}.layout.xaxis.range") == [1, 2]
     time.sleep(1.5)  # another redraw of the step plot
     assert page.evaluate(f"() => {PLOT.format(id='kvlab-steps')}.layout.yaxis.range") == [0, 1000]
-    page.get_by_role("button", name="Stop").click()  # "Stopping after the current step ...", then how it ended
+    page.get_by_role("button", name="Stop").click()
+    # The progress line says the run is stopping (unless it ended before the timer's next read), then how it ended;
+    # the run's own last line says it too, and nothing written by Stop lands after it.
     try:
+        page.get_by_text(re.compile(r"Run #\d+ \(started here\): (stopping after the current step|stopped after)"))\
+            .first.wait_for(timeout=30_000)
         page.get_by_text(re.compile(r"Run #\d+ stopped after \d+ of 399 decode steps; no record kept\.")).wait_for(
             timeout=60_000)
+        page.get_by_text(re.compile(r"Run #\d+ \(started here\): stopped after \d+ of 399 decode steps")).wait_for(
+            timeout=30_000)
     except Exception:
         raise AssertionError(page.locator("[role=tabpanel]:visible").inner_text()[:1500]) from None
+    page.get_by_role("button", name="Stop").click()  # nothing runs now: Stop says so
+    page.get_by_text("No profile of this tab is running.").wait_for(timeout=30_000)
     page.context.close()
 
 

@@ -101,6 +101,7 @@ def test_stopping_a_profile_frees_the_session_and_keeps_no_record(session):
                               batch=2, prompt_tokens=32)
     first = next(updates)
     assert session.stop_profile() is True  # the Stop button, from any thread
+    assert session.live_run().stage().stage == "stopping after the current step"  # what its watchers read meanwhile
     rest = list(updates)
     assert len(rest) <= 1 and all(u.record is None for u in rest) and first.num_steps == 39
     view = session.live()

@@ -195,3 +195,19 @@ def test_the_stage_is_decode_once_steps_arrive_even_without_a_prefill_update():
     stage = live.stage()
     assert (stage.stage, stage.done, stage.total) == ("decode", 2, 2)
     assert stage.line().startswith("decode step 2 of 2")
+
+
+def test_a_stop_asked_shows_in_the_stage_until_the_run_ends():
+    """Stop writes nothing beside the run's own last line (a reply could land after it and hide it): the progress
+    line says the run is stopping, from the step it is in, and then how it ended."""
+    live = LiveRun(1, num_steps=6)
+    live.start()
+    live.request_stop()
+    assert live.stage().line() == "stopping after the current step (before decoding)"
+    run_of(2, live=live, end=False)
+    version = live.version
+    live.request_stop()
+    assert live.version > version
+    assert live.stage().line() == "stopping after the current step (decode step 2 of 2)"
+    live.end("stopped")
+    assert live.stage().line() == "stopped" and live.head().finished

@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # runs.py imports this module
 
 @dataclass(frozen=True)
 class RunStage:
-    """Where a run is: "waiting", "measuring the hardware", "prefill", "decode", or its end status."""
+    """Where a run is: "waiting", "measuring the hardware", "prefill", "decode", "stopping after the current step",
+    or its end status."""
 
     stage: str
     done: int = 0  # prefill layers or decode steps done
@@ -113,6 +114,7 @@ class LiveRun:
         self._record: RunRecord | None = None
         self._progress: Callable[[], object] | None = None  # the generator's RunProgress, read from other threads
         self._decode_started_s: float | None = None
+        self._stopping = False  # Stop was asked; the run ends after its current step
 
     # -- the engine's side ------------------------------------------------------------------------------
     def wait_for(self, what: str) -> None:
@@ -146,6 +148,12 @@ class LiveRun:
                 self._record = update.record
             self._version += 1
 
+    def request_stop(self) -> None:
+        """Stop was asked (by whoever watches): the stage says so until the run ends after its current step."""
+        with self._lock:
+            self._stopping = True
+            self._version += 1
+
     def end(self, status: str) -> None:
         with self._lock:
             self._status = status
@@ -167,6 +175,11 @@ class LiveRun:
             return RunStage("waiting", detail=self._waiting_for)
         if status != "running":
             return RunStage(status)
+        if self._stopping:
+            with self._lock:
+                step, total = self._step, self._num_steps
+            where = f"decode step {step} of {total}" if self._decode_started_s is not None else "before decoding"
+            return RunStage("stopping after the current step", detail=where)
         if self._decode_started_s is None:
             progress = self._progress() if self._progress is not None else None
             if progress is not None and getattr(progress, "stage", "") == "prefill" and progress.total:

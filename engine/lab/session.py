@@ -384,9 +384,13 @@ class LabSession:
         """Ask `owner`'s running (or waiting) profile, any one's when `owner` is None, to end after its current step
         (it keeps no record); False if there is none."""
         with self._stops_lock:
-            mine = [stop for who, stop in self._profile_stops.values() if owner is None or who == owner]
-        for stop in mine:
+            mine = [(run_id, stop) for run_id, (who, stop) in self._profile_stops.items()
+                    if owner is None or who == owner]
+        for run_id, stop in mine:
             stop.set()
+            live = self._live.get(run_id)
+            if live is not None:  # its watchers' progress line says so until the run ends
+                live.request_stop()
         return bool(mine)
 
     def _keep_live(self, live: LiveRun) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from engine import gpu_errors, presets
-from engine.adapters import DecoderAdapter, ModelSpec, adapter_for, check_supported
+from engine.adapters import DecoderAdapter, ModelSpec, adapter_for, check_supported, check_unquantized
 from engine.errors import GpuContextLostError, InvalidSettingsError, ModelLoadError
 from engine.memory import check_fits
 from engine.tokenizer import Tokenizer, byte_tokenizer, from_hf, unusable_reason
@@ -243,6 +243,7 @@ def _read_config(path: Path) -> dict:
 def _load_directory(path: Path, *, device: torch.device, dtype: torch.dtype, source: str) -> LoadedModel:
     config = _read_config(path)
     family = check_supported(config.get("model_type"), config.get("architectures"))
+    check_unquantized(config.get("quantization_config"), f"The checkpoint in {path}")
     weight_files = sorted(path.glob("*.safetensors"))
     if not weight_files:
         raise ModelLoadError(f"Directory {path} has no *.safetensors weights: KV Lab loads safetensors only "
@@ -269,6 +270,9 @@ def _load_directory(path: Path, *, device: torch.device, dtype: torch.dtype, sou
                              "restore the checkpoint's own config.json.") from exc
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(f"Could not read the model in {path}: {exc}. Re-download or re-convert the weights.") from exc
+    except ImportError as exc:  # transformers asks for an optional package some configs need
+        raise ModelLoadError(f"transformers could not build the model in {path}: {exc}. KV Lab runs the plain "
+                             "architectures it lists; restore the checkpoint's own config.json.") from exc
     missing = [k for k in info.get("missing_keys", []) if "rotary_emb" not in k]
     if missing:
         raise ModelLoadError(f"The weights in {path} lack {len(missing)} tensors (e.g. {missing[0]}): the checkpoint "

@@ -161,3 +161,36 @@ def test_a_config_transformers_rejects_is_a_load_error(tmp_path):
     with pytest.raises(ModelLoadError) as err:
         load_model(str(path), device="cpu")
     assert "config.json" in str(err.value) or "ignore_mismatched_sizes" in str(err.value)
+
+
+@pytest.mark.parametrize("quantization", [
+    {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"},
+    {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"},
+    {"quant_method": "gptq", "bits": 4, "group_size": 128},
+    {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {}},
+    {"quant_method": "a-method-transformers-skips"},  # loaded as plain Linear over the quantized payload otherwise
+], ids=lambda q: q["quant_method"])
+def test_a_quantized_checkpoint_is_refused_before_loading(checkpoints, tmp_path, quantization):
+    """Quantized checkpoints (the -FP8 / -AWQ / -GPTQ variants of today's models) are refused up front, naming the
+    method and the fix: transformers asked for packages (accelerate, optimum) whose install would only have moved the
+    failure into the run, and an unknown method loaded the raw payload as weights."""
+    path = tmp_path / "quantized"
+    path.mkdir()
+    for item in checkpoints["qwen3"].iterdir():
+        (path / item.name).write_bytes(item.read_bytes())
+    described = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**described, "quantization_config": quantization}))
+    with pytest.raises(UnsupportedArchitectureError, match="quantized checkpoint") as err:
+        load_model(str(path), device="cpu")
+    assert repr(quantization["quant_method"]) in str(err.value) and "unquantized checkpoint" in str(err.value)
+    assert load_model(str(checkpoints["qwen3"]), device="cpu").adapter is not None  # the plain one still loads
+
+
+def test_a_quantized_model_built_in_python_is_refused_by_its_adapter():
+    from engine.adapters import adapter_for
+
+    model = build(preset_config("tiny-llama"), seed=0)
+    model.config.quantization_config = {"quant_method": "fp8"}
+    with pytest.raises(UnsupportedArchitectureError, match="'fp8'"):
+        adapter_for(model)

@@ -164,6 +164,36 @@ def test_a_decode_step_hands_each_norm_over_once(models, monkeypatch):
     assert fast._hand_over.hidden is None  # nothing is held between steps
 
 
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("preset", ["tiny-llama3", "tiny-qwen3", "tiny-gemma3", "tiny-phi3"])
+def test_the_rope_launch_writes_the_new_kv_into_a_gpu_cache(models, preset, kernels, monkeypatch):
+    """With the Triton kernels the new token's K/V reach the GPU cache from the RoPE launch (no scatter of their
+    own), at each sequence's position and nowhere else; the torch pieces and the plain adapter store them through
+    write_new. Both caches end equal to the plain adapter's, slot for slot."""
+    model = models[preset]
+    spec, fast = model.spec, fuse(model.adapter, kernels=kernels)
+    writes = []
+    real = KVCache.write_at
+    monkeypatch.setattr(KVCache, "write_at", lambda self, *a, **k: writes.append(a[0]) or real(self, *a, **k))
+    caches = []
+    for adapter in (model.adapter, fast):
+        cache = KVCache(spec, batch=3, max_tokens=9, dtype=torch.float32, device=torch.device("cpu"))
+        sentinel = 7.0  # slots no step writes keep it
+        cache.k.fill_(sentinel), cache.v.fill_(sentinel)
+        writes.clear()
+        positions = torch.tensor([4, 0, 8])
+        forward.decode_step(adapter, cache, torch.tensor([5, 6, 9]), positions, kv_len=9)
+        caches.append((cache, list(writes)))
+    (plain, plain_writes), (mine, mine_writes) = caches
+    assert plain_writes == list(range(spec.num_layers))
+    assert mine_writes == ([] if kernels == "triton" else list(range(spec.num_layers)))
+    torch.testing.assert_close(mine.k, plain.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine.v, plain.v, rtol=1e-5, atol=1e-5)
+    untouched = torch.ones(3, 9, dtype=torch.bool)
+    untouched[torch.arange(3), positions] = False
+    assert bool((mine.k[:, untouched.nonzero()[:, 0], :, untouched.nonzero()[:, 1]] == 7.0).all())
+
+
 def test_calls_out_of_order_get_the_unfused_computation(models):
     model = models["tiny-llama3"]
     plain, fast = model.adapter, fuse(model.adapter)

@@ -26,10 +26,27 @@ def check_supported(model_type: str | None, architectures=None) -> type[DecoderA
     )
 
 
+def check_unquantized(quantization: object, source: str) -> None:
+    """Refuse a quantized checkpoint (config.json's `quantization_config`: FP8, AWQ, GPTQ, bitsandbytes, ...) before
+    anything loads: the engine's decode layer reads plain floating-point weights (it fuses q/k/v and gate/up from
+    them), so a quantized layer would fail mid-run or, worse, run on its raw integer or float8 payload."""
+    if not quantization:
+        return
+    method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else \
+        getattr(quantization, "quant_method", "unknown")
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    raise UnsupportedArchitectureError(
+        f"{source} is a quantized checkpoint (quantization_config, quant_method {str(method)!r}): KV Lab runs "
+        "bfloat16, float16 or float32 weights only. Load the unquantized checkpoint (usually the same model id "
+        "without -FP8, -AWQ, -GPTQ or -bnb), or dequantize it first and save it with save_pretrained.")
+
+
 def adapter_for(hf_model: torch.nn.Module) -> DecoderAdapter:
     """The family's adapter for a loaded model; refuses (UnsupportedArchitectureError) a configuration the engine
     would run wrongly or fail on mid-run, naming what is unsupported."""
-    adapter = check_supported(hf_model.config.model_type, getattr(hf_model.config, "architectures", None))(hf_model)
+    config = hf_model.config
+    check_unquantized(getattr(config, "quantization_config", None), f"The model {getattr(config, 'name_or_path', '')!r}")
+    adapter = check_supported(config.model_type, getattr(config, "architectures", None))(hf_model)
     check_runnable(adapter)
     return adapter
 
@@ -63,4 +80,4 @@ def check_runnable(adapter: DecoderAdapter) -> None:
 
 
 __all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "DecoderAdapter", "ModelSpec", "adapter_for", "check_runnable",
-           "check_supported"]
+           "check_supported", "check_unquantized"]

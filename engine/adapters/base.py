@@ -176,6 +176,13 @@ class DecoderAdapter:
         (cos, sin), or None) applied at the tokens' positions."""
         raise NotImplementedError
 
+    def project_qkv_storing(self, layer: int, x: torch.Tensor, rope, positions: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """project_qkv of one new token per sequence (x (B, 1, hidden)) that also writes its K and V into
+        k_cache/v_cache (B' >= B, Hkv, S, D) at positions (B,), or None where the adapter cannot do both at once
+        (the caller then stores what project_qkv returns). The plain adapters cannot."""
+        return None
+
     def kv_weight(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[W_k; W_v] (2 * Hkv * D, hidden) and its bias (or None): K/V recomputation runs X @ W^T as one GEMM over
         many tokens, then finish_k_ and RoPE. May be a fresh tensor: callers copy it into their own buffer."""

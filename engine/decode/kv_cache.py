@@ -62,6 +62,13 @@ class KVCache:
     def write_new(self, layer: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, positions: torch.Tensor) -> None:
         self.write_at(layer, k, v, positions)
 
+    def store_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's (B, Hkv, S, D) caches, for a projection that writes the new K/V itself; None while
+        torch.compile traces (it writes through `_index_write_at`)."""
+        if torch.compiler.is_compiling():
+            return None
+        return self.k[layer], self.v[layer]
+
     def write_at(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v (B, 1, Hkv, D) written at each sequence's own position (B,). Graph-capturable."""
         if torch.compiler.is_compiling():

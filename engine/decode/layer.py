@@ -27,6 +27,10 @@ class LayerKV(Protocol):
     def segments(self, layer: int, kv_len: int) -> Sequence[KVSegment]:
         """The segments attention reads for slots [0, kv_len), the new token's included."""
 
+    def store_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's K and V caches (B, Hkv, S, D) when the new token's K/V go there at its position and nowhere
+        else (the projection may then write them itself, in its own launch); None where `write_new` must run."""
+
 
 class DecodeAttention(Protocol):
     def __call__(self, q: torch.Tensor, segments: Sequence[KVSegment], seq_lens: torch.Tensor, *, scale: float,
@@ -39,8 +43,15 @@ def attend_block(adapter: DecoderAdapter, layer: int, hidden: torch.Tensor, rope
     the new token's included; rope: this layer's (cos, sin) at `positions`, or None."""
     spec = adapter.spec
     x = adapter.attn_input(layer, hidden)
-    q, k, v = adapter.project_qkv(layer, x, rope)
-    kv.write_new(layer, k, v, x, positions)
+    # A GPU cache takes the new K/V from the RoPE launch itself where the adapter can (two scatter launches a layer
+    # fewer); every other source, and every other adapter, stores them through write_new.
+    target = kv.store_target(layer)
+    stored = None if target is None else adapter.project_qkv_storing(layer, x, rope, positions, *target)
+    if stored is None:
+        q, k, v = adapter.project_qkv(layer, x, rope)
+        kv.write_new(layer, k, v, x, positions)
+    else:
+        q, k, v = stored
     attn = attend(q[:, 0], kv.segments(layer, kv_len), seq_lens, scale=spec.attention_scale, window=spec.window(layer),
                   softcap=spec.attn_softcap)
     return adapter.attn_output(layer, attn.flatten(1)[:, None], hidden)

@@ -11,13 +11,13 @@ Each line is two launches here (a norm; an add + norm, handed over to the next c
 
 from __future__ import annotations
 
-from engine.adapters.llama import apply_rope
 from engine.fast.llama import FusedLlamaAdapter
-from engine.fast.ops import ACTIVATIONS, add_norm, norm_eps
+from engine.fast.ops import ACTIVATIONS, add_norm
 
 
 class FusedGemmaAdapter(FusedLlamaAdapter):
     family = "gemma"
+    QK_NORM_UNIT_OFFSET = True
 
     def __init__(self, plain, **kwargs) -> None:
         super().__init__(plain, **kwargs)
@@ -41,25 +41,6 @@ class FusedGemmaAdapter(FusedLlamaAdapter):
     def attn_input(self, layer, hidden):
         normed = self._take("attn", layer, hidden)
         return self._norm(hidden, None, self.layers[layer].input_layernorm)[1] if normed is None else normed
-
-    def project_qkv(self, layer, x, rope):
-        s, attn = self.spec, self.layers[layer].self_attn
-        qkv = self.qkv[layer](x, policy=self.policy, plan=self.plan)
-        heads = qkv.unflatten(-1, (s.num_heads + 2 * s.num_kv_heads, s.head_dim))
-        q, k, v = heads.split((s.num_heads, s.num_kv_heads, s.num_kv_heads), dim=-2)
-        if self.policy.triton(qkv) and qkv.dim() == 3:
-            from kernels.rope_qkv import rope_qkv_
-
-            norms = {}
-            if s.qk_norm:
-                norms = dict(q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, eps=norm_eps(attn.q_norm),
-                             unit_offset=True)
-            rope_qkv_(qkv, *rope, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
-                      pdl=self.policy.pdl, **norms)
-            return q, k, v
-        if s.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        return apply_rope(q, *rope), apply_rope(k, *rope), v
 
     def attn_output(self, layer, attn, residual):
         block = self.layers[layer]

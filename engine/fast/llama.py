@@ -3,9 +3,10 @@ projections fused in the checkpoint already, and partial rotary): the plain adap
 kernels, with the same interface and the same numbers.
 
 Per decode layer it launches: one residual-add + RMSNorm (fused into the previous block's end), one q/k/v GEMM, one
-RoPE (+ Qwen3's q/k norm) in place on its output, then after attention one o_proj GEMM, one add + norm, one
-gate/up GEMM with SiLU(gate) * up in its epilogue (or cuBLAS + one act kernel, as the GEMM plan says) and one down
-GEMM: ~8 kernels where the plain adapter runs ~40.
+RoPE (+ Qwen3's q/k norm) in place on its output that also writes the new K/V into a GPU cache
+(`project_qkv_storing`: the two scatters a layer it replaces were launches of their own), then after attention one
+o_proj GEMM, one add + norm, one gate/up GEMM with SiLU(gate) * up in its epilogue (or cuBLAS + one act kernel, as
+the GEMM plan says) and one down GEMM: ~8 kernels where the plain adapter runs ~40.
 
 Fusing the residual add with the next norm crosses the adapter's calls: attn_output(l) returns s = r + o and also
 computes norm(s), which mlp_block(l, s) then takes instead of norming again; mlp_block(l) likewise hands
@@ -41,6 +42,7 @@ class _HandOver(threading.local):
 
 class FusedLlamaAdapter(DecoderAdapter):
     family = "llama"
+    QK_NORM_UNIT_OFFSET = False  # Gemma 3's q/k norms scale by (1 + weight)
 
     def __init__(self, plain: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | None = None,
                  pdl: bool = False) -> None:
@@ -110,6 +112,19 @@ class FusedLlamaAdapter(DecoderAdapter):
         return normed
 
     def project_qkv(self, layer, x, rope):
+        return self._project_qkv(layer, x, rope)
+
+    def project_qkv_storing(self, layer, x, rope, positions, k_cache, v_cache):
+        if rope is None or x.dim() != 3 or x.shape[1] != 1 or not self.policy.triton(x) \
+                or k_cache.dtype != x.dtype or k_cache.device != x.device:
+            return None
+        batch = x.shape[0]
+        return self._project_qkv(layer, x, rope, store=dict(k_cache=k_cache[:batch], v_cache=v_cache[:batch],
+                                                             positions=positions))
+
+    def _project_qkv(self, layer, x, rope, store: dict | None = None):
+        """The fused q/k/v GEMM, then (Triton) one launch for the q/k norms, RoPE and, with `store`, the K/V cache
+        write; or the torch ops over the fused output."""
         s, attn = self.spec, self.layers[layer].self_attn
         qkv = self.qkv[layer](x, policy=self.policy, plan=self.plan)
         heads = qkv.unflatten(-1, (s.num_heads + 2 * s.num_kv_heads, s.head_dim))
@@ -119,10 +134,12 @@ class FusedLlamaAdapter(DecoderAdapter):
 
             norms = {}
             if s.qk_norm:
-                norms = dict(q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, eps=norm_eps(attn.q_norm))
+                norms = dict(q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, eps=norm_eps(attn.q_norm),
+                             unit_offset=self.QK_NORM_UNIT_OFFSET)
             rope_qkv_(qkv, *rope, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
-                      pdl=self.policy.pdl, **norms)
+                      pdl=self.policy.pdl, **norms, **(store or {}))
             return q, k, v  # views of qkv, rotated in place
+        assert store is None, "the cache write needs the Triton launch"
         if s.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         return apply_rope(q, *rope), apply_rope(k, *rope), v

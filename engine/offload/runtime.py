@@ -205,6 +205,9 @@ class OffloadRuntime:
         old = stage[at, rows]
         stage.index_put_((at, rows), torch.where(on_gpu[:, None, None, None], old, new_kv))
 
+    def store_target(self, layer: int) -> None:
+        return None  # the new K/V go to the resident cache or staging, and to the write-back buffers: write_new
+
     def segments(self, layer: int, kv_len: int) -> tuple[KVSegment, ...]:
         g = self.store.resident_tokens
         parts = []

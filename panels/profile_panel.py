@@ -205,13 +205,12 @@ def build(session: LabSession, *, app: gr.Blocks, tab: gr.Tab, model_key: gr.Tex
             yield f"**Error:** {as_markdown(_with_kept(describe(exc), session))}", gr.Timer(active=True), gr.skip(), \
                 gr.skip()
             return
-        if last is not None and last.record is not None:
-            line = ""  # the progress line says it is done, with its figures
-        elif last is not None and last.step == 0 and not last.new_steps:
+        if last is not None and last.step == 0 and not last.new_steps and last.record is None:
             line = f"Run #{last.run_id} stopped before it started; no record kept."
+        elif last is not None:
+            line = ""  # the progress line says how it ended: done with its figures, or stopped after step k of n
         else:
-            line = f"Run #{last.run_id} stopped after {last.step} of {last.num_steps} decode steps; no record kept." \
-                if last is not None else "Stopped; no record kept."
+            line = "Stopped; no record kept."
         shown = str(last.run_id) if last is not None and last.record is not None else None
         # The timer draws the rest, then stops itself.
         yield line, gr.Timer(active=True), gr.update(choices=run_choices(session), value=shown), gr.skip()

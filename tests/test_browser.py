@@ -257,15 +257,16 @@ def test_zoom_is_kept_while_a_run_is_drawn_and_stop_confirms(browser, served):
     time.sleep(1.5)  # another redraw of the step plot
     assert page.evaluate(f"() => {PLOT.format(id='kvlab-steps')}.layout.yaxis.range") == [0, 1000]
     page.get_by_role("button", name="Stop").click()
-    # The progress line says the run is stopping (unless it ended before the timer's next read), then how it ended;
-    # the run's own last line says it too, and nothing written by Stop lands after it.
+    # The progress line says the run is stopping (unless it ended before the timer's next read), then how it ended,
+    # once: the line above it is left empty (nothing written by Stop lands after how the run ended).
     try:
         page.get_by_text(re.compile(r"Run #\d+ \(started here\): (stopping after the current step|stopped after)"))\
             .first.wait_for(timeout=30_000)
-        page.get_by_text(re.compile(r"Run #\d+ stopped after \d+ of 399 decode steps; no record kept\.")).wait_for(
-            timeout=60_000)
-        page.get_by_text(re.compile(r"Run #\d+ \(started here\): stopped after \d+ of 399 decode steps")).wait_for(
-            timeout=30_000)
+        ended = re.compile(r"Run #\d+ \(started here\): stopped after \d+ of 399 decode steps; no record kept\.")
+        page.get_by_text(ended).wait_for(timeout=60_000)
+        page.wait_for_function("() => !document.body.innerText.includes('Starting a run')", timeout=30_000)
+        assert page.get_by_text(re.compile(r"stopped after \d+ of 399")).count() == 1
+        page.screenshot(path=str(ARTIFACTS / "profile_stopped.png"), full_page=True)
     except Exception:
         raise AssertionError(page.locator("[role=tabpanel]:visible").inner_text()[:1500]) from None
     page.get_by_role("button", name="Stop").click()  # nothing runs now: Stop says so

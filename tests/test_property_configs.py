@@ -13,7 +13,8 @@ Environment:
   KVLAB_PROPERTY_CASES=n         draws per family (default 8)
 The offloaded placements (OffloadSettings placement "cpu" with split 0 / 0.5 / 1 / "auto", "hybrid" with a budget
 cutting mid-sequence) run on a subset of the draws, and the Triton decode path (attention="triton",
-TRITON_INTERPRET=1) on a few: both are slower than the GPU-resident check.
+TRITON_INTERPRET=1) on a few, with the plain adapter and with the fast one (the GPU's default): all slower than the
+GPU-resident check.
 """
 
 from __future__ import annotations
@@ -284,6 +285,28 @@ def test_random_config_on_the_triton_decode_path(checkpoints, family, seed):
     failure = run_both(model, prompts, new_tokens=new_tokens, settings=settings, generator=generator)
     assert generator.attention_why.startswith("Triton"), generator.attention_why
     assert failure is None, f"{failure} (attention='triton')\n{d.describe()}"
+
+
+@pytest.mark.parametrize("family, seed", [(f, s) for f, s in TRITON_CASES if f != "opt"],
+                         ids=[f"{f}-{s}" for f, s in TRITON_CASES if f != "opt"])
+def test_random_config_on_the_fused_triton_path(checkpoints, family, seed):
+    """The GPU's default path on the CPU: the fast adapter with its Triton kernels (fused norms, the RoPE launch that
+    also writes the new K/V into the cache, the skinny GEMM where the plan says) and Triton decode attention."""
+    why = _triton_ready()
+    if why:
+        pytest.skip(why)
+    import dataclasses
+
+    from engine.fast import FusedLlamaAdapter, fuse
+
+    d, model = checkpoints(family, seed)
+    fast = dataclasses.replace(model, adapter=fuse(model.adapter, kernels="triton"))
+    assert isinstance(fast.adapter, FusedLlamaAdapter)
+    prompts = random_prompts(model.spec.vocab_size, d.lengths, seed=seed)
+    new_tokens = min(d.new_tokens, 4)  # the interpreter is slow
+    settings = GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True, attention="triton", fused=True)
+    failure = run_both(fast, prompts, new_tokens=new_tokens, settings=settings, generator=Generator(fast))
+    assert failure is None, f"{failure} (fused adapter, Triton kernels)\n{d.describe()}"
 
 
 OFFLOAD_FAMILIES = ("llama", "qwen2", "gemma2", "gemma3", "phi3", "opt")

@@ -43,6 +43,11 @@ def _checked_history(history) -> list:
     return history
 
 
+# Why a reply ended, in words: "stop" (a stop string) read as if the Stop button had been pressed.
+FINISH_WORDS = {"eos": "the model's end-of-sequence token", "stop": "end of the turn (a stop string)",
+                "length": "max new tokens reached", "stopped": "Stop pressed"}
+
+
 def stats_line(update, settings: GenerationSettings, model_name: str) -> str:
     """The line under the chat: tokens, speed, the model and placement it ran on, and why it ended."""
     if update.waiting_for:
@@ -56,7 +61,7 @@ def stats_line(update, settings: GenerationSettings, model_name: str) -> str:
     if update.capped_at is not None:
         line += f" · reply capped at {update.capped_at} tokens by the context"
     if update.finish_reason:
-        line += f" · finished: {update.finish_reason}"
+        line += f" · finished: {FINISH_WORDS.get(update.finish_reason, update.finish_reason)}"
     return line
 
 

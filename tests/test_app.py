@@ -37,6 +37,10 @@ def test_chat_streams_a_reply_with_its_speed(client):
     assert last["history"][-1]["role"] == "assistant" and last["reply"].strip()
     assert last["finished"] in ("eos", "length", "stop") and last["tokens_per_s"] > 0 and last["tokens"] > 1
     assert "tok/s" in last["status"] and "demo" in last["status"]  # the line names the model it ran on
+    # ... and why the reply ended in words ("stop", a stop string, read as the Stop button)
+    words = {"eos": "the model's end-of-sequence token", "length": "max new tokens reached",
+             "stop": "end of the turn (a stop string)"}
+    assert last["status"].endswith(f"finished: {words[last['finished']]}"), last["status"]
 
 
 def test_chat_same_seed_same_reply_and_history_is_kept(client):

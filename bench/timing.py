@@ -7,8 +7,6 @@ from typing import Callable
 
 import torch
 
-from engine.gpu_timing import queued_median_ms as rotating_median_ms  # noqa: F401 - re-exported
-
 
 def median_ms(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 10, sync: bool = True) -> float:
     """Median wall time of `fn()` in ms, timed with CUDA events (host clock on CPU)."""

@@ -16,8 +16,8 @@ import warnings
 import torch
 
 from bench.report import Headline, Row, SuiteResult
-from bench.timing import (cold_l2_num_sets, l2_cache_bytes, read_sweep_note, rotating_median_ms, streaming_read_gb_s,
-                          triton_read_gb_s)
+from bench.timing import cold_l2_num_sets, l2_cache_bytes, read_sweep_note, streaming_read_gb_s, triton_read_gb_s
+from engine.gpu_timing import queued_median_ms
 
 # (B, Hq, Hkv, S)
 SHAPES = [(1, 32, 8, 32768), (1, 32, 32, 8192), (8, 32, 32, 16384), (32, 32, 32, 4096), (64, 32, 8, 4096),
@@ -127,7 +127,7 @@ def _time_sdpa(shape, sets, num_sets, repeat, details, notes) -> dict[str, float
             times[label] = None
             notes.append(f"{shape}: SDPA {label} refused: {why}")
             continue
-        times[label] = rotating_median_ms(lambda i: _sdpa(backend, *sets[i][:3], ran), num_sets=num_sets, repeat=repeat)
+        times[label] = queued_median_ms(lambda i: _sdpa(backend, *sets[i][:3], ran), num_sets=num_sets, repeat=repeat)
         details.setdefault("sdpa_enable_gqa", {})[label] = ran
     return times
 
@@ -159,7 +159,7 @@ def _sweep(shape, sets, num_sets, repeat, num_sms) -> dict[str, float | str]:
                             if not err <= MAX_REL_ERR:
                                 results[name] = f"wrong: relative error {err:.3g}"
                                 continue
-                            results[name] = rotating_median_ms(
+                            results[name] = queued_median_ms(
                                 lambda i: kda.decode_attention(*sets[i], plan=plan, merge=merge),
                                 num_sets=num_sets, repeat=repeat)
                         except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result
@@ -232,7 +232,7 @@ def _time_flashinfer(shape, sets, num_sets, repeat, details, notes) -> dict[str,
             details.setdefault("rel_err", {})[f"{label} [full]"] = err
             if not err <= MAX_REL_ERR:
                 raise RuntimeError(f"wrong result (rel err {err:.2g})")
-            times[label] = rotating_median_ms(lambda i: peer.run(sets[i][0], paged[i]), num_sets=num_sets, repeat=repeat)
+            times[label] = queued_median_ms(lambda i: peer.run(sets[i][0], paged[i]), num_sets=num_sets, repeat=repeat)
         except Exception as exc:  # noqa: BLE001 - a peer refusing a shape is a result
             times[label] = None
             notes.append(f"{shape}: {label} did not run: {type(exc).__name__}: {str(exc).strip()[:300]}")
@@ -294,7 +294,7 @@ def run(args) -> SuiteResult:
         times: dict[str, float | None] = {}
         for variant, kwargs in variants.items():
             try:
-                times[variant] = rotating_median_ms(lambda i: decode_attention(*sets[i], **kwargs),
+                times[variant] = queued_median_ms(lambda i: decode_attention(*sets[i], **kwargs),
                                                     num_sets=num_sets, repeat=args.repeat)
             except Exception as exc:  # noqa: BLE001 - recorded; the headlines then leave this shape out
                 times[variant] = None

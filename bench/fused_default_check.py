@@ -108,11 +108,14 @@ def main() -> int:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     device = f"{name} (torch {torch.__version__})"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    payload = {"device": device, "date": date, "command": "python bench/fused_default_check.py --out DIR",
+    command = " ".join(["python bench/fused_default_check.py", "--out DIR",
+                        *(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                          if k != "out" and v != parser.get_default(k))])
+    payload = {"device": device, "date": date, "command": command,
                "rows": rows, "chat": chat}
     (out / "fused_default.json").write_text(json.dumps(payload, indent=1))
     lines = [f"# The default (fused=\"auto\") against the plain adapter on the GPU", "", f"- device: {device}",
-             f"- date: {date}", "- command: `python bench/fused_default_check.py --out DIR`", "",
+             f"- date: {date}", f"- command: `{command}`", "",
              "| preset | placement | default run | tokens equal | max logits rel. err | ok |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['placement']} | {r.get('auto_why', r.get('error', ''))[:90]} | "

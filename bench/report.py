@@ -151,7 +151,20 @@ def write_results(result: SuiteResult, *, results_dir: Path = RESULTS_DIR, comma
     (results_dir / f"{result.suite}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     (results_dir / f"{result.suite}.md").write_text(markdown_of(payload))
     update_summary(result.headlines, device=device, date=date, command=command, results_dir=results_dir)
+    (results_dir / f"{result.suite}.partial.json").unlink(missing_ok=True)  # the whole run replaces its partial
     return payload
+
+
+def write_partial(results_dir: Path, suite: str, payload: dict) -> Path:
+    """`<suite>.partial.json`: a long suite's results so far, rewritten as it goes (write_results removes it), so a
+    run stopped by a time limit or a crash keeps what it measured."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{suite}.partial.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def markdown_of(payload: dict) -> str:

@@ -72,6 +72,10 @@ READ_CONFIGS = tuple((per_sm, block, warps) for per_sm in (2, 4, 8, 16) for bloc
 LAST_READ_SWEEP: dict[str, float] = {}  # "programs/SM x block x warps" -> GB/s of the last sweep (for notes)
 
 
+def read_config_label(per_sm: int, block: int, warps: int) -> str:
+    return f"{per_sm}/SM x {block} x {warps} warps"
+
+
 def triton_read_gb_s(*, num_bytes: int = 4 << 30, configs=READ_CONFIGS, repeat: int = 10) -> float:
     """The device's achievable read bandwidth: the fastest of kernels/stream_read.py's configs over a bf16 buffer far
     larger than L2 (4 GiB; each config's median over `repeat`); LAST_READ_SWEEP keeps every config's figure. The
@@ -92,9 +96,35 @@ def triton_read_gb_s(*, num_bytes: int = 4 << 30, configs=READ_CONFIGS, repeat: 
     for per_sm, block, warps in configs:
         ms = median_ms(lambda: stream_read(src, programs=per_sm * num_sms, block=block, num_warps=warps),
                        warmup=3, repeat=repeat)
-        LAST_READ_SWEEP[f"{per_sm}/SM x {block} x {warps} warps"] = num_bytes / (ms * 1e-3) / 1e9
+        LAST_READ_SWEEP[read_config_label(per_sm, block, warps)] = num_bytes / (ms * 1e-3) / 1e9
     del src
     return max(LAST_READ_SWEEP.values())
+
+
+def read_floor_ms(num_bytes: int, *, repeat: int = 10, top: int = 4, configs=READ_CONFIGS) -> tuple[float, str]:
+    """The fastest any kernel can read `num_bytes` once from DRAM: the Triton streaming read over buffers of exactly
+    that size, rotated past L2 and queued back to back as the benches time their kernels (engine/gpu_timing), with
+    the `top` fastest configs of the last large-buffer sweep (all configs when none ran). -> (ms, config label).
+
+    A kernel that must read these bytes cannot beat this floor by more than noise: ramp-up and tail of a short
+    launch are in it, which the large-buffer ceiling leaves out."""
+    from engine.gpu_timing import queued_median_ms
+    from kernels.stream_read import stream_read
+
+    ranked = sorted(configs, key=lambda c: -LAST_READ_SWEEP.get(read_config_label(*c), 0.0))
+    chosen = ranked[:top] if LAST_READ_SWEEP else list(configs)
+    num_sets = cold_l2_num_sets(num_bytes)
+    bufs = [torch.empty(max(1, num_bytes // 2), dtype=torch.bfloat16, device="cuda").normal_() for _ in range(num_sets)]
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    best_ms, best_label = float("inf"), ""
+    for per_sm, block, warps in chosen:
+        ms = queued_median_ms(lambda i: stream_read(bufs[i], programs=per_sm * num_sms, block=block, num_warps=warps),
+                              num_sets=num_sets, repeat=repeat)
+        if ms < best_ms:
+            best_ms, best_label = ms, read_config_label(per_sm, block, warps)
+    del bufs
+    torch.cuda.empty_cache()
+    return best_ms, best_label
 
 
 def read_sweep_note() -> str:

@@ -42,6 +42,8 @@ def test_decode_suite_runs_every_part_on_cpu(tmp_path, capsys, one_thread):
     assert "no fast adapter for the opt family" in printed  # OPT runs its plain adapter, and says so
     breakdown = details["cases"]["tiny-llama B2 P12"]["breakdown"]
     assert set(breakdown) == {"plain", "fused"} and breakdown["fused"]["kernels"] > 0
+    assert f"tiny-qwen3 B1 P9 · ours auto: " in printed  # each variant is printed as it is measured
+    assert not (tmp_path / "decode.partial.json").exists()  # the whole run replaced its partial results
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "kept_key" in summary
     for key in ("gpu_decode_pct_roofline", "gpu_decode_tok_s", "gpu_decode_case1_pct_roofline",
@@ -110,7 +112,10 @@ def test_headline_keys_follow_the_targets():
     heads = {h.key: h for h in decode._headlines(list(t), ["auto", "fused"], by_key, cuda=True)}
     assert set(heads) == {"gpu_decode_pct_roofline", "gpu_decode_tok_s", "gpu_decode_vs_hf_static",
                           "gpu_decode_b1_pct_roofline", "gpu_decode_llama3_p8192_pct_roofline"}
-    assert heads["gpu_decode_vs_hf_static"].value == pytest.approx(10.8 / 6.0)  # the fastest of ours, fused here
+    # the default path (auto) where it ran, though fused was faster; the fastest of ours where auto is absent
+    assert heads["gpu_decode_vs_hf_static"].value == pytest.approx(10.8 / 11.0)
+    assert "ours auto" in heads["gpu_decode_pct_roofline"].unit
+    assert "ours fused" in heads["gpu_decode_llama3_p8192_pct_roofline"].unit
     assert "ms/token" in heads["gpu_decode_b1_pct_roofline"].unit
 
 
@@ -157,3 +162,24 @@ def test_sweep_table_ranks_each_shapes_variants_against_auto_and_the_best_peer()
     lines = sweep_table(details, top=1).splitlines()
     assert lines[2] == "| B1 S8 | b | 38.0 | 1.053x | 1.026x (sdpa cudnn) |"
     assert "2 variants timed, 1 failed or wrong" in lines[3] and len(lines) == 4  # a shape without a sweep: no rows
+
+
+def test_a_run_stopped_midway_keeps_the_cases_it_measured(tmp_path, monkeypatch, one_thread):
+    """A time limit or crash in a later case leaves the earlier cases' steps in decode_<tag>.partial.json."""
+    real, calls = decode.predicted_step_ms, []
+
+    def stop_at_the_second_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("the time limit")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "predicted_step_ms", stop_at_the_second_case)
+    with pytest.raises(KeyboardInterrupt):
+        main(["decode", "--cases", "tiny-llama:2x6,tiny-llama:1x5", "--new-tokens", "4", "--repeat", "1",
+              "--exact-seqs", "0", "--no-profile", "--ours", "plain", "--peers", "", "--tag", "cut",
+              "--results-dir", str(tmp_path)])
+    partial = json.loads((tmp_path / "decode_cut.partial.json").read_text())
+    assert [m["case"] for m in partial["measured"]] == ["ours, plain, no graph on CPU (tiny-llama B2 P6)"]
+    assert partial["measured"][0]["ms"] > 0 and "tiny-llama B2 P6" in partial["details"]["cases"]
+    assert not (tmp_path / "decode_cut.json").exists()

@@ -124,3 +124,21 @@ def test_launcher_refuses_bad_inputs():
         skinny_gemm(x, w, act="relu")
     with pytest.raises(AssertionError):
         skinny_gemm(torch.randn(20, 64), w, config=SkinnyConfig(16, 32, 64, 1))  # more rows than the block
+
+
+@pytest.mark.parametrize("rows,out_features,in_features,gated", [(1, 96, 1000, False), (8, 72, 1100, True),
+                                                                  (40, 130, 520, False)])
+def test_every_candidate_the_plan_measures_is_legal_and_correct(rows, out_features, in_features, gated):
+    """engine/fast/plan.py times each candidate on the GPU and keeps the fastest: each must be a distinct, legal
+    launch (rows fit, every split has K tiles) that computes the same GEMM, ragged K and gated epilogue included."""
+    from engine.fast.plan import candidate_configs
+
+    device = torch.device("cpu")
+    found = candidate_configs(rows, out_features, in_features, gated=gated, device=device)
+    assert found[0] == default_config(rows, out_features, in_features, gated=gated, device=device)
+    assert len(set(found)) == len(found) >= 5
+    assert len({c.split_k for c in found}) >= 3 and len({c.block_n for c in found}) == 2
+    x, w, b = _problem(rows, out_features, in_features, torch.bfloat16, gated=gated, bias=True, seed=rows)
+    for config in found:
+        assert config.block_m >= rows and 1 <= config.split_k <= -(-in_features // config.block_k), config
+        _check(x, w, b, "silu" if gated else "", config)

@@ -16,7 +16,8 @@ import warnings
 import torch
 
 from bench.report import Headline, Row, SuiteResult
-from bench.timing import cold_l2_num_sets, l2_cache_bytes, read_sweep_note, streaming_read_gb_s, triton_read_gb_s
+from bench.timing import (cold_l2_num_sets, l2_cache_bytes, read_floor_ms, read_sweep_note, streaming_read_gb_s,
+                          triton_read_gb_s)
 from engine.gpu_timing import queued_median_ms
 
 # (B, Hq, Hkv, S)
@@ -264,7 +265,7 @@ def run(args) -> SuiteResult:
     details["flashinfer"] = fi_version
     notes.append(f"FlashInfer {fi_version}: BatchDecodeWithPagedKVCacheWrapper, HND pages of 16 tokens, planned once per shape"
                  if fi_version else "FlashInfer not installed on this machine: its rows are absent (README, Decode attention)")
-    ratios, best_ratios, long_pcts, b1_cudnn, failed = [], [], [], None, False
+    ratios, best_ratios, long_pcts, b1_cudnn, b1_floor_vs_cudnn, failed = [], [], [], None, None, False
     for shape in shapes:
         batch, num_heads, num_kv_heads, seq_len = shape
         name = f"B{batch} Hq{num_heads} Hkv{num_kv_heads} S{seq_len}"
@@ -279,6 +280,9 @@ def run(args) -> SuiteResult:
             failed = True
             traceback.print_exc()
             continue
+        # The floor for this shape: a streaming read of its K/V bytes, timed the way the kernels are.
+        floor_ms, floor_config = read_floor_ms(kv_bytes, repeat=args.repeat)
+        shape_details["read_floor"] = {"ms": floor_ms, "config": floor_config}
         num_sets = cold_l2_num_sets(kv_bytes)
         sets = _make_sets(shape, num_sets, seed=sum(shape))
         if shape == shapes[0]:
@@ -324,8 +328,16 @@ def run(args) -> SuiteResult:
                             pct_roofline=100 * gb_s / read_gb_s if gb_s else None,
                             peer=best_peer if best_peer and variant.startswith("ours") else None,
                             peer_ms=peers[best_peer] if best_peer and variant.startswith("ours") else None))
+        floor_gb_s = kv_bytes / (floor_ms * 1e-3) / 1e9
+        rows.append(Row(case=f"{name} · read floor (streaming read of the K/V bytes)", ms=floor_ms, bytes_moved=kv_bytes,
+                        gb_s=floor_gb_s, pct_roofline=100 * floor_gb_s / read_gb_s))
         ours = times["ours auto"]
         failed = failed or ours is None
+        if ours and best_peer:
+            notes.append(f"{name}: read floor {floor_ms * 1e3:.1f} µs ({floor_config}); ours auto "
+                         f"{100 * floor_ms / ours:.0f} % of the floor's speed, {best_peer} "
+                         f"{100 * floor_ms / peers[best_peer]:.0f} %; a kernel reading these bytes is at most "
+                         f"{peers[best_peer] / floor_ms:.2f}x {best_peer}")
         if best and ours:
             ratios.append(ran[best] / ours)
         if best_peer and ours:
@@ -334,6 +346,7 @@ def run(args) -> SuiteResult:
             long_pcts.append(bytes_moved / (ours * 1e-3) / 1e9)  # GB/s; a % once the ceiling is final
         if shape == B1_LONG and sdpa.get("cudnn") and ours:
             b1_cudnn = sdpa["cudnn"] / ours
+            b1_floor_vs_cudnn = sdpa["cudnn"] / floor_ms
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if v else f"{k} -" for k, v in times.items()) + f" | {plan.why}", flush=True)
     # The ceiling: the measured reads, or the fastest row if a kernel read faster (then say so): no % above 100.
     fastest = max((row.gb_s for row in rows if row.gb_s), default=0.0)
@@ -358,6 +371,9 @@ def run(args) -> SuiteResult:
         headlines.append(Headline("decode_attn_min_pct_read_bw_long", min(long_pcts), "% of read BW (min over B*S >= 32K; target >= 90)", f"read-only streaming {read_gb_s:.0f} GB/s"))
     if b1_cudnn is not None and not failed:
         headlines.append(Headline("decode_attn_b1_long_ratio_vs_cudnn", b1_cudnn, "x (cuDNN ms / ours auto ms at B1 Hq32 Hkv8 S32768; target >= 1.15)", "torch SDPA cuDNN"))
+        headlines.append(Headline("decode_attn_b1_long_floor_vs_cudnn", b1_floor_vs_cudnn,
+                                  "x (cuDNN ms / read-floor ms at B1 Hq32 Hkv8 S32768: the most any kernel that reads "
+                                  "the K/V once could reach against cuDNN)", "torch SDPA cuDNN"))
     elif any(s == B1_LONG for s in shapes):
         notes.append("decode_attn_b1_long_ratio_vs_cudnn not reported: cuDNN SDPA did not run on B1 Hq32 Hkv8 S32768")
     tables = [sweep_table(details)] if args.sweep else []

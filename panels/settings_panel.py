@@ -79,11 +79,18 @@ def settings_from(params: dict, settings: GenerationSettings, shape: RunShape) -
                          seed=_number("prompt_seed", p["prompt_seed"], whole=True))
 
 
-def describe_settings(settings: GenerationSettings, shape: RunShape, notes: list[str] = ()) -> str:
-    """One line per concern, for the panel."""
+def describe_settings(settings: GenerationSettings, shape: RunShape, notes: list[str] = (), *,
+                      on_gpu: bool = True) -> str:
+    """One line per concern, for the panel. on_gpu False: the loaded model runs on the CPU, where "gpu" means the
+    K/V stays beside the weights and the offloaded placements keep both parts in the same memory."""
     o, k, s = settings.offload, settings.kernel, settings.sampling
-    where = {"gpu": "KV cache on the GPU (resident)", "cpu": "KV cache offloaded to host memory",
-             "hybrid": "KV cache split between GPU and host"}[o.placement]
+    if on_gpu:
+        where = {"gpu": "KV cache on the GPU (resident)", "cpu": "KV cache offloaded to host memory",
+                 "hybrid": "KV cache split between GPU and host"}[o.placement]
+    else:
+        where = {"gpu": "KV cache resident beside the weights (in CPU memory: no GPU here)",
+                 "cpu": "KV cache through the offload path (no GPU here: both sides are CPU memory)",
+                 "hybrid": "KV cache split as on a GPU (no GPU here: both parts are CPU memory)"}[o.placement]
     if o.placement == "hybrid":
         where += f" (GPU budget {'auto' if o.gpu_kv_budget_gib is None else f'{o.gpu_kv_budget_gib:g} GiB'})"
     if o.offloaded:
@@ -96,6 +103,10 @@ def describe_settings(settings: GenerationSettings, shape: RunShape, notes: list
         f"{settings.max_new_tokens} new tokens, {sampling}",
     ]
     return "\n".join(lines + [f"- _{note}_" for note in notes])
+
+
+def _on_gpu(session: LabSession) -> bool:
+    return session.model is None or session.model.device.type == "cuda"
 
 
 def gpu_controls(session: LabSession) -> tuple[dict, dict, dict]:
@@ -152,7 +163,7 @@ def build(session: LabSession, *, app: gr.Blocks, model_key: gr.Textbox, saved: 
             top_k = NumberBox.named("top_k", value=current.sampling.top_k, precision=0, label="top-k (0 = off)")
             sampling_seed = NumberBox.named("sampling seed", precision=0, label="sampling seed (-1 = random)", value=-1)
     apply = gr.Button("Apply settings", variant="primary")
-    status = gr.Markdown(describe_settings(current, shape))
+    status = gr.Markdown(describe_settings(current, shape, on_gpu=_on_gpu(session)))
 
     form = [placement, budget, split_mode, split, chunk, prefetch, distance, attention, batch, prompt_tokens,
             new_tokens, prompt_seed, temperature, top_p, top_k, sampling_seed]
@@ -181,8 +192,9 @@ def build(session: LabSession, *, app: gr.Blocks, model_key: gr.Textbox, saved: 
             notes = session.apply_settings(settings, run_shape, owner=who)
         except Exception as exc:  # noqa: BLE001 - shown in the panel; the applied settings are unchanged
             return (f"**Invalid:** {shown(exc)} The applied settings are unchanged.\n\n"
-                    + describe_settings(applied, applied_shape)), gr.skip()
-        return "**Applied.**\n\n" + describe_settings(settings, run_shape, notes), params_of(settings, run_shape)
+                    + describe_settings(applied, applied_shape, on_gpu=_on_gpu(session))), gr.skip()
+        return ("**Applied.**\n\n" + describe_settings(settings, run_shape, notes, on_gpu=_on_gpu(session)),
+                params_of(settings, run_shape))
 
     def on_page_load(kept: dict | None, request: gr.Request):
         """The form as this tab will run it: the browser's last applied settings restored when they still pass the
@@ -198,7 +210,8 @@ def build(session: LabSession, *, app: gr.Blocks, model_key: gr.Textbox, saved: 
                 line = "Restored this browser's last applied settings." + "".join(f"\n- _{n}_" for n in notes)
             except Exception as exc:  # noqa: BLE001 - said in the panel; the defaults stay
                 line = f"This browser's last applied settings no longer apply ({shown(exc)}): the defaults are applied."
-        return [*form_values(settings, run_shape), f"{line}\n\n{describe_settings(settings, run_shape)}",
+        return [*form_values(settings, run_shape),
+                f"{line}\n\n{describe_settings(settings, run_shape, on_gpu=_on_gpu(session))}",
                 *gpu_controls(session)]
 
     apply.click(on_apply, form, [status, saved], queue=False, **PRIVATE)
@@ -208,7 +221,8 @@ def build(session: LabSession, *, app: gr.Blocks, model_key: gr.Textbox, saved: 
     def settings_api(request: gr.Request) -> dict:
         """This client's applied settings, as /apply_settings parameters, and the run they describe."""
         settings, run_shape = session.settings_for(owner(request))
-        return {"settings": params_of(settings, run_shape), "description": describe_settings(settings, run_shape)}
+        return {"settings": params_of(settings, run_shape),
+                "description": describe_settings(settings, run_shape, on_gpu=_on_gpu(session))}
 
     def apply_settings(placement: Literal["gpu", "cpu", "hybrid"] | None = None,
                        gpu_kv_budget_gib: float | Literal["auto"] | None = None,
@@ -231,7 +245,7 @@ def build(session: LabSession, *, app: gr.Blocks, model_key: gr.Textbox, saved: 
         settings, run_shape = settings_from(params, *session.settings_for(who))
         notes = session.apply_settings(settings, run_shape, owner=who)
         return {"settings": params_of(settings, run_shape), "notes": notes,
-                "description": describe_settings(settings, run_shape)}
+                "description": describe_settings(settings, run_shape, on_gpu=_on_gpu(session))}
 
     endpoint(settings_api, api_name="settings", output="settings", queue=False)
     endpoint(apply_settings, api_name="apply_settings", output="applied", queue=False)

@@ -169,6 +169,9 @@ def test_parameters_left_out_keep_what_was_applied(served):
     other = Client(api.src, verbose=False)
     assert other.predict(api_name="/settings")["settings"]["placement"] == "gpu"
     assert other.predict(api_name="/settings")["settings"]["chunk_tokens"] == 512
+    # the model runs on the CPU: the description says where "gpu" keeps the K/V on this machine
+    described = other.predict(api_name="/settings")["description"]
+    assert "resident beside the weights (in CPU memory: no GPU here)" in described and "on the GPU" not in described
     other.predict(api_name="/apply_settings", placement="cpu", chunk_tokens=64)
     assert api.predict(api_name="/settings")["settings"] == changed
 
@@ -206,3 +209,15 @@ def test_the_readmes_rest_call_keeps_what_it_leaves_null(served):
         stream = web.get(f"/gradio_api/call/apply_settings/{event['event_id']}").text
     applied = json.loads([line for line in stream.splitlines() if line.startswith("data: ")][-1][6:])[0]["settings"]
     assert (applied["placement"], applied["split"], applied["batch"]) == ("hybrid", 0.25, 3)
+
+
+def test_the_settings_description_names_where_each_placement_keeps_the_kv():
+    from engine.settings import GenerationSettings, OffloadSettings
+    from panels.settings_panel import RunShape, describe_settings
+
+    shape = RunShape(batch=2, prompt_tokens=16, seed=0)
+    for placement in ("gpu", "cpu", "hybrid"):
+        settings = GenerationSettings(offload=OffloadSettings(placement=placement))
+        on_gpu, on_cpu = (describe_settings(settings, shape, on_gpu=flag).splitlines()[0] for flag in (True, False))
+        assert on_gpu != on_cpu and "no GPU here" in on_cpu and "no GPU" not in on_gpu, (on_gpu, on_cpu)
+        assert ("GPU budget auto" in on_cpu) == (placement == "hybrid")  # the budget is said on either device

@@ -42,7 +42,11 @@ def test_decode_suite_runs_every_part_on_cpu(tmp_path, capsys, one_thread):
     assert "no fast adapter for the opt family" in printed  # OPT runs its plain adapter, and says so
     breakdown = details["cases"]["tiny-llama B2 P12"]["breakdown"]
     assert set(breakdown) == {"plain", "fused"} and breakdown["fused"]["kernels"] > 0
-    assert f"tiny-qwen3 B1 P9 · ours auto: " in printed  # each variant is printed as it is measured
+    assert "tiny-qwen3 B1 P9 · ours auto: " in printed  # each variant is printed as it is measured
+    # the second estimate: each run's own steps (5 new tokens: 4 decode steps, the first 2 left out)
+    in_run = details["cases"]["tiny-llama B2 P12"]["ours_auto_in_run_ms"]
+    assert len(in_run) == 1 and in_run[0] > 0
+    assert "tiny-llama B2 P12: ours auto's steps timed inside each run" in " ".join(payload["notes"])
     assert not (tmp_path / "decode.partial.json").exists()  # the whole run replaced its partial results
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "kept_key" in summary
@@ -71,12 +75,13 @@ def test_decode_suite_runs_every_part_on_cpu(tmp_path, capsys, one_thread):
 def test_a_step_is_timed_without_the_runs_setup(monkeypatch):
     """(t(N) - t(2)) / (N - 2): a run's once-only costs (prefill, a CUDA-graph capture for runs of more than one
     token) cancel and come back apart; (t(N) - t(1)) / (N - 1) would have spread the capture over the steps."""
-    monkeypatch.setattr(decode, "_timed", lambda fn: fn())
+    monkeypatch.setattr(decode, "_timed", lambda fn: (fn(), None))
     prefill_ms, capture_ms, step_ms = 50.0, 120.0, 7.0
     run = lambda n: prefill_ms + (capture_ms if n > 1 else 0.0) + step_ms * n  # noqa: E731
-    median, samples, setup = decode._step_ms(run, 64, 3)
+    median, samples, setup, in_run = decode._step_ms(run, 64, 3)
     assert median == pytest.approx(step_ms) and samples == pytest.approx([step_ms] * 3)
     assert setup == pytest.approx(capture_ms)
+    assert in_run == []  # the run gave no result with steps of its own
 
 
 def test_too_few_new_tokens_are_refused(tmp_path):
@@ -183,3 +188,13 @@ def test_a_run_stopped_midway_keeps_the_cases_it_measured(tmp_path, monkeypatch,
     assert [m["case"] for m in partial["measured"]] == ["ours, plain, no graph on CPU (tiny-llama B2 P6)"]
     assert partial["measured"][0]["ms"] > 0 and "tiny-llama B2 P6" in partial["details"]["cases"]
     assert not (tmp_path / "decode_cut.json").exists()
+
+
+def test_the_in_run_step_is_the_median_after_the_first_steps():
+    class Result:
+        step_ms = [50.0, 9.0, 4.0, 6.0, 5.0]
+
+    assert decode._in_run_step_ms(Result()) == 5.0
+    assert decode._in_run_step_ms(Result(), skip=4) == 5.0
+    assert decode._in_run_step_ms(type("R", (), {"step_ms": [3.0, 2.0]})()) is None  # too short to leave any
+    assert decode._in_run_step_ms(torch.zeros(2)) is None  # a peer's output: no steps of its own

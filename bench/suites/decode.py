@@ -122,32 +122,46 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn) -> float:
+def _timed(fn) -> tuple[float, object]:
     _sync()
     start = time.perf_counter()
-    fn()
+    out = fn()
     _sync()
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - start) * 1e3, out
 
 
-def _step_ms(run, new_tokens: int, repeat: int, *, warmup_tokens: int = 2) -> tuple[float, list[float], float]:
+def _in_run_step_ms(result, skip: int = 2) -> float | None:
+    """The median wall time between a run's own decode steps (engine.GenerationResult.step_ms) after the first
+    `skip`: the steady step measured inside one run, so no capture or prefill is in it. None for a peer's output."""
+    steps = getattr(result, "step_ms", None)
+    if not steps or len(steps) <= skip:
+        return None
+    return statistics.median(steps[skip:])
+
+
+def _step_ms(run, new_tokens: int, repeat: int, *, warmup_tokens: int = 2
+             ) -> tuple[float, list[float], float, list[float]]:
     """The steady decode step: median over repeats of (t(N tokens) - t(2 tokens)) / (N - 2); run(n) generates n
     tokens. Both runs pay the same once-per-run setup (prefill, and the engine's CUDA-graph capture of the step for
     runs of more than one token), so it cancels. That setup beyond one step, t(2) - t(1) - step, comes back third
-    (median): what a run pays once, which (t(N) - t(1)) / (N - 1) would have spread over its steps."""
+    (median): what a run pays once, which (t(N) - t(1)) / (N - 1) would have spread over its steps. Fourth: each
+    N-token run's in-run step (`_in_run_step_ms`; empty for a peer), a second estimate that the capture's run-to-run
+    variation, which the difference carries, leaves out."""
     # warm-up: allocator, cuBLAS handles, graph capture paths (and compiling, when asked), and the kernels a run of
     # N tokens first meets (on an H200 the first full run of a variant was 2-3x the later ones without this)
     run(new_tokens)
     run(warmup_tokens)
-    samples, setup = [], []
+    samples, setup, in_run = [], [], []
     for _ in range(repeat):
-        full = _timed(lambda: run(new_tokens))
-        two = _timed(lambda: run(2))
-        one = _timed(lambda: run(1))
+        full, result = _timed(lambda: run(new_tokens))
+        two, _ = _timed(lambda: run(2))
+        one, _ = _timed(lambda: run(1))
         step = (full - two) / (new_tokens - 2)
         samples.append(step)
         setup.append(two - one - step)
-    return statistics.median(samples), samples, statistics.median(setup)
+        if (inside := _in_run_step_ms(result)) is not None:
+            in_run.append(inside)
+    return statistics.median(samples), samples, statistics.median(setup), in_run
 
 
 def _divergence(a: list[int], b: list[int]) -> int:
@@ -378,12 +392,16 @@ def run(args) -> SuiteResult:
             for name in wanted:
                 warmup = args.new_tokens if VARIANTS[name].get("compile") else 2
                 try:
-                    ours_ms[name], info[f"ours_{name}_samples_ms"], info[f"ours_{name}_setup_ms"] = _step_ms(
+                    (ours_ms[name], info[f"ours_{name}_samples_ms"], info[f"ours_{name}_setup_ms"],
+                     info[f"ours_{name}_in_run_ms"]) = _step_ms(
                         lambda n, name=name: engines.generate(prompt_lists, n, name), args.new_tokens, args.repeat,
                         warmup_tokens=warmup)
                     info[f"ours_{name}_attention"] = engines.last.attention_why
+                    in_run = info[f"ours_{name}_in_run_ms"]
                     print(f"{case.label} · ours {name}: {ours_ms[name]:.3f} ms/step (samples "
-                          + ", ".join(f"{x:.3f}" for x in info[f"ours_{name}_samples_ms"]) + ")", flush=True)
+                          + ", ".join(f"{x:.3f}" for x in info[f"ours_{name}_samples_ms"]) + ")"
+                          + (f"; in-run steps, median {statistics.median(in_run):.3f} ms" if in_run else ""),
+                          flush=True)
                 except CompileError as exc:  # a compile that fails here is reported, not fatal to the other rows
                     notes.append(f"{case.label}: variant '{name}' did not run: {exc}")
                 except Exception as exc:  # noqa: BLE001 - e.g. a capture the driver refused: reported, the run goes on
@@ -394,6 +412,10 @@ def run(args) -> SuiteResult:
                 info["prediction_err_pct"] = err
                 notes.append(f"{case.label}: the cost model predicts {predictions[case]:.3f} ms per GPU-resident step, "
                              f"ours auto measured {ours_ms['auto']:.3f} ms ({err:+.1f} %)")
+                if in_run := info.get("ours_auto_in_run_ms"):
+                    notes.append(f"{case.label}: ours auto's steps timed inside each run (no capture or prefill in "
+                                 f"them): median {statistics.median(in_run):.3f} ms, runs "
+                                 f"{min(in_run):.3f}-{max(in_run):.3f}")
             if "plain" in ours_ms and any(VARIANTS[v].get("fused") or (v == "auto" and cuda) for v in ours_ms):
                 _compare_variants(engines, prompt_lists, args.new_tokens, ours_ms, info, notes, case)
             peers: dict[str, float] = {}
@@ -487,7 +509,7 @@ def _peers(model, input_ids, peers_wanted, args, info, notes, case) -> dict[str,
         try:
             # A static cache makes transformers compile its forward on the first full-length run: warm up with one.
             warmup = args.new_tokens if peer == "static" else 2
-            peers[peer], info[f"transformers_{peer}_samples_ms"], info[f"transformers_{peer}_setup_ms"] = _step_ms(
+            peers[peer], info[f"transformers_{peer}_samples_ms"], info[f"transformers_{peer}_setup_ms"], _ = _step_ms(
                 hf, args.new_tokens, args.repeat, warmup_tokens=warmup)
         except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
             notes.append(f"{case.label}: transformers {peer} cache did not run: {type(exc).__name__}: {str(exc)[:300]}")

@@ -375,7 +375,7 @@ class Generator:
         model = self.model
         self.plan = plan_for(model.spec, settings.offload, device=model.device, batch=len(lens),
                              prompt_tokens=max(lens), new_tokens=settings.max_new_tokens, profile=self.profile,
-                             cuda_graphs=settings.cuda_graph)
+                             cuda_graphs=settings.cuda_graph, fused=settings.wants_fast_adapter)
         store = OffloadStore(model.spec, self.plan, dtype=model.dtype, device=model.device)
         try:
             return OffloadRuntime(self._adapter(settings), self.plan, store, attend, prompt_lens=lens,

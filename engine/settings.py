@@ -142,6 +142,13 @@ class GenerationSettings:
         if not (isinstance(self.fused, bool) or self.fused == "auto"):
             raise InvalidSettingsError(f"fused must be True, False or 'auto' (the fast adapter on a GPU), got {self.fused!r}.")
 
+    @property
+    def wants_fast_adapter(self) -> bool:
+        """Whether a run on a GPU takes the fast adapter where the family has one: fused=True, or "auto" without
+        compile (engine/generator.py `_adapter` applies this; the scheduler times such a run's GEMMs from the
+        device's measured GEMM plan)."""
+        return self.fused is True or (self.fused == "auto" and not self.compile)
+
 
 @dataclass(frozen=True)
 class RunShape:

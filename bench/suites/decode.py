@@ -288,8 +288,8 @@ def step_bytes(model, case: Case, new_tokens: int) -> int:
     return int(weight_bytes + case.batch * mean_len * spec.kv_bytes_per_token)
 
 
-def _tune(model, cases: list[Case], device: torch.device) -> tuple[dict | None, list[str]]:
-    """Measure the GEMM plan for the cases' batches (what is not cached yet) -> (plan table rows, notes)."""
+def _tune(model, cases: list[Case], device: torch.device) -> tuple[dict | None, list[str], object]:
+    """Measure the GEMM plan for the cases' batches (what is not cached yet) -> (plan table rows, notes, plan)."""
     from engine.fast.plan import gemm_plan, measure_plan, projection_shapes, save_plan
 
     started = time.perf_counter()
@@ -302,16 +302,28 @@ def _tune(model, cases: list[Case], device: torch.device) -> tuple[dict | None, 
     notes = [f"GEMM plan for {model.source} ({time.perf_counter() - started:.0f} s; cached in {where}): "
              + "; ".join(f"{r['shape']}: cuBLAS {r['cublas_gb_s']:.0f} GB/s, skinny "
                          f"{r['skinny_gb_s'] or 0:.0f} GB/s -> {r['winner']}" for r in table)]
-    return table, notes
+    return table, notes, plan
 
 
-def predicted_step_ms(spec, profile, case: Case, new_tokens: int) -> float:
+def _projections(spec, rows: int, device: torch.device, plan):
+    """engine/offload/placement.py `measured_projections`, from the plan this run measured (it may not be cached)."""
+    from engine.fast.plan import projection_us
+    from engine.offload.scheduler import ProjectionTimes
+
+    found = projection_us(spec, rows, device, plan)
+    return None if found is None else ProjectionTimes(layer_ms=found[0] * 1e-3, head_ms=found[1] * 1e-3)
+
+
+def predicted_step_ms(spec, profile, case: Case, new_tokens: int, projections=None) -> float:
     """The scheduler's cost model for a GPU-resident run of the case (engine/offload/scheduler.py: plan_run with
-    every token resident): its mean predicted decode step over the run."""
+    every token resident): its mean predicted decode step over the run. projections: the measured GEMM times
+    (engine/offload/scheduler.py ProjectionTimes) the engine's plan_for gives a fast-adapter run; None: estimated
+    from the copy bandwidth."""
     from engine.offload.scheduler import plan_run
 
     plan = plan_run(spec, profile, placement="gpu", batch=case.batch, prompt_tokens=case.prompt_len,
-                    new_tokens=new_tokens, resident_tokens=case.prompt_len + new_tokens, split=None, chunk_tokens=512)
+                    new_tokens=new_tokens, resident_tokens=case.prompt_len + new_tokens, split=None, chunk_tokens=512,
+                    projections=projections)
     return statistics.mean(step.predicted_ms for step in plan.steps)
 
 
@@ -355,6 +367,7 @@ def run(args) -> SuiteResult:
         model = load_model(source, device=device, dtype=dtype, max_positions=longest if lengthen else None)
         details.setdefault("models", {})[source] = model.card()
         fused_wanted = any(VARIANTS[v].get("fused") or (v == "auto" and cuda) for v in wanted)  # auto: fast on a GPU
+        tuned_plan = None  # the GEMM plan measured below (else the device's cached one)
         if fused_wanted:
             from engine.fast import why_not_fused
 
@@ -363,7 +376,7 @@ def run(args) -> SuiteResult:
                 notes.append(f"{source}: {why}")
             elif cuda and not args.no_tune:
                 try:
-                    table, plan_notes = _tune(model, model_cases, device)
+                    table, plan_notes, tuned_plan = _tune(model, model_cases, device)
                     details.setdefault("gemm_plan", {})[source] = table
                     notes += plan_notes
                 except Exception as exc:  # noqa: BLE001 - the fast adapter then runs the unmeasured defaults
@@ -406,12 +419,23 @@ def run(args) -> SuiteResult:
                     notes.append(f"{case.label}: variant '{name}' did not run: {exc}")
                 except Exception as exc:  # noqa: BLE001 - e.g. a capture the driver refused: reported, the run goes on
                     notes.append(f"{case.label}: variant '{name}' failed: {type(exc).__name__}: {str(exc)[:300]}")
-            predictions[case] = info["predicted_step_ms"] = predicted_step_ms(model.spec, profile, case, args.new_tokens)
+            # The engine's own plan for this run: the fast adapter's measured GEMMs where the GEMM plan has them.
+            projections = _projections(model.spec, case.batch, device, tuned_plan) if fused_wanted and cuda else None
+            info["prediction_gemm_source"] = "measured GEMM plan" if projections else "copy bandwidth x efficiency"
+            predictions[case] = info["predicted_step_ms"] = predicted_step_ms(model.spec, profile, case,
+                                                                              args.new_tokens, projections)
+            if projections is not None:
+                info["predicted_step_ms_bandwidth_only"] = predicted_step_ms(model.spec, profile, case,
+                                                                             args.new_tokens)
             if "auto" in ours_ms:
                 err = 100 * (predictions[case] - ours_ms["auto"]) / ours_ms["auto"]
                 info["prediction_err_pct"] = err
-                notes.append(f"{case.label}: the cost model predicts {predictions[case]:.3f} ms per GPU-resident step, "
-                             f"ours auto measured {ours_ms['auto']:.3f} ms ({err:+.1f} %)")
+                without = info.get("predicted_step_ms_bandwidth_only")
+                notes.append(f"{case.label}: the cost model predicts {predictions[case]:.3f} ms per GPU-resident step "
+                             f"(GEMMs from the {info['prediction_gemm_source']}), ours auto measured "
+                             f"{ours_ms['auto']:.3f} ms ({err:+.1f} %)"
+                             + (f"; from the copy bandwidth alone it would predict {without:.3f} ms "
+                                f"({100 * (without - ours_ms['auto']) / ours_ms['auto']:+.1f} %)" if without else ""))
                 if in_run := info.get("ours_auto_in_run_ms"):
                     notes.append(f"{case.label}: ours auto's steps timed inside each run (no capture or prefill in "
                                  f"them): median {statistics.median(in_run):.3f} ms, runs "

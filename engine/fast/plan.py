@@ -195,6 +195,26 @@ def projection_shapes(spec) -> list[tuple[int, int, bool]]:
             (spec.vocab_size, spec.hidden_size, False)]
 
 
+FAST_FAMILIES = ("llama", "gemma", "phi3")  # ModelSpec.family values with a fast adapter (engine/fast/__init__.py)
+
+
+def projection_us(spec, rows: int, device: torch.device | str, plan: GemmPlan | None = None
+                  ) -> tuple[float, float] | None:
+    """(one layer's projections, the LM head) in µs per call at `rows` sequences, as the fast adapter runs them: each
+    shape's measured winner in the device's GEMM plan. None where the family has no fast adapter or any of its
+    shapes was not measured (then no measurement says what the adapter's launches take)."""
+    if spec.family not in FAST_FAMILIES:
+        return None
+    plan = plan if plan is not None else gemm_plan(device)
+    times = []
+    for out_features, in_features, gated in projection_shapes(spec):
+        choice = plan.choices.get(GemmPlan.key(rows, out_features, in_features, gated))
+        if choice is None:
+            return None
+        times.append(choice.best_us)
+    return sum(times[:-1]), times[-1]
+
+
 def measure_plan(shapes: list[tuple[int, int, int, bool]], *, dtype: torch.dtype, device: torch.device,
                  plan: GemmPlan | None = None) -> GemmPlan:
     """Measure `shapes` (rows, out, in, gated) not yet in `plan` (rows past the kernel's limit are cuBLAS'

@@ -53,7 +53,8 @@ def check_applied(model: LoadedModel, settings: GenerationSettings, shape: RunSh
     new_tokens, offload = settings.max_new_tokens, settings.offload
     if offload.offloaded and hardware is not None:
         plan_for(spec, offload, device=device, batch=shape.batch, prompt_tokens=shape.prompt_tokens,
-                 new_tokens=new_tokens, profile=hardware, cuda_graphs=settings.cuda_graph)
+                 new_tokens=new_tokens, profile=hardware, cuda_graphs=settings.cuda_graph,
+                 fused=settings.wants_fast_adapter)
     else:
         resident = shape.prompt_tokens + new_tokens
         if offload.offloaded:

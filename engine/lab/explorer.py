@@ -66,8 +66,9 @@ def _means(plan: RunPlan) -> tuple[float, float, float]:
 
 def explore_splits(spec: ModelSpec, offload: OffloadSettings, *, device: torch.device, profile: HardwareProfile,
                    batch: int, prompt_tokens: int, new_tokens: int,
-                   splits: tuple[float, ...] = DEFAULT_SPLITS) -> ExploreResult:
-    """Predicted step time per split fraction, and the auto choice, for this model, placement and shape."""
+                   splits: tuple[float, ...] = DEFAULT_SPLITS, fused: bool = True) -> ExploreResult:
+    """Predicted step time per split fraction, and the auto choice, for this model, placement and shape (fused:
+    the runs take the fast adapter, as the default settings do)."""
     splits = tuple(sorted({float(s) for s in splits}))
     if not splits or any(not 0.0 <= s <= 1.0 for s in splits):
         raise InvalidSettingsError(f"splits {splits} must be fractions in [0, 1]: 0 ships all K/V, 1 recomputes all.")
@@ -79,7 +80,7 @@ def explore_splits(spec: ModelSpec, offload: OffloadSettings, *, device: torch.d
 
     def plan(split: str | float) -> RunPlan:
         return plan_for(spec, replace(offload, split=split), device=device, batch=batch,
-                        prompt_tokens=prompt_tokens, new_tokens=new_tokens, profile=profile)
+                        prompt_tokens=prompt_tokens, new_tokens=new_tokens, profile=profile, fused=fused)
 
     curve = [_means(plan(s)) for s in splits]
     auto = plan("auto")

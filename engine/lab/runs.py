@@ -275,7 +275,7 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
     # GPU-resident runs have no offload plan; the scheduler's cost model still predicts their step time.
     plan = None if settings.offload.offloaded else plan_for(
         spec, settings.offload, device=device, batch=shape.batch, prompt_tokens=shape.prompt_tokens,
-        new_tokens=settings.max_new_tokens, profile=hardware)
+        new_tokens=settings.max_new_tokens, profile=hardware, fused=settings.wants_fast_adapter)
     link, link_note = _start_link(device, recorder.origin_ns)
     l2_started, l2_note = _start_l2(cupti, device)
     num_steps = settings.max_new_tokens - 1

@@ -462,7 +462,8 @@ class LabSession:
             with self._device_job("measuring the hardware", refused="measure the hardware"):
                 hardware = self._hardware(model.device)
         result = explore_splits(model.spec, settings.offload, device=model.device, profile=hardware, batch=batch,
-                                prompt_tokens=prompt_tokens, new_tokens=new_tokens, splits=splits)
+                                prompt_tokens=prompt_tokens, new_tokens=new_tokens, splits=splits,
+                                fused=settings.wants_fast_adapter)
         offload = settings.offload
         same = [r for r in self.runs if r.source == model.source and r.device == str(model.device)
                 and (r.batch, r.prompt_tokens, r.new_tokens) == (batch, prompt_tokens, new_tokens)

@@ -17,7 +17,7 @@ from engine.decode.attention import PREFILL_QUERY_BLOCK
 from engine.errors import InvalidSettingsError, OutOfMemoryError
 from engine import memory
 from engine.offload.profiler import HardwareProfile, hardware_profile
-from engine.offload.scheduler import RunPlan, plan_run
+from engine.offload.scheduler import ProjectionTimes, RunPlan, plan_run
 from engine.settings import OffloadSettings
 
 MARGIN_BYTES = 1 << 30  # on a GPU: allocator slack, cuBLAS workspaces, CUDA graphs' pools
@@ -292,10 +292,25 @@ def _largest(ok, upper: int) -> int:
     return lo
 
 
+def measured_projections(spec: ModelSpec, *, device: torch.device, batch: int, fused: bool = True
+                         ) -> ProjectionTimes | None:
+    """The run's projection GEMM times as measured on this device (engine/fast/plan.py's GEMM plan), where the run
+    uses the fast adapter (fused: on a CUDA device, a family that has one) and every one of its shapes at this
+    batch was measured; else None, and the cost model estimates them from the copy bandwidth."""
+    if not fused or device.type != "cuda" or not torch.cuda.is_available():  # (a plan for a device not here)
+        return None
+    from engine.fast.plan import projection_us
+
+    found = projection_us(spec, batch, device)
+    return None if found is None else ProjectionTimes(layer_ms=found[0] * 1e-3, head_ms=found[1] * 1e-3)
+
+
 def plan_for(spec: ModelSpec, offload: OffloadSettings, *, device: torch.device, batch: int, prompt_tokens: int,
-             new_tokens: int, profile: HardwareProfile | None = None, cuda_graphs: bool = True) -> RunPlan:
+             new_tokens: int, profile: HardwareProfile | None = None, cuda_graphs: bool = True,
+             fused: bool = True) -> RunPlan:
     """The run's plan: the resident range from the budget, the recompute/copy ranges from the scheduler. Refuses
-    (OutOfMemoryError) a run that cannot fit this GPU and host before anything is allocated."""
+    (OutOfMemoryError) a run that cannot fit this GPU and host before anything is allocated. fused: whether the
+    run uses the fast adapter where there is one (the default settings do), so its measured GEMMs time the plan."""
     if profile is None:
         profile = hardware_profile(device)
     resident, how = resident_tokens(spec, offload, device=device, batch=batch, prompt_tokens=prompt_tokens,
@@ -307,7 +322,8 @@ def plan_for(spec: ModelSpec, offload: OffloadSettings, *, device: torch.device,
                                    "(which copies the K/V instead), or a shorter run.")
     plan = plan_run(spec, profile, placement=offload.placement, batch=batch, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, resident_tokens=resident, split=split, chunk_tokens=offload.chunk_tokens,
-                    budget_note=how, cuda_graphs=cuda_graphs, recompute_off_why=blocked)
+                    budget_note=how, cuda_graphs=cuda_graphs, recompute_off_why=blocked,
+                    projections=measured_projections(spec, device=device, batch=batch, fused=fused))
     check_plan_fits(spec, offload, plan, device=device)
     return plan
 

@@ -24,6 +24,21 @@ PAPER_TFLOP_S = 312.0
 EAGER_OPS_PER_LAYER = 30  # kernels an uncaptured decode layer enqueues (norms, projections, RoPE, MLP, ...)
 GRAPH_LAUNCHES_PER_LAYER = 2  # the runtime's captured attend and MLP graphs (engine/decode/layer_graphs.py)
 GEMV_EFFICIENCY = 0.8  # decode projections read their weights at about this fraction of the copy bandwidth
+# With measured projection times (ProjectionTimes), the small kernels beside them are counted apart: the fast
+# adapter's two residual-add + norm kernels and its RoPE (which writes the new K/V), 2.5-2.6 µs each replayed in a
+# CUDA graph in the H200 profile of an eager llama-2-7b B8 step (bench/results/decode.json, 2026-12-01).
+SMALL_KERNELS_PER_LAYER = 3
+SMALL_KERNEL_US = 2.5
+
+
+@dataclass(frozen=True)
+class ProjectionTimes:
+    """One decode step's projection GEMMs at the run's batch, measured on the device: engine/fast/plan.py's GEMM
+    plan, the launches the fast adapter runs. The cost model then takes these in place of the weight bytes over
+    GEMV_EFFICIENCY x the copy bandwidth."""
+
+    layer_ms: float  # one layer's q/k/v, output, gate/up (with the activation) and down projections
+    head_ms: float  # the LM head
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,7 @@ class CostModel:
     profile: HardwareProfile
     batch: int
     cuda_graphs: bool = True  # the runtime replays each layer's new-token compute as CUDA graphs
+    projections: ProjectionTimes | None = None  # measured GEMM times, where the device's GEMM plan has them
 
     @property
     def act_bytes_per_slot(self) -> int:  # one slot of every sequence, one layer
@@ -166,14 +182,18 @@ class CostModel:
 
     def other_ms(self) -> float:
         """New token's projections, output projection and MLP: weight reads, or the host's launches if slower."""
-        weights_ms = self.layer_weight_bytes / (GEMV_EFFICIENCY * self.profile.hbm_copy_gb_s * 1e9) * 1e3
+        if self.projections is not None:
+            weights_ms = self.projections.layer_ms + SMALL_KERNELS_PER_LAYER * SMALL_KERNEL_US * 1e-3
+        else:
+            weights_ms = self.layer_weight_bytes / (GEMV_EFFICIENCY * self.profile.hbm_copy_gb_s * 1e9) * 1e3
         launches = GRAPH_LAUNCHES_PER_LAYER if self.cuda_graphs else EAGER_OPS_PER_LAYER
         return max(weights_ms, launches * self.profile.launch_us * 1e-3)
 
     def head_ms(self) -> float:
         """Embedding, final norm, LM head and sampling, once per step."""
         s = self.spec
-        lm_head_ms = s.vocab_size * s.hidden_size * s.dtype_bytes / (GEMV_EFFICIENCY * self.profile.hbm_copy_gb_s * 1e9) * 1e3
+        lm_head_ms = self.projections.head_ms if self.projections is not None else \
+            s.vocab_size * s.hidden_size * s.dtype_bytes / (GEMV_EFFICIENCY * self.profile.hbm_copy_gb_s * 1e9) * 1e3
         return lm_head_ms + 10 * self.profile.launch_us * 1e-3
 
 
@@ -273,12 +293,14 @@ def plan_step(cost: CostModel, *, seq_len: int, resident: int, chunk_tokens: int
 
 def plan_run(spec: ModelSpec, profile: HardwareProfile, *, placement: str, batch: int, prompt_tokens: int,
              new_tokens: int, resident_tokens: int, split: float | None, chunk_tokens: int,
-             budget_note: str = "", cuda_graphs: bool = True, recompute_off_why: str | None = None) -> RunPlan:
+             budget_note: str = "", cuda_graphs: bool = True, recompute_off_why: str | None = None,
+             projections: ProjectionTimes | None = None) -> RunPlan:
     """Plans for every decode step of a run, and the host storage they need (activations where any step
-    recomputes, K/V where any step copies)."""
+    recomputes, K/V where any step copies). projections: the run's measured GEMM times, where known."""
     if placement == "gpu":
         resident_tokens = prompt_tokens + new_tokens
-    cost = CostModel(spec=spec, profile=profile, batch=batch, cuda_graphs=cuda_graphs and profile.device_type == "cuda")
+    cost = CostModel(spec=spec, profile=profile, batch=batch, cuda_graphs=cuda_graphs and profile.device_type == "cuda",
+                     projections=projections)
     max_tokens = prompt_tokens + new_tokens
     resident = min(resident_tokens, max_tokens)
     steps = tuple(plan_step(cost, seq_len=s, resident=resident, chunk_tokens=chunk_tokens, split=split,

@@ -32,7 +32,7 @@ from engine.settings import OffloadSettings
 from hf_models import build, random_prompts, run_both, save
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gemma2", "gemma3", "phi3")
-HEAD_DIMS = (16, 24, 32, 40, 48, 64, 80, 96)
+HEAD_DIMS = (16, 24, 32, 40, 48, 64, 80, 96, 128, 256)  # 128 and 256: most checkpoints today
 MAX_HIDDEN = 512
 
 

@@ -2,7 +2,7 @@
 `engine.load_model(dir)`, and the engine's greedy tokens and logits compared with transformers' own generate on the
 same weights (CPU, fp32).
 
-Each draw varies what a checkpoint a user brings can vary: head dims (16 to 96, odd multiples of 8 among them),
+Each draw varies what a checkpoint a user brings can vary: head dims (16 to 256, odd multiples of 8 among them),
 head dims decoupled from hidden / heads, GQA ratios 1..8, biases, tied embeddings, RoPE types (linear, dynamic,
 llama3, yarn; LongRoPE and partial rotary for Phi-3), sliding windows and per-layer attention types, norm epsilons
 and OPT's layouts, 1-5 layers, small contexts run up to their last position, mixed prompt lengths in one batch.

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The GPU runs behind bench/results/: `bash bench/gpu_run.sh OUT_DIR` (about 45 minutes on an H100; CUPTI counters need the optional
-# cupti-python and nvidia-cuda-cupti wheels).
+# The GPU runs behind bench/results/: `bash bench/gpu_run.sh OUT_DIR [STEP ...]` (all steps: about 45 minutes on an
+# H100; CUPTI counters need the optional cupti-python and nvidia-cuda-cupti wheels). Naming steps runs only those, in
+# this file's order, e.g. `bash bench/gpu_run.sh OUT decode decode_attention` to fit a time-limited GPU session.
 # Each step is bounded so one failure leaves the others' results; logs go beside the results.
 set -u
-out=${1:?usage: bash bench/gpu_run.sh OUT_DIR}
+out=${1:?usage: bash bench/gpu_run.sh OUT_DIR [STEP ...]}
+shift
+only=" $* "
 mkdir -p "$out"
 [ -f bench/results/summary.json ] && cp bench/results/summary.json "$out/summary.json"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
+  [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || return 0
   timeout "$limit" "$@" > "$out/$name.log" 2>&1 || echo "$name: exit $? (see $out/$name.log)"
 }
 # Engine vs transformers (dynamic cache), GPU exactness on random 7B weights and on the trained demo model.

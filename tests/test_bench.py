@@ -103,3 +103,16 @@ def test_results_markdown_renders_again_from_its_json(tmp_path):
     md = (tmp_path / "demo_suite.md").read_text()
     assert markdown_of(json.loads((tmp_path / "demo_suite.json").read_text())) == md
     assert md.index("`demo_key`") < md.index("| t |") < md.index("- a note") and "2.000" in md
+
+
+def test_gpu_run_script_runs_only_the_steps_named(tmp_path):
+    """`bash bench/gpu_run.sh OUT STEP...` runs those steps alone (a time-limited GPU session runs a few at a time)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(["bash", "bench/gpu_run.sh", str(tmp_path), "gpu_oom"], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    logs = sorted(p.name for p in tmp_path.glob("*.log"))
+    assert logs == ["gpu_oom.log"], (logs, done.stdout, done.stderr)
+    assert "needs a CUDA GPU" in (tmp_path / "gpu_oom.log").read_text()  # it ran, and said why it stopped here

@@ -477,3 +477,26 @@ def test_plan_for_auto_and_hybrid_budget():
     assert plan.resident_tokens == (GiB // 2) // MiB == 512  # 1 MiB per slot of every sequence
     assert "GPU KV budget 0.5 GiB (given)" in plan.gpu_budget_note
     assert all(s.recompute_tokens == 0 and "recompute off" in s.reason for s in plan.steps)  # auto, GQA
+
+
+def test_a_gpu_plan_says_where_its_gemm_times_come_from_and_uses_measured_ones(monkeypatch):
+    """On a GPU the plan takes a fast-adapter run's projection GEMMs from the device's measured GEMM plan when it
+    has them (faster predicted steps here, since they beat the bandwidth estimate), and says which it used."""
+    from engine import memory
+    from engine.offload import placement
+    from engine.offload.scheduler import ProjectionTimes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (120 * GiB, 139 * GiB))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 110 * GiB)
+    kw = dict(device=torch.device("cuda"), batch=4, prompt_tokens=4096, new_tokens=8, profile=PROFILE)
+    estimated = placement.plan_for(LLAMA2_7B, OffloadSettings(placement="cpu"), **kw)
+    assert "estimated from the copy bandwidth (no GEMM plan measured at batch 4" in estimated.gemm_note
+    plain = placement.plan_for(LLAMA2_7B, OffloadSettings(placement="cpu"), fused=False, **kw)
+    assert plain.gemm_note.endswith("(the plain adapter runs)")
+    fast = ProjectionTimes(layer_ms=0.05, head_ms=0.02)  # ~8 TB/s: far faster than the copy-bandwidth estimate
+    monkeypatch.setattr(placement, "measured_projections", lambda spec, device, batch, fused: fast if fused else None)
+    measured = placement.plan_for(LLAMA2_7B, OffloadSettings(placement="cpu"), **kw)
+    assert measured.gemm_note == "predicted steps: projection GEMMs from this GPU's measured GEMM plan at batch 4"
+    assert all(m.predicted_ms < e.predicted_ms for m, e in zip(measured.steps, estimated.steps))
+    cpu = placement.plan_for(LLAMA2_7B, OffloadSettings(placement="cpu"), **dict(kw, device=torch.device("cpu")))
+    assert cpu.gemm_note == ""  # no GPU: the predictions say so elsewhere

@@ -343,6 +343,8 @@ def profile_run(model: LoadedModel, settings: GenerationSettings, shape: RunShap
         placement_note = _placement_note(plan, settings, device)
         if placement_note:
             notes.append(placement_note)
+        if plan is not None and plan.gemm_note:
+            notes.append(plan.gemm_note)
         if generator.layers_why:
             notes.append(generator.layers_why)
         if not all_spans:

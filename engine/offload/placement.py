@@ -7,7 +7,7 @@ what the run itself needs besides the resident K/V: the staging of its offloaded
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -320,10 +320,18 @@ def plan_for(spec: ModelSpec, offload: OffloadSettings, *, device: torch.device,
     if blocked is not None and split:
         raise InvalidSettingsError(f"split={split:g} asks to recompute K/V, but {blocked}: use split 0 or 'auto' "
                                    "(which copies the K/V instead), or a shorter run.")
+    projections = measured_projections(spec, device=device, batch=batch, fused=fused)
     plan = plan_run(spec, profile, placement=offload.placement, batch=batch, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, resident_tokens=resident, split=split, chunk_tokens=offload.chunk_tokens,
-                    budget_note=how, cuda_graphs=cuda_graphs, recompute_off_why=blocked,
-                    projections=measured_projections(spec, device=device, batch=batch, fused=fused))
+                    budget_note=how, cuda_graphs=cuda_graphs, recompute_off_why=blocked, projections=projections)
+    if device.type == "cuda":
+        plan = replace(plan, gemm_note=(
+            f"predicted steps: projection GEMMs from this GPU's measured GEMM plan at batch {batch}"
+            if projections is not None else
+            f"predicted steps: projection GEMMs estimated from the copy bandwidth (no GEMM plan measured at batch "
+            f"{batch} on this GPU for this model's shapes; `python -m engine.fast.plan --model MODEL --rows {batch}` "
+            "measures one, which the fast adapter then also runs)" if fused else
+            "predicted steps: projection GEMMs estimated from the copy bandwidth (the plain adapter runs)"))
     check_plan_fits(spec, offload, plan, device=device)
     return plan
 

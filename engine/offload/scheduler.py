@@ -123,6 +123,7 @@ class RunPlan:
     reason: str
     gpu_budget_note: str = ""
     notes: tuple[str, ...] = field(default=())
+    gemm_note: str = ""  # where the predictions' projection GEMM times come from, on a GPU
 
     def step(self, seq_len: int) -> StepPlan:
         index = seq_len - self.prompt_tokens - 1

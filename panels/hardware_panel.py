@@ -1,5 +1,5 @@
 """Hardware panel: the profiler's measurements of this machine (what the scheduler predicts with), its ceilings,
-and whether NVML and CUPTI can sample here.
+whether NVML and CUPTI can sample here, and on a GPU the fast adapter's measured GEMM plan for the loaded model.
 
 On a GPU the rows are the PCIe copies, device memory, decode attention and recompute GEMMs the scheduler uses. On
 a CPU the same measurements are host-memory copies and CPU arithmetic: they are named as such, in units that show
@@ -63,6 +63,34 @@ def rows(profile: HardwareProfile) -> list[tuple[str, str, str]]:
     return out
 
 
+def gemm_rows(spec, device) -> tuple[list[tuple[str, str, str]], str]:
+    """The fast adapter's measured GEMM plan for the loaded model's projections (engine/fast/plan.py) as table
+    rows, and a line saying what it is or why there is none."""
+    if device.type != "cuda":
+        return [], ("- **decode GEMMs:** no GPU: the fast adapter's GEMM plan (skinny kernel or cuBLAS per projection) "
+                    "is a GPU measurement")
+    from engine.fast.plan import FAST_FAMILIES, gemm_plan, model_plan_rows
+
+    if spec.family not in FAST_FAMILIES:
+        return [], f"- **decode GEMMs:** the {spec.family} family runs its plain adapter (cuBLAS): no GEMM plan"
+    found = model_plan_rows(spec, gemm_plan(device))
+    if not found:
+        return [], ("- **decode GEMMs:** no GEMM plan measured on this GPU for this model's projections: the fast "
+                    "adapter runs its default launches, and predictions estimate the GEMMs from the copy bandwidth. "
+                    "`python -m engine.fast.plan --model MODEL --rows 1,8` measures one (seconds per shape).")
+    out = []
+    for r in found:
+        other = f"cuBLAS {r['cublas_gb_s']:.0f}" if r["winner"] == "skinny" else \
+            (f"skinny {r['skinny_gb_s']:.0f}" if r["skinny_gb_s"] else "skinny not run")
+        won = r["skinny_gb_s"] if r["winner"] == "skinny" else r["cublas_gb_s"]
+        out.append((f"decode GEMM, batch {r['rows']}: {r['projection']} ({r['shape']})",
+                    f"{r['weight_mb']:.1f} MB" if r["weight_mb"] else "",
+                    f"{r['winner']} {won:.0f} GB/s ({other})"))
+    batches = sorted({r["rows"] for r in found})
+    return out, (f"- **decode GEMMs:** the fast adapter's measured plan for batch {', '.join(map(str, batches))}: "
+                 "per projection the faster of the skinny kernel and cuBLAS, its weight read in GB/s")
+
+
 def ceilings_markdown(profile: HardwareProfile, sources: dict[str, str]) -> str:
     gpu = profile.device_type == "cuda"
     best_gemm = max(p.rate for curve in profile.gemm for p in curve.points)
@@ -92,21 +120,28 @@ def ceilings_markdown(profile: HardwareProfile, sources: dict[str, str]) -> str:
 
 def build(session: LabSession) -> None:
     gr.Markdown("The profiler measures copies, recompute GEMMs, device memory and attention once per device, driver "
-                "and torch version, and caches them; the scheduler's predictions use these figures only.")
+                "and torch version, and caches them; the scheduler's predictions use these figures and, on a GPU, "
+                "the fast adapter's measured GEMM plan for the loaded model.")
     with gr.Row():
         show = gr.Button("Show measurements", variant="primary")
         measure = gr.Button("Measure again")
     header = gr.Markdown(EMPTY)
     table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, visible=False)
 
+    def measured() -> tuple[HardwareProfile, dict[str, str], list, str]:
+        model = session.model
+        extra, line = gemm_rows(model.spec, model.device) if model is not None else ([], "")
+        return session.hardware(refresh=False), session.telemetry_sources(), extra, line
+
     def on_show(refresh: bool):
         try:
-            profile = session.hardware(refresh=refresh)
-            sources = session.telemetry_sources()
+            if refresh:
+                session.hardware(refresh=True)
+            profile, sources, extra, line = measured()
         except Exception as exc:  # noqa: BLE001 - shown in the panel
             return f"**Error:** {shown(exc)}", gr.skip()
-        return ceilings_markdown(profile, sources), gr.update(value=pd.DataFrame(rows(profile), columns=COLUMNS),
-                                                               visible=True)
+        header = ceilings_markdown(profile, sources) + (f"\n{line}" if line else "")
+        return header, gr.update(value=pd.DataFrame(rows(profile) + extra, columns=COLUMNS), visible=True)
 
     show.click(lambda: on_show(False), None, [header, table], concurrency_id="hardware", concurrency_limit=1, **PRIVATE)
     measure.click(lambda: on_show(True), None, [header, table], concurrency_id="hardware", concurrency_limit=1,
@@ -115,10 +150,12 @@ def build(session: LabSession) -> None:
     def hardware(refresh: bool = False) -> dict:
         """The profiler's measurements of the loaded model's device (`refresh`: measure again, refused while a job
         uses the device), whether NVML and CUPTI can sample here, and the table the panel shows."""
-        profile = session.hardware(refresh=refresh)
+        if refresh:
+            session.hardware(refresh=True)
+        profile, sources, extra, line = measured()
         return {"device": profile.device_name, "device_type": profile.device_type, "driver": profile.driver,
                 "torch": profile.torch_version, "measured_at": profile.measured_at,
-                "rows": [list(row) for row in rows(profile)], "sources": session.telemetry_sources(),
-                "notes": list(profile.notes)}
+                "rows": [list(row) for row in rows(profile) + extra], "sources": sources,
+                "notes": list(profile.notes) + ([line.removeprefix("- ")] if line else [])}
 
     endpoint(hardware, api_name="hardware", output="hardware", concurrency_id="hardware", concurrency_limit=1)

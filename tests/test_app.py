@@ -315,6 +315,37 @@ def test_the_hardware_table_names_a_cpus_figures_as_such(tiny_client):
     assert rows["H2D + D2H at once"].startswith("not measured: no GPU")
     assert not any(v.startswith("0.0 ") for v in rows.values()), rows  # every figure in a unit that shows it
     assert any("GEMM" in what and "(CPU" in what for what in rows)
+    assert any("no GPU: the fast adapter's GEMM plan" in note for note in hardware["notes"])
+
+
+def test_the_hardware_panel_lists_the_measured_gemm_plan_of_the_models_projections(monkeypatch):
+    """On a GPU the panel lists, per measured batch and projection of the loaded model, which GEMM the fast adapter
+    runs and what it read; without a plan it says how to measure one."""
+    import torch
+
+    from engine.fast import plan as gemm
+    from engine.loader import load_model
+    from panels.hardware_panel import gemm_rows
+
+    spec = load_model("synthetic:tiny-llama", device="cpu", dtype="float32").spec
+    cuda = torch.device("cuda")
+    measured = gemm.GemmPlan(device="test")
+    for i, (n, k, g) in enumerate(gemm.projection_shapes(spec)):
+        measured.choices[gemm.GemmPlan.key(8, n, k, g)] = gemm.GemmChoice(
+            kernel="skinny" if i % 2 == 0 else "cublas", config={} if i % 2 == 0 else None, skinny_us=10.0 + i,
+            cublas_us=11.0 - i, weight_bytes=2 * n * k * (2 if g else 1))
+    measured.choices["8x999x7"] = gemm.GemmChoice(kernel="cublas", config=None, skinny_us=None, cublas_us=1.0,
+                                                  weight_bytes=14)  # another model's shape: not listed
+    monkeypatch.setattr(gemm, "gemm_plan", lambda device: measured)
+    found, line = gemm_rows(spec, cuda)
+    assert [r[0].split(": ")[1].split(" (")[0] for r in found] == list(gemm.PROJECTION_NAMES)
+    assert all(r[0].startswith("decode GEMM, batch 8") for r in found) and "batch 8" in line
+    assert found[0][2].startswith("skinny ") and "(cuBLAS " in found[0][2]
+    assert found[1][2].startswith("cublas ") and "(skinny " in found[1][2]
+    monkeypatch.setattr(gemm, "gemm_plan", lambda device: gemm.GemmPlan(device="test"))
+    assert gemm_rows(spec, cuda)[0] == [] and "python -m engine.fast.plan" in gemm_rows(spec, cuda)[1]
+    opt = load_model("synthetic:tiny-opt", device="cpu", dtype="float32").spec
+    assert "plain adapter" in gemm_rows(opt, cuda)[1]
 
 
 def test_chat_runs_under_this_clients_applied_placement(tiny_client):

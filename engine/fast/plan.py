@@ -215,6 +215,26 @@ def projection_us(spec, rows: int, device: torch.device | str, plan: GemmPlan | 
     return sum(times[:-1]), times[-1]
 
 
+PROJECTION_NAMES = ("q/k/v", "output", "gate/up + activation", "down", "LM head")  # projection_shapes' order
+
+
+def model_plan_rows(spec, plan: GemmPlan) -> list[dict]:
+    """The plan's measured shapes of this model's projections, at every batch measured, in layer order: each row
+    GemmPlan.rows()'s figures plus `rows` (the batch), `projection` (its name) and `weight_mb`."""
+    names = {(n, k, g): name for (n, k, g), name in zip(projection_shapes(spec), PROJECTION_NAMES)}
+    found = []
+    for row in plan.rows():
+        rows_, _, rest = row["shape"].partition("x")
+        out_features, _, in_part = rest.partition("x")
+        gated = in_part.endswith("-gated")
+        key = (int(out_features), int(in_part.removesuffix("-gated")), gated)
+        if key in names:
+            choice = plan.choices[row["shape"]]
+            found.append(dict(row, rows=int(rows_), projection=names[key], weight_mb=choice.weight_bytes / 1e6))
+    order = {name: i for i, name in enumerate(PROJECTION_NAMES)}
+    return sorted(found, key=lambda r: (r["rows"], order[r["projection"]]))
+
+
 def measure_plan(shapes: list[tuple[int, int, int, bool]], *, dtype: torch.dtype, device: torch.device,
                  plan: GemmPlan | None = None) -> GemmPlan:
     """Measure `shapes` (rows, out, in, gated) not yet in `plan` (rows past the kernel's limit are cuBLAS'

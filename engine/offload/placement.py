@@ -305,6 +305,17 @@ def measured_projections(spec: ModelSpec, *, device: torch.device, batch: int, f
     return None if found is None else ProjectionTimes(layer_ms=found[0] * 1e-3, head_ms=found[1] * 1e-3)
 
 
+def _gemm_note(projections: ProjectionTimes | None, *, batch: int, fused: bool) -> str:
+    """Where a GPU plan's projection GEMM times come from, and how to get measured ones where they are estimated."""
+    if projections is not None:
+        return f"predicted steps: projection GEMMs from this GPU's measured GEMM plan at batch {batch}"
+    if not fused:
+        return "predicted steps: projection GEMMs estimated from the copy bandwidth (the plain adapter runs)"
+    return (f"predicted steps: projection GEMMs estimated from the copy bandwidth (no GEMM plan measured at batch "
+            f"{batch} on this GPU for this model's shapes; `python -m engine.fast.plan --model MODEL --rows {batch}` "
+            "measures one, which the fast adapter then also runs)")
+
+
 def plan_for(spec: ModelSpec, offload: OffloadSettings, *, device: torch.device, batch: int, prompt_tokens: int,
              new_tokens: int, profile: HardwareProfile | None = None, cuda_graphs: bool = True,
              fused: bool = True) -> RunPlan:
@@ -325,13 +336,7 @@ def plan_for(spec: ModelSpec, offload: OffloadSettings, *, device: torch.device,
                     new_tokens=new_tokens, resident_tokens=resident, split=split, chunk_tokens=offload.chunk_tokens,
                     budget_note=how, cuda_graphs=cuda_graphs, recompute_off_why=blocked, projections=projections)
     if device.type == "cuda":
-        plan = replace(plan, gemm_note=(
-            f"predicted steps: projection GEMMs from this GPU's measured GEMM plan at batch {batch}"
-            if projections is not None else
-            f"predicted steps: projection GEMMs estimated from the copy bandwidth (no GEMM plan measured at batch "
-            f"{batch} on this GPU for this model's shapes; `python -m engine.fast.plan --model MODEL --rows {batch}` "
-            "measures one, which the fast adapter then also runs)" if fused else
-            "predicted steps: projection GEMMs estimated from the copy bandwidth (the plain adapter runs)"))
+        plan = replace(plan, gemm_note=_gemm_note(projections, batch=batch, fused=fused))
     check_plan_fits(spec, offload, plan, device=device)
     return plan
 

@@ -128,16 +128,16 @@ def build(session: LabSession) -> None:
     header = gr.Markdown(EMPTY)
     table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, visible=False)
 
-    def measured() -> tuple[HardwareProfile, dict[str, str], list, str]:
+    def measured(refresh: bool) -> tuple[HardwareProfile, dict[str, str], list, str]:
+        """The profile (measured again when `refresh`), the telemetry sources, the GEMM-plan rows and their line."""
+        profile = session.hardware(refresh=refresh)
         model = session.model
         extra, line = gemm_rows(model.spec, model.device) if model is not None else ([], "")
-        return session.hardware(refresh=False), session.telemetry_sources(), extra, line
+        return profile, session.telemetry_sources(), extra, line
 
     def on_show(refresh: bool):
         try:
-            if refresh:
-                session.hardware(refresh=True)
-            profile, sources, extra, line = measured()
+            profile, sources, extra, line = measured(refresh)
         except Exception as exc:  # noqa: BLE001 - shown in the panel
             return f"**Error:** {shown(exc)}", gr.skip()
         header = ceilings_markdown(profile, sources) + (f"\n{line}" if line else "")
@@ -150,9 +150,7 @@ def build(session: LabSession) -> None:
     def hardware(refresh: bool = False) -> dict:
         """The profiler's measurements of the loaded model's device (`refresh`: measure again, refused while a job
         uses the device), whether NVML and CUPTI can sample here, and the table the panel shows."""
-        if refresh:
-            session.hardware(refresh=True)
-        profile, sources, extra, line = measured()
+        profile, sources, extra, line = measured(refresh)
         return {"device": profile.device_name, "device_type": profile.device_type, "driver": profile.driver,
                 "torch": profile.torch_version, "measured_at": profile.measured_at,
                 "rows": [list(row) for row in rows(profile) + extra], "sources": sources,

@@ -33,6 +33,7 @@ from bench.timing import device_copy_gb_s, read_sweep_note, streaming_read_gb_s,
 from engine import PRESETS, GenerationSettings, Generator, load_model
 from engine.errors import CompileError
 from engine.hf_reference import hf_greedy, rel_err
+from engine.offload.placement import measured_projections
 
 
 
@@ -305,15 +306,6 @@ def _tune(model, cases: list[Case], device: torch.device) -> tuple[dict | None, 
     return table, notes, plan
 
 
-def _projections(spec, rows: int, device: torch.device, plan):
-    """engine/offload/placement.py `measured_projections`, from the plan this run measured (it may not be cached)."""
-    from engine.fast.plan import projection_us
-    from engine.offload.scheduler import ProjectionTimes
-
-    found = projection_us(spec, rows, device, plan)
-    return None if found is None else ProjectionTimes(layer_ms=found[0] * 1e-3, head_ms=found[1] * 1e-3)
-
-
 def predicted_step_ms(spec, profile, case: Case, new_tokens: int, projections=None) -> float:
     """The scheduler's cost model for a GPU-resident run of the case (engine/offload/scheduler.py: plan_run with
     every token resident): its mean predicted decode step over the run. projections: the measured GEMM times
@@ -420,7 +412,8 @@ def run(args) -> SuiteResult:
                 except Exception as exc:  # noqa: BLE001 - e.g. a capture the driver refused: reported, the run goes on
                     notes.append(f"{case.label}: variant '{name}' failed: {type(exc).__name__}: {str(exc)[:300]}")
             # The engine's own plan for this run: the fast adapter's measured GEMMs where the GEMM plan has them.
-            projections = _projections(model.spec, case.batch, device, tuned_plan) if fused_wanted and cuda else None
+            projections = measured_projections(model.spec, device=device, batch=case.batch, fused=fused_wanted,
+                                               gemm_plan=tuned_plan)
             info["prediction_gemm_source"] = "measured GEMM plan" if projections else "copy bandwidth x efficiency"
             predictions[case] = info["predicted_step_ms"] = predicted_step_ms(model.spec, profile, case,
                                                                               args.new_tokens, projections)
@@ -457,8 +450,9 @@ def run(args) -> SuiteResult:
                 info["breakdown"] = _breakdowns(model, engines, case, wanted, notes)
             # what a run stopped later (a time limit, a crash) would otherwise lose: the cases measured so far
             if getattr(args, "results_dir", None) is not None:
-                write_partial(args.results_dir, "decode" + (f"_{args.tag}" if args.tag else ""), {"measured": [{k: v for k, v in m.items() if k != "key"} for m in measured],
-                              "notes": notes, "details": details})
+                so_far = [{k: v for k, v in m.items() if k != "key"} for m in measured]
+                write_partial(args.results_dir, "decode" + (f"_{args.tag}" if args.tag else ""),
+                              {"measured": so_far, "notes": notes, "details": details})
         del engines, model
         if cuda:
             torch.cuda.empty_cache()

@@ -292,16 +292,17 @@ def _largest(ok, upper: int) -> int:
     return lo
 
 
-def measured_projections(spec: ModelSpec, *, device: torch.device, batch: int, fused: bool = True
-                         ) -> ProjectionTimes | None:
-    """The run's projection GEMM times as measured on this device (engine/fast/plan.py's GEMM plan), where the run
-    uses the fast adapter (fused: on a CUDA device, a family that has one) and every one of its shapes at this
-    batch was measured; else None, and the cost model estimates them from the copy bandwidth."""
+def measured_projections(spec: ModelSpec, *, device: torch.device, batch: int, fused: bool = True,
+                         gemm_plan=None) -> ProjectionTimes | None:
+    """The run's projection GEMM times as measured on this device (engine/fast/plan.py's GEMM plan: `gemm_plan`, or
+    the device's cached one), where the run uses the fast adapter (fused: on a CUDA device, a family that has one)
+    and every one of its shapes at this batch was measured; else None, and the cost model estimates them from the
+    copy bandwidth."""
     if not fused or device.type != "cuda" or not torch.cuda.is_available():  # (a plan for a device not here)
         return None
     from engine.fast.plan import projection_us
 
-    found = projection_us(spec, batch, device)
+    found = projection_us(spec, batch, device, gemm_plan)
     return None if found is None else ProjectionTimes(layer_ms=found[0] * 1e-3, head_ms=found[1] * 1e-3)
 
 

@@ -36,7 +36,6 @@ from engine.hf_reference import hf_greedy, rel_err
 from engine.offload.placement import measured_projections
 
 
-
 @dataclass(frozen=True)
 class Case:
     model: str

@@ -25,7 +25,7 @@ import torch
 
 from engine.cache_files import cache_root, write_cache_file
 
-PLAN_VERSION = 2  # 2: the wider candidate set; plans measured with fewer are measured again
+PLAN_VERSION = 1  # a plan measured with fewer candidates stays valid: its winners are still measured winners
 DEFAULT_SKINNY_ROWS = 16  # unmeasured shapes: skinny up to this many rows (bandwidth argument in the kernel's file)
 
 Shape = tuple[int, int, int, bool]  # (rows, out_features, in_features, gated)

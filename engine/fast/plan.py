@@ -221,18 +221,14 @@ PROJECTION_NAMES = ("q/k/v", "output", "gate/up + activation", "down", "LM head"
 def model_plan_rows(spec, plan: GemmPlan) -> list[dict]:
     """The plan's measured shapes of this model's projections, at every batch measured, in layer order: each row
     GemmPlan.rows()'s figures plus `rows` (the batch), `projection` (its name) and `weight_mb`."""
-    names = {(n, k, g): name for (n, k, g), name in zip(projection_shapes(spec), PROJECTION_NAMES)}
-    found = []
-    for row in plan.rows():
-        rows_, _, rest = row["shape"].partition("x")
-        out_features, _, in_part = rest.partition("x")
-        gated = in_part.endswith("-gated")
-        key = (int(out_features), int(in_part.removesuffix("-gated")), gated)
-        if key in names:
-            choice = plan.choices[row["shape"]]
-            found.append(dict(row, rows=int(rows_), projection=names[key], weight_mb=choice.weight_bytes / 1e6))
-    order = {name: i for i, name in enumerate(PROJECTION_NAMES)}
-    return sorted(found, key=lambda r: (r["rows"], order[r["projection"]]))
+    from kernels.skinny_gemm import MAX_ROWS
+
+    wanted = {GemmPlan.key(rows, n, k, g): (rows, i) for rows in range(1, MAX_ROWS + 1)
+              for i, (n, k, g) in enumerate(projection_shapes(spec))}  # measure_plan skips rows past MAX_ROWS
+    found = [(wanted[row["shape"]], row) for row in plan.rows() if row["shape"] in wanted]
+    return [dict(row, rows=rows, projection=PROJECTION_NAMES[i],
+                 weight_mb=plan.choices[row["shape"]].weight_bytes / 1e6)
+            for (rows, i), row in sorted(found, key=lambda item: item[0])]
 
 
 def measure_plan(shapes: list[tuple[int, int, int, bool]], *, dtype: torch.dtype, device: torch.device,

@@ -54,6 +54,7 @@ from kernels.decode_plan import (  # noqa: F401
     shared_memory_estimate,
     variant_grid,
 )
+from kernels.l2_prefetch import prefetch_l2_one as _prefetch_l2
 from kernels.segments import KVSegment, visible_keys
 from kernels.tuning import TuningTable, device_table, dtype_name
 
@@ -95,23 +96,6 @@ def plan_segments(segments: Sequence[KVSegment], *, window: int | None = None,
     if not plans:
         raise ValueError("every K/V segment is empty: decode attention has no key to read")
     return tuple(plans)
-
-
-@triton.jit
-def _prefetch_l2(ptr, num_bytes):
-    # One lane of the CTA issues a bulk L2 prefetch of `num_bytes` contiguous bytes (skipped when 0).
-    tl.inline_asm_elementwise(
-        asm="""{
-        .reg .pred p, q;
-        .reg .u32 t;
-        mov.u32 t, %tid.x;
-        setp.eq.u32 p, t, 0;
-        setp.ne.u32 q, $2, 0;
-        and.pred p, p, q;
-        @p cp.async.bulk.prefetch.L2.global [$1], $2;
-        mov.u32 $0, 0;
-        }""",
-        constraints="=r,l,r", args=[ptr, num_bytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

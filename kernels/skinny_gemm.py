@@ -26,6 +26,7 @@ import triton.language as tl
 
 from kernels import pdl as _pdl
 from kernels.gated_act import ACTIVATIONS, gated
+from kernels.l2_prefetch import prefetch_l2_each
 from kernels.rounding import round_to
 
 MAX_ROWS = 64
@@ -62,8 +63,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, 
                         stride_ym, k_per_split, split_k, up_offset, split_stride, HAS_BIAS: tl.constexpr,
                         ACT: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):
-    _pdl.enter(PDL)  # before any load or store: x is the previous kernel's output
+                        BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
+                        AHEAD_TILES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -71,6 +72,17 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, 
     offs_k = tl.arange(0, BLOCK_K)
     m_ok, n_ok = offs_m < M, offs_n < N
     k_start = pid_k * k_per_split
+    if AHEAD_TILES > 0:
+        # The weight is not the previous kernel's output: ask L2 for this program's first tiles of it while that
+        # kernel is still running (one request per weight row; bytes rounded down to whole 16-byte units).
+        element_bytes = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        ahead_bytes = (tl.minimum(k_start + AHEAD_TILES * BLOCK_K, K) - k_start) * element_bytes
+        ahead_bytes = tl.where(n_ok, tl.maximum(ahead_bytes, 0) // 16 * 16, 0)
+        rows = w_ptr + offs_n.to(tl.int64) * stride_wn + k_start
+        prefetch_l2_each(rows, ahead_bytes)
+        if GATED:
+            prefetch_l2_each(rows + up_offset, ahead_bytes)
+    _pdl.enter(PDL)  # before any load or store: x is the previous kernel's output
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k)[None, :]
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -173,11 +185,27 @@ def default_config(num_rows: int, out_features: int, in_features: int, *, gated:
     return SkinnyConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
 
 
+def weights_ahead_refusal(weight: torch.Tensor, tiles: int, *, pdl: bool) -> str | None:
+    """Why a launch cannot prefetch `tiles` weight tiles ahead (None: it can). The prefetch is issued before the
+    PDL wait, to overlap the previous kernel; without PDL it would only repeat the pipeline's own first loads."""
+    if tiles <= 0:
+        return "no tiles asked"
+    if not pdl:
+        return "launched without PDL: nothing runs before the first loads for a prefetch to overlap"
+    element_bytes = weight.element_size()
+    if weight.data_ptr() % 16 or (weight.stride(0) * element_bytes) % 16:
+        return "weight rows are not 16-byte aligned, a bulk prefetch needs aligned rows"
+    return None
+
+
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, act: str = "",
-                config: SkinnyConfig | None = None, pdl: bool = False) -> torch.Tensor:
+                config: SkinnyConfig | None = None, pdl: bool = False, weights_ahead: int = 0) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T (+ bias (N,)) -> (M, N), M <= 64. act "silu"/"gelu_tanh": weight is a fused
     [gate; up] (2 I, K) (bias (2 I,)) and the result is act(x W_gate^T + b_gate) * (x W_up^T + b_up), (M, I).
-    pdl: launch with programmatic dependent launch where the device allows (kernels/pdl.py)."""
+    pdl: launch with programmatic dependent launch where the device allows (kernels/pdl.py). weights_ahead: with
+    PDL, each program first prefetches this many of its weight tiles into L2, before it waits for the previous
+    kernel (`weights_ahead_refusal` says when it cannot); the result is the same either way."""
+    assert isinstance(weights_ahead, int) and weights_ahead >= 0, f"weights_ahead must be an int >= 0, got {weights_ahead!r}"
     assert x.dim() == 2 and weight.dim() == 2, (x.shape, weight.shape)
     num_rows, in_features = x.shape
     assert 1 <= num_rows <= MAX_ROWS, f"skinny_gemm takes 1..{MAX_ROWS} rows, got {num_rows}"
@@ -202,6 +230,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     split_k = triton.cdiv(in_features, k_per_split)
     split = split_k > 1
     pdl = pdl and _pdl.usable(x.device, interpreting=_interpreting())
+    ahead = weights_ahead if weights_ahead_refusal(weight, weights_ahead, pdl=pdl) is None else 0
     part = torch.empty(split_k, num_rows, (2 if act else 1) * out_features, dtype=torch.float32, device=x.device) \
         if split else y
     _skinny_gemm_kernel[(col_blocks, split_k)](
@@ -211,7 +240,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         split_k=split_k, up_offset=out_features * weight.stride(0), split_stride=part[0].numel() if split else 0,
         HAS_BIAS=bias is not None, ACT=act, GATED=bool(act), SPLIT=split, EVEN_K=in_features % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        DOT_FP32=x.dtype == torch.float32 or _interpreting(), PDL=pdl, num_warps=config.num_warps,
+        DOT_FP32=x.dtype == torch.float32 or _interpreting(), PDL=pdl, AHEAD_TILES=ahead, num_warps=config.num_warps,
         num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}))
     return y
 

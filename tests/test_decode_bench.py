@@ -198,3 +198,28 @@ def test_the_in_run_step_is_the_median_after_the_first_steps():
     assert decode._in_run_step_ms(Result(), skip=4) == 5.0
     assert decode._in_run_step_ms(type("R", (), {"step_ms": [3.0, 2.0]})()) is None  # too short to leave any
     assert decode._in_run_step_ms(torch.zeros(2)) is None  # a peer's output: no steps of its own
+
+
+def test_variant_names_with_commas_are_joined_by_the_longest_name(one_thread):
+    """--ours splits on commas; a name with commas of its own ("fused, pdl, weights ahead 4") is rejoined whole,
+    a shorter name it starts with ("fused, pdl") is not taken instead, and an unknown piece is refused."""
+    import argparse
+
+    args = argparse.Namespace(ours="auto,fused, pdl, weights ahead 4,fused, pdl,fused")
+    assert decode._wanted_variants(args) == ["auto", "fused, pdl, weights ahead 4", "fused, pdl", "fused"]
+    with pytest.raises(SystemExit, match="weights ahead 3"):
+        decode._wanted_variants(argparse.Namespace(ours="fused, pdl, weights ahead 3"))
+
+
+def test_pdl_variants_are_compared_with_fused_without_the_plain_variant(tmp_path, one_thread):
+    """The early-launch variants are checked token for token against the same kernels launched in order, also when
+    the plain adapter is not among the variants (on a CPU the kernels are torch ops: identical)."""
+    argv = ["decode", "--cases", "tiny-llama:2x8", "--new-tokens", "4", "--repeat", "1", "--exact-seqs", "0",
+            "--no-profile", "--peers", "", "--ours", "auto,fused, pdl, weights ahead 2", "--results-dir", str(tmp_path)]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "decode.json").read_text())
+    info = payload["details"]["cases"]["tiny-llama B2 P8"]
+    c = info["fused, pdl, weights ahead 2 vs fused"]
+    assert c["match_fraction"] == 1.0 and c["max_logits_rel_err"] == 0.0
+    assert "fused_vs_plain" not in info
+    assert any("fused, pdl, weights ahead 2 vs fused without PDL: 100%" in n for n in payload["notes"])

@@ -293,3 +293,14 @@ def test_plan_round_trips_through_json(tmp_path, monkeypatch):
     again = plan_mod.gemm_plan(cpu)
     assert again.config(8, 4096, 4096, gated=False, device=cpu).block_n == 64
     assert again.rows()[0]["winner"] == "skinny" and again.rows()[0]["cublas_gb_s"] > 1000
+
+
+def test_kernel_policy_refuses_a_bad_weights_ahead_and_fuse_passes_it_on(models):
+    from engine.fast.ops import KernelPolicy
+
+    for bad in (-1, True, 2.0, "4"):
+        with pytest.raises(ValueError, match="weights_ahead"):
+            KernelPolicy(weights_ahead=bad)
+    model = load_model("synthetic:tiny-llama", device="cpu", dtype="float32")
+    fast = fuse(model.adapter, pdl=True, weights_ahead=4)
+    assert fast.policy.pdl and fast.policy.weights_ahead == 4

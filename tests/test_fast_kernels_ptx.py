@@ -38,7 +38,8 @@ from kernels.skinny_gemm import _skinny_gemm_kernel
 from kernels.stream_read import _stream_read_kernel
 
 def build(fn, types, constexprs, *, num_warps=4, num_stages=3):
-    constexprs = {"PDL": False, **constexprs} if "PDL" in fn.arg_names else constexprs
+    defaults = {n: v for n, v in (("PDL", False), ("AHEAD_TILES", 0)) if n in fn.arg_names}
+    constexprs = {**defaults, **constexprs}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
     # What the JIT specialises for real tensors: pointers, strides and sizes divisible by 16.
     aligned = [n for n in fn.arg_names if n not in constexprs and (n.endswith("_ptr") or n.startswith("stride")
@@ -67,6 +68,9 @@ ptx["rope_qkv"] = build(_rope_qkv_kernel, bf16("qkv_ptr", "cos_ptr", "sin_ptr", 
                         dict(QK_NORM=True, UNIT_OFFSET=False, STORE=True, BLOCK_H=16, BLOCK_D=128))
 ptx["gemm_pdl"] = build(_skinny_gemm_kernel, gemm_types, dict(HAS_BIAS=False, EVEN_K=True, DOT_FP32=False, ACT="",
                         GATED=False, SPLIT=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PDL=True), num_stages=4)
+for name, cx in {"gemm_pdl_ahead": dict(GATED=False, ACT=""), "gemm_pdl_ahead_gated": dict(GATED=True, ACT="silu")}.items():
+    ptx[name] = build(_skinny_gemm_kernel, gemm_types, dict(HAS_BIAS=False, EVEN_K=True, DOT_FP32=False, SPLIT=True,
+                      BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PDL=True, AHEAD_TILES=4, **cx), num_stages=4)
 ptx["rms_norm_pdl"] = build(_add_rms_norm_kernel, bf16("x_ptr", "res_ptr", "w_ptr", "sum_ptr", "out_ptr")
                             | {"eps": "fp32"}, dict(HAS_RESIDUAL=True, UNIT_OFFSET=False, BLOCK=4096, PDL=True),
                             num_warps=8)
@@ -126,9 +130,23 @@ def test_pdl_waits_for_the_previous_grid_before_touching_memory(ptx, name):
     assert wait < first_access  # nothing read or written before the predecessor's writes are visible
 
 
+@pytest.mark.parametrize("name,weights", [("gemm_pdl_ahead", 1), ("gemm_pdl_ahead_gated", 2)])
+def test_weights_ahead_prefetch_the_weight_rows_before_the_wait_and_touch_nothing_else(ptx, name, weights):
+    text = ptx[name]
+    wait = text.find("griddepcontrol.wait")
+    prefetches = [m.start() for m in re.finditer(r"cp\.async\.bulk\.prefetch\.L2\.global", text)]
+    # one request site per weight (the gated GEMM's gate rows and up rows), all before the wait: the overlap
+    assert wait >= 0 and len(prefetches) == weights and max(prefetches) < wait
+    before = text[:wait]
+    # nothing read or written before the wait: no load, store, atomic or pipeline copy besides the prefetch
+    for access in (r"ld\.global", r"st\.global", r"atom\.global", r"cp\.async\.cg"):
+        assert not re.search(access, before), access
+
+
 def test_kernels_without_pdl_have_no_grid_dependency_control(ptx):
     for name in ("gemm_m16_split", "rms_norm", "gated_act", "rope_qkv"):
         assert "griddepcontrol" not in ptx[name], name
+        assert "prefetch.L2" not in ptx[name], name
 
 
 def test_no_split_gemm_has_no_ticket(ptx):

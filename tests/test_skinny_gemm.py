@@ -142,3 +142,22 @@ def test_every_candidate_the_plan_measures_is_legal_and_correct(rows, out_featur
     for config in found:
         assert config.block_m >= rows and 1 <= config.split_k <= -(-in_features // config.block_k), config
         _check(x, w, b, "silu" if gated else "", config)
+
+
+def test_weights_ahead_needs_pdl_and_aligned_rows_and_never_changes_the_result():
+    """The weight prefetch runs only where it can overlap something (a PDL launch) and where a bulk prefetch can
+    read the rows (16-byte aligned); the interpreter has no PDL, so it runs without it and computes the same."""
+    from kernels.skinny_gemm import weights_ahead_refusal
+
+    w = torch.randn(64, 256, dtype=torch.bfloat16)
+    assert weights_ahead_refusal(w, 4, pdl=True) is None
+    assert "no tiles" in weights_ahead_refusal(w, 0, pdl=True)
+    assert "without PDL" in weights_ahead_refusal(w, 4, pdl=False)
+    shifted = torch.randn(64 * 256 + 8, dtype=torch.bfloat16)[1:1 + 64 * 256].view(64, 256)  # 2 bytes off
+    assert "16-byte aligned" in weights_ahead_refusal(shifted, 4, pdl=True)
+    assert "16-byte aligned" in weights_ahead_refusal(torch.randn(64, 260, dtype=torch.bfloat16)[:, :250], 4, pdl=True)
+    x = torch.randn(8, 256, dtype=torch.bfloat16)
+    cfg = SkinnyConfig(16, 32, 64, 2)
+    assert torch.equal(skinny_gemm(x, w, config=cfg, pdl=True, weights_ahead=4), skinny_gemm(x, w, config=cfg))
+    with pytest.raises(AssertionError, match="weights_ahead"):
+        skinny_gemm(x, w, weights_ahead=-1)

@@ -58,8 +58,10 @@ VARIANTS = {
     "compiled": dict(compile=True, fused=False),
     "fused": dict(fused=True), "fused, compiled": dict(fused=True, compile=True),
     "fused, eager (no graph)": dict(fused=True, cuda_graph=False),
-    # the fast adapter's kernels launched with programmatic dependent launch (kernels/pdl.py; Hopper)
+    # the fast adapter's kernels launched with programmatic dependent launch (kernels/pdl.py; Hopper), and with each
+    # GEMM program prefetching its first weight tiles into L2 before its PDL wait (kernels/l2_prefetch.py)
     "fused, pdl": dict(fused=True, pdl=True),
+    **{f"fused, pdl, weights ahead {t}": dict(fused=True, pdl=True, weights_ahead=t) for t in (1, 2, 4, 8)},
 }
 DEFAULT_VARIANTS = ("auto", "plain", "fused, pdl")  # on a GPU auto is the fast adapter; on a CPU: without PDL
 
@@ -103,13 +105,14 @@ def _cases(args) -> list[Case]:
 
 
 def _wanted_variants(args) -> list[str]:
-    """--ours as a list, checked before any model is loaded. Names may hold a comma ("fused, compiled"): a piece
-    joins the next one when together they name a variant."""
+    """--ours as a list, checked before any model is loaded. Names may hold commas ("fused, compiled", "fused, pdl,
+    weights ahead 4"): a piece joins the following ones when together they name a variant."""
     pieces, wanted = [v.strip() for v in args.ours.split(",") if v.strip()], []
     while pieces:
-        joined = f"{pieces[0]}, {pieces[1]}" if len(pieces) > 1 else None
-        wanted.append(joined if joined in VARIANTS else pieces[0])
-        del pieces[:2 if joined in VARIANTS else 1]
+        # the longest run of pieces from here that names a variant (else the piece alone, reported below)
+        take = next((n for n in range(len(pieces), 1, -1) if ", ".join(pieces[:n]) in VARIANTS), 1)
+        wanted.append(", ".join(pieces[:take]))
+        del pieces[:take]
     wanted = wanted or [v for v in DEFAULT_VARIANTS if torch.cuda.is_available() or "pdl" not in v]
     unknown = [v for v in wanted if v not in VARIANTS]
     if unknown:
@@ -187,26 +190,28 @@ def compare_greedy(tokens: list[list[int]], logits: list[torch.Tensor], ref_toke
 
 
 class Engines:
-    """Our generators for one model: the engine's own (settings.fused picks its adapter) and, for the PDL variant, the
-    bench's fast adapter with PDL launches (the engine's knob selects the fast adapter, not how its kernels launch)."""
+    """Our generators for one model: the engine's own (settings.fused picks its adapter) and, for the PDL variants,
+    the bench's fast adapters with PDL launches, one per weights-ahead depth (the engine's knob selects the fast
+    adapter, not how its kernels launch)."""
 
     def __init__(self, model) -> None:
-        self.model, self.plain, self._pdl = model, Generator(model), None
+        self.model, self.plain, self._pdl = model, Generator(model), {}
 
-    def generator(self, pdl: bool = False) -> Generator:
+    def generator(self, pdl: bool = False, weights_ahead: int = 0) -> Generator:
         if not pdl:
             return self.plain
-        if self._pdl is None:
+        if weights_ahead not in self._pdl:
             from engine.fast import fuse
 
-            self._pdl = Generator(dataclasses.replace(self.model, adapter=fuse(self.model.adapter, pdl=True)))
-        return self._pdl
+            fast = fuse(self.model.adapter, pdl=True, weights_ahead=weights_ahead)
+            self._pdl[weights_ahead] = Generator(dataclasses.replace(self.model, adapter=fast))
+        return self._pdl[weights_ahead]
 
     def generate(self, prompts, n: int, variant: str, *, keep_logits: bool = False):
         fields = dict(VARIANTS[variant])
-        pdl = fields.pop("pdl", False)
+        pdl, ahead = fields.pop("pdl", False), fields.pop("weights_ahead", 0)
         settings = GenerationSettings(max_new_tokens=n, ignore_eos=True, **fields)
-        engine = self.generator(pdl)
+        engine = self.generator(pdl, ahead)
         result = engine.generate(prompts, settings, keep_logits=keep_logits)
         self.last = engine
         return result
@@ -432,7 +437,8 @@ def run(args) -> SuiteResult:
                     notes.append(f"{case.label}: ours auto's steps timed inside each run (no capture or prefill in "
                                  f"them): median {statistics.median(in_run):.3f} ms, runs "
                                  f"{min(in_run):.3f}-{max(in_run):.3f}")
-            if "plain" in ours_ms and any(VARIANTS[v].get("fused") or (v == "auto" and cuda) for v in ours_ms):
+            fast_ran = any(VARIANTS[v].get("fused") or (v == "auto" and cuda) for v in ours_ms)
+            if fast_ran and ("plain" in ours_ms or any(VARIANTS[v].get("pdl") for v in ours_ms)):
                 _compare_variants(engines, prompt_lists, args.new_tokens, ours_ms, info, notes, case)
             peers: dict[str, float] = {}
             if first_case or args.peer_cases == "all":
@@ -493,24 +499,28 @@ def run(args) -> SuiteResult:
 
 
 def _compare_variants(engines, prompt_lists, new_tokens: int, ours_ms: dict, info: dict, notes: list, case) -> None:
-    """Greedy tokens and logits of the fused variant against the plain one (and of PDL against fused: identical, or
-    the early launch raced), on the case's prompts."""
+    """Greedy tokens and logits of the fused variant against the plain one (when both ran), and of every PDL variant
+    against fused (the same kernels launched early, weight prefetches or not: identical, or an early launch
+    raced), on the case's prompts."""
+    early_variants = [v for v in ours_ms if VARIANTS[v].get("pdl")]
     try:
-        plain = engines.generate(prompt_lists, new_tokens, "plain", keep_logits=True)
         fast = engines.generate(prompt_lists, new_tokens, "fused", keep_logits=True)
-        c = info["fused_vs_plain"] = compare_greedy(fast.token_ids, fast.logits, plain.token_ids, plain.logits)
-        info["ours_internal_step_ms_median"] = statistics.median(plain.step_ms)
-        info["fused_internal_step_ms_median"] = statistics.median(fast.step_ms)
-        notes.append(f"{case.label}: fused vs plain (same prompts, {new_tokens} greedy tokens): "
-                     f"{c['match_fraction']:.0%} of sequences token-identical; logits rel. error median "
-                     f"{c['median_logits_rel_err']:.2e}, max {c['max_logits_rel_err']:.2e}")
-        if "fused, pdl" in ours_ms:  # the same kernels launched early: any difference would be a race
-            early = engines.generate(prompt_lists, new_tokens, "fused, pdl", keep_logits=True)
-            c = info["pdl_vs_fused"] = compare_greedy(early.token_ids, early.logits, fast.token_ids, fast.logits)
-            notes.append(f"{case.label}: fused with PDL vs without: {c['match_fraction']:.0%} of sequences "
+        if "plain" in ours_ms:
+            plain = engines.generate(prompt_lists, new_tokens, "plain", keep_logits=True)
+            c = info["fused_vs_plain"] = compare_greedy(fast.token_ids, fast.logits, plain.token_ids, plain.logits)
+            info["ours_internal_step_ms_median"] = statistics.median(plain.step_ms)
+            info["fused_internal_step_ms_median"] = statistics.median(fast.step_ms)
+            notes.append(f"{case.label}: fused vs plain (same prompts, {new_tokens} greedy tokens): "
+                         f"{c['match_fraction']:.0%} of sequences token-identical; logits rel. error median "
+                         f"{c['median_logits_rel_err']:.2e}, max {c['max_logits_rel_err']:.2e}")
+        for variant in early_variants:
+            early = engines.generate(prompt_lists, new_tokens, variant, keep_logits=True)
+            c = compare_greedy(early.token_ids, early.logits, fast.token_ids, fast.logits)
+            info["pdl_vs_fused" if variant == "fused, pdl" else f"{variant} vs fused"] = c
+            notes.append(f"{case.label}: {variant} vs fused without PDL: {c['match_fraction']:.0%} of sequences "
                          f"token-identical, logits max rel. error {c['max_logits_rel_err']:.1e} (0 expected)")
     except Exception as exc:  # noqa: BLE001 - reported, the timed rows stand
-        notes.append(f"{case.label}: fused vs plain comparison failed: {type(exc).__name__}: {str(exc)[:300]}")
+        notes.append(f"{case.label}: variant comparison failed: {type(exc).__name__}: {str(exc)[:300]}")
 
 
 def _peers(model, input_ids, peers_wanted, args, info, notes, case) -> dict[str, float]:

@@ -45,12 +45,12 @@ class FusedLlamaAdapter(DecoderAdapter):
     QK_NORM_UNIT_OFFSET = False  # Gemma 3's q/k norms scale by (1 + weight)
 
     def __init__(self, plain: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | None = None,
-                 pdl: bool = False) -> None:
+                 pdl: bool = False, weights_ahead: int = 0) -> None:
         # Not DecoderAdapter.__init__: the spec is the plain adapter's (same model, same shapes, same parameters).
         self.plain = plain
         self.hf_model, self.config, self.spec = plain.hf_model, plain.config, plain.spec
         self.decoder, self.layers = plain.decoder, plain.layers
-        self.policy = KernelPolicy(kernels, pdl=pdl)
+        self.policy = KernelPolicy(kernels, pdl=pdl, weights_ahead=weights_ahead)
         device = next(plain.hf_model.parameters()).device
         self.plan = plan if plan is not None else gemm_plan(device)
         self.act = ACTIVATIONS.get(getattr(self.config, "hidden_act", "silu"), "")

@@ -4,7 +4,8 @@ those ops itself, and dynamo cannot trace the launchers).
 
 `KernelPolicy.mode`: "auto" runs the kernels on CUDA tensors only, "triton" everywhere (tests on the interpreter),
 "torch" nowhere. `KernelPolicy.pdl`: launch them with programmatic dependent launch (kernels/pdl.py), so that each
-may start while its predecessor drains; off by default.
+may start while its predecessor drains; off by default. `KernelPolicy.weights_ahead`: with PDL, the skinny GEMM's
+programs prefetch their first weight tiles into L2 in that overlap (kernels/l2_prefetch.py), before they wait.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
 class KernelPolicy:
     mode: str = "auto"
     pdl: bool = False
+    # with PDL: weight tiles each skinny-GEMM program prefetches into L2 before it waits for the previous kernel
+    weights_ahead: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"kernel mode must be one of {MODES}, got {self.mode!r}")
+        if isinstance(self.weights_ahead, bool) or not isinstance(self.weights_ahead, int) or self.weights_ahead < 0:
+            raise ValueError(f"weights_ahead must be an int >= 0 (weight tiles), got {self.weights_ahead!r}")
 
     def triton(self, t: torch.Tensor) -> bool:
         if self.mode == "torch" or torch.compiler.is_compiling():
@@ -77,7 +82,8 @@ class Projection:
                 from kernels.skinny_gemm import skinny_gemm
 
                 y = skinny_gemm(x.reshape(rows, self.in_features), self.weight, self.bias,
-                                act=act if self.gated else "", config=config, pdl=policy.pdl)
+                                act=act if self.gated else "", config=config, pdl=policy.pdl,
+                                weights_ahead=policy.weights_ahead)
                 return y.view(*lead, self.out_features)
         y = F.linear(x, self.weight, self.bias)
         if not self.gated:

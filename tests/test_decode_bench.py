@@ -43,10 +43,18 @@ def test_decode_suite_runs_every_part_on_cpu(tmp_path, capsys, one_thread):
     breakdown = details["cases"]["tiny-llama B2 P12"]["breakdown"]
     assert set(breakdown) == {"plain", "fused"} and breakdown["fused"]["kernels"] > 0
     assert "tiny-qwen3 B1 P9 · ours auto: " in printed  # each variant is printed as it is measured
-    # the second estimate: each run's own steps (5 new tokens: 4 decode steps, the first 2 left out)
-    in_run = details["cases"]["tiny-llama B2 P12"]["ours_auto_in_run_ms"]
+    # the row's figure: each run's own steps (5 new tokens: 4 decode steps, the first 2 left out), for ours and for
+    # transformers (its steps timestamped by a logits processor); the difference estimate kept beside it
+    info = details["cases"]["tiny-llama B2 P12"]
+    in_run = info["ours_auto_in_run_ms"]
     assert len(in_run) == 1 and in_run[0] > 0
-    assert "tiny-llama B2 P12: ours auto's steps timed inside each run" in " ".join(payload["notes"])
+    row = next(r for r in payload["rows"] if r["case"] == "ours, auto, no graph on CPU (tiny-llama B2 P12)")
+    assert row["ms"] == pytest.approx(in_run[0])
+    peer_in_run = info["transformers_dynamic_in_run_ms"]
+    peer_row = next(r for r in payload["rows"] if r["case"] == "transformers generate, dynamic cache (tiny-llama B2 P12)")
+    assert len(peer_in_run) == 1 and peer_row["ms"] == pytest.approx(peer_in_run[0])
+    assert len(info["ours_auto_samples_ms"]) == 1
+    assert "tiny-llama B2 P12: ours auto's step inside each run (the row's figure)" in " ".join(payload["notes"])
     assert not (tmp_path / "decode.partial.json").exists()  # the whole run replaced its partial results
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "kept_key" in summary
@@ -223,3 +231,18 @@ def test_pdl_variants_are_compared_with_fused_without_the_plain_variant(tmp_path
     assert c["match_fraction"] == 1.0 and c["max_logits_rel_err"] == 0.0
     assert "fused_vs_plain" not in info
     assert any("fused, pdl, weights ahead 2 vs fused without PDL: 100%" in n for n in payload["notes"])
+
+
+def test_step_clock_passes_scores_through_and_the_step_falls_back_to_the_difference(one_thread):
+    clock = decode._StepClock()
+    scores = torch.randn(2, 5)
+    assert clock(None, scores) is scores and clock(None, scores) is scores and clock(None, scores) is scores
+    assert len(clock.step_ms) == 2 and all(ms >= 0 for ms in clock.step_ms)
+
+    class Steps:  # a run that reports its steps: 10 ms each after two slow ones
+        step_ms = [50.0, 30.0, 10.0, 10.0, 10.0]
+
+    steady, samples, _, in_run = decode._step_ms(lambda n: Steps(), new_tokens=6, repeat=3)
+    assert steady == 10.0 and in_run == [10.0] * 3 and len(samples) == 3
+    steady, samples, _, in_run = decode._step_ms(lambda n: None, new_tokens=6, repeat=3)  # no steps reported
+    assert in_run == [] and steady == sorted(samples)[1]

@@ -62,6 +62,12 @@ def test_gpu_resident_predictions_land_within_10_pct_of_the_h200_steps():
         predicted_step_ms(_spec(case.model, case.prompt_len), measured_profile, case, 64), rel=1e-6)
 
 
+def _row_ms(run: dict, case) -> float:
+    """The step a committed run reported for ours auto on `case`: its row's figure (the in-run step from 2026-12-01
+    22:24 UTC on, before that the median of (t(N) - t(2)) / (N - 2))."""
+    return next(r["ms"] for r in run["rows"] if r["case"] == f"ours, auto, CUDA graph ({case.label})")
+
+
 def test_the_version_3_profile_measures_attention_at_the_kernels_rate():
     run = json.loads((RESULTS / "decode.json").read_text())
     kernel_gb_s = _kernel_gb_s()
@@ -72,10 +78,11 @@ def test_the_version_3_profile_measures_attention_at_the_kernels_rate():
     for case in TARGETS:
         info = run["details"]["cases"][case.label]
         predicted = predicted_step_ms(_spec(case.model, case.prompt_len), profile, case, 64)
-        assert info["predicted_step_ms"] == pytest.approx(predicted, rel=1e-6)  # what the run wrote is the model's
-        measured = statistics.median(info["ours_auto_samples_ms"])
+        # what the run wrote beside its plan-based prediction is the bandwidth-only model's
+        assert info["predicted_step_ms_bandwidth_only"] == pytest.approx(predicted, rel=1e-6)
+        measured = _row_ms(run, case)
         errors.append(abs(predicted - measured) / measured)
-    assert max(errors) < 0.13, errors  # the run's 11.2 % worst case (B1): the 10 % target is not yet met
+    assert max(errors) <= 0.10, errors  # 4.2-5.0 % against the in-run steps of the 22:24 run
 
 
 def _plan_of(run: dict, source: str):
@@ -92,8 +99,9 @@ def _plan_of(run: dict, source: str):
 def test_predictions_from_the_measured_gemm_plan_land_within_10_pct(name):
     """The engine's plan for a fast-adapter run takes its GEMMs from the device's measured GEMM plan
     (engine/offload/placement.py measured_projections): on both committed H200 runs, with the plan and the hardware
-    profile each measured, every one of the four steps is predicted within 10 %. From the copy bandwidth alone
-    (GEMV_EFFICIENCY) the same runs were predicted 10.8-11.2 % off at worst."""
+    profile each measured, every one of the four steps is predicted within 10 % of the step the run reported. The
+    22:24 run (decode.json) made that prediction itself and recorded it; on the 19:54 run (decode_tuned.json), timed
+    by the noisier difference of two runs, the copy bandwidth alone (GEMV_EFFICIENCY) was 10.8 % off at worst."""
     from engine.fast.plan import projection_us
     from engine.offload.scheduler import ProjectionTimes
 
@@ -104,11 +112,17 @@ def test_predictions_from_the_measured_gemm_plan_land_within_10_pct(name):
         spec = _spec(case.model, case.prompt_len)
         layer_us, head_us = projection_us(spec, case.batch, "cuda", _plan_of(run, case.model))
         projections = ProjectionTimes(layer_ms=layer_us * 1e-3, head_ms=head_us * 1e-3)
-        measured = statistics.median(run["details"]["cases"][case.label]["ours_auto_samples_ms"])
-        errors[case.label] = (predicted_step_ms(spec, profile, case, 64, projections) - measured) / measured
+        measured = _row_ms(run, case)
+        predicted = predicted_step_ms(spec, profile, case, 64, projections)
+        errors[case.label] = (predicted - measured) / measured
         without[case.label] = (predicted_step_ms(spec, profile, case, 64) - measured) / measured
+        info = run["details"]["cases"][case.label]
+        if info.get("prediction_gemm_source") == "measured GEMM plan":  # the run's own plan-based prediction
+            assert info["predicted_step_ms"] == pytest.approx(predicted, rel=1e-3), case.label
+            assert info["prediction_err_pct"] == pytest.approx(100 * errors[case.label], abs=0.1), case.label
     assert max(abs(e) for e in errors.values()) <= 0.10, errors
-    assert max(abs(e) for e in without.values()) > 0.10, without
+    if name == "decode_tuned.json":
+        assert max(abs(e) for e in without.values()) > 0.10, without
 
 
 def test_projection_times_need_every_shape_measured_and_a_fast_family():

@@ -16,7 +16,9 @@ Every element offset is 64-bit: a staged segment's key rows are B*2*Hkv*D elemen
 passes 2^31 at B*S ~ 262K tokens of a 7B model.
 
 `PREFETCH` adds one `cp.async.bulk.prefetch.L2` per K and V tile `DISTANCE` tiles ahead, issued by one thread; it
-needs contiguous, 16-byte aligned key rows, so segments with strided rows run without it. `auto` gates it by
+needs an sm_90 or newer GPU and contiguous, 16-byte aligned key rows, so older GPUs and segments with strided rows
+run without it (the plan says why). Tiles and pipeline depth fit the device's shared memory per program
+(`shared_memory_per_block`: 227 KiB on Hopper, less on an A100 or an L4). `auto` gates it by
 programs per SM (DESIGN.md). Measured here, the kernel's own 3-stage cp.async pipeline already requests the next
 2 tiles, so a prefetch 1-2 tiles ahead mostly races it (ncu: L2 hits rise, demand reads still miss) and moved
 times from 7 % slower to 1.5 % faster; it gained 10-30 % only on an unpipelined variant. Decisions are pure
@@ -91,7 +93,8 @@ def plan_segments(segments: Sequence[KVSegment], *, window: int | None = None,
             where += f"; class {shape_class} {'tuned' if tuned else 'not in the tuning table'}"
         plan = choose_launch(batch, num_kv_heads, keys, head_dim, num_sms, config,
                              element_bytes=seg.k.element_size(), interpret=interpret,
-                             prefetch_refused=prefetch_refusal(seg.k, seg.v), tuned=tuned)
+                             prefetch_refused=prefetch_refusal(seg.k, seg.v), tuned=tuned,
+                             shared_memory_bytes=shared_memory_per_block(device))
         plans.append(dataclasses.replace(plan, segment=index, why=f"{where}): {plan.why}"))
     if not plans:
         raise ValueError("every K/V segment is empty: decode attention has no key to read")
@@ -265,6 +268,16 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return _CPU_NUM_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_block(device: torch.device) -> int:
+    """The most shared memory one program may take on `device` (the opt-in limit Triton launches against: 227 KiB on
+    an H100/H200, 163 KiB on an A100, 99 KiB on an L4 or RTX 4090); Hopper's figure for the interpreter."""
+    if device.type != "cuda":
+        return HOPPER_SHARED_MEMORY_BYTES
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
 
 
 def _check_inputs(q: torch.Tensor, segments: Sequence[KVSegment], seq_lens: torch.Tensor, out: torch.Tensor | None,

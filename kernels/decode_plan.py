@@ -9,6 +9,7 @@ segment, with the device's tuning table); `variant_grid` lists the prefetch stud
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -218,9 +219,29 @@ def variant_grid(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
     return tuple(variants)
 
 
+MIN_PREFETCH_CAPABILITY = (9, 0)  # cp.async.bulk: Hopper (sm_90) and newer; ptxas refuses it for sm_80 / sm_89
+
+
+def capability_refusal(capability: tuple[int, int]) -> str | None:
+    """Why a GPU of this compute capability cannot run the bulk L2 prefetch (None: it can)."""
+    if tuple(capability) >= MIN_PREFETCH_CAPABILITY:
+        return None
+    major, minor = capability
+    return (f"this GPU (sm_{major}{minor}) has no bulk L2 prefetch: cp.async.bulk.prefetch.L2 needs sm_90 (Hopper) "
+            "or newer")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def prefetch_refusal(k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why a bulk L2 prefetch cannot read this segment's key rows (None: it can): it reads one contiguous,
-    16-byte aligned run of rows. Reads only shapes, strides and addresses."""
+    """Why a bulk L2 prefetch cannot read this segment's key rows (None: it can): it needs a GPU of sm_90 or newer
+    (`capability_refusal`; CPU tensors are left to the interpreter's own gate) and one contiguous, 16-byte aligned run
+    of rows. Reads only the device's capability, shapes, strides and addresses."""
+    if k.is_cuda and (why := capability_refusal(_device_capability(k.device))) is not None:
+        return why
     head_dim, element_bytes = k.shape[3], k.element_size()
     for name, t in (("key", k), ("value", v)):
         if t.shape[2] > 1 and t.stride(2) != head_dim:

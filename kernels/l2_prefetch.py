@@ -4,7 +4,8 @@ A hint, not a load: nothing lands in registers or shared memory, so it can be is
 anything (before a programmatic-dependent-launch wait, kernels/pdl.py) and it never changes a result. L2 is the
 GPU's point of coherence, so a prefetched line a predecessor writes afterwards is updated in L2, never left stale.
 Each request is `num_bytes` contiguous bytes from a 16-byte aligned address, a multiple of 16 (0: skipped). Inline
-PTX: the interpreter cannot run it, so callers gate it behind a constexpr that is off there.
+PTX for sm_90 and newer: the interpreter cannot run it and ptxas refuses it for older GPUs, so callers gate it behind
+a constexpr that is off there (kernels/decode_plan.py `capability_refusal`; the skinny GEMM's needs PDL, sm_90 too).
 """
 
 from __future__ import annotations
@@ -44,3 +45,4 @@ def prefetch_l2_each(ptrs, num_bytes):
         mov.u32 $0, 0;
         }""",
         constraints="=r,l,r", args=[ptrs, num_bytes], dtype=tl.int32, is_pure=False, pack=1)
+

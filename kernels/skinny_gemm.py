@@ -14,6 +14,12 @@ no memset and no reduction kernel: one CUDA-graph node. Epilogues: bias; or, ove
 gated MLP's act(gate) * up, written as (M, N) with N the intermediate size (kernels/gated_act.py's rounding).
 Rounding: fp32 accumulation, one rounding of acc + bias, as cuBLAS; the gated epilogue rounds gate and up first as
 transformers' two separate projections do.
+
+`weights_ahead` (with PDL only): each program first asks L2 for its first weight tiles, before it waits for the
+previous kernel, since the weight is not that kernel's output. Measured on an H200 (bench/results/decode_weights_ahead.md,
+2026-12-01) it slowed every decode case, more the deeper (B8 P2048: 5.96 ms with PDL alone, 6.12 / 6.37 / 6.83 at 2 /
+4 / 8 tiles), so it stays off: a program becomes resident as soon as its predecessor's last program has started, up to
+a whole GEMM early, and the predecessor's stream evicts much of what it asked for.
 """
 
 from __future__ import annotations

@@ -227,3 +227,52 @@ def test_auto_vs_best_is_the_worst_shape_and_the_counters_table_shows_every_row(
     table = counters_table(rows, autos).splitlines()
     assert len(table) == 2 + len(rows) + len(autos)
     assert "| 12.5 | 3.25 | - |" in table[2] and table[3].endswith("| - | - | - |")
+
+
+def test_bulk_prefetch_is_refused_below_sm_90_with_the_reason(monkeypatch):
+    """cp.async.bulk.prefetch.L2 exists from Hopper on: ptxas refuses it for an A100 (sm_80) or an L4 / RTX 4090
+    (sm_89), so a CUDA segment there plans prefetch off, saying why, whatever was asked."""
+    from kernels import decode_plan
+    from kernels.decode_plan import capability_refusal, choose_launch, prefetch_refusal
+
+    for cap in ((8, 0), (8, 6), (8, 9)):
+        why = capability_refusal(cap)
+        assert why is not None and f"sm_{cap[0]}{cap[1]}" in why and "sm_90" in why
+    assert capability_refusal((9, 0)) is None and capability_refusal((10, 0)) is None
+    assert capability_refusal((12, 0)) is None
+
+    class FakeCudaKV:  # what prefetch_refusal reads of a CUDA tensor: contiguous, aligned rows
+        is_cuda, shape, device = True, (1, 8, 4096, 128), "cuda:7"
+
+        def stride(self, dim):
+            return (8 * 4096 * 128, 4096 * 128, 128, 1)[dim]
+
+        def element_size(self):
+            return 2
+
+        def data_ptr(self):
+            return 1 << 20
+
+    kv = FakeCudaKV()
+    monkeypatch.setattr(decode_plan, "_device_capability", lambda device: (8, 0))
+    why = prefetch_refusal(kv, kv)
+    monkeypatch.setattr(decode_plan, "_device_capability", lambda device: (9, 0))
+    assert prefetch_refusal(kv, kv) is None
+    assert why is not None and "sm_80" in why
+    plan = choose_launch(1, 8, 512, 128, 108, DecodeAttentionConfig(prefetch="on"), prefetch_refused=why)
+    assert not plan.prefetch and "sm_80" in plan.why
+
+
+def test_plans_fit_the_devices_shared_memory_not_hoppers(monkeypatch):
+    """A GPU with less shared memory per program than Hopper's 227 KiB (99 KiB on an L4 or RTX 4090) gets tiles and
+    pipeline depths that fit it, rather than a launch Triton refuses mid-run."""
+    import kernels.decode_attention as kda
+
+    k = torch.empty(1, 8, 32768, 128, dtype=torch.bfloat16)
+    hopper, = kda.plan_segments([KVSegment(k, k, 0)], num_sms=132, interpret=False, tuning=None)
+    assert hopper.shared_memory_bytes > 99 * 1024  # 128-key tiles 3 stages deep
+    monkeypatch.setattr(kda, "shared_memory_per_block", lambda device: 99 * 1024)
+    small, = kda.plan_segments([KVSegment(k, k, 0)], num_sms=58, interpret=False, tuning=None)
+    assert small.shared_memory_bytes <= 99 * 1024, small.why
+    monkeypatch.undo()
+    assert kda.shared_memory_per_block(torch.device("cpu")) == kda.HOPPER_SHARED_MEMORY_BYTES  # the interpreter's

@@ -33,7 +33,7 @@ import torch
 
 from engine.errors import InvalidSettingsError
 from kernels.config import MAX_HEAD_DIM, DecodeAttentionConfig
-from kernels.decode_plan import LaunchPlan, variant_grid
+from kernels.decode_plan import LaunchPlan, capability_refusal, variant_grid
 from kernels.segments import KVSegment
 from kernels.tuning import device_table
 
@@ -248,6 +248,10 @@ class KernelStudy:
         auto, = kda.plan_segments([KVSegment(k, k, 0)], config=DecodeAttentionConfig(), num_sms=num_sms,
                                   interpret=False, tuning=device_table(self.device))
         plans[AUTO] = auto
+        if self.device.type == "cuda" and (refusal := capability_refusal(torch.cuda.get_device_capability(self.device))):
+            # the kernel drops a prefetch this GPU cannot issue: say so in the rows that asked for one
+            plans = {name: replace(plan, prefetch=False, why=f"{plan.why}; {refusal}: runs without it")
+                     if plan.prefetch else plan for name, plan in plans.items()}
         return plans
 
     # ---- the study ------------------------------------------------------------------------------------

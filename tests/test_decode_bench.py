@@ -246,3 +246,12 @@ def test_step_clock_passes_scores_through_and_the_step_falls_back_to_the_differe
     assert steady == 10.0 and in_run == [10.0] * 3 and len(samples) == 3
     steady, samples, _, in_run = decode._step_ms(lambda n: None, new_tokens=6, repeat=3)  # no steps reported
     assert in_run == [] and steady == sorted(samples)[1]
+
+
+def test_profile_cases_all_breaks_down_every_case(tmp_path, one_thread):
+    argv = ["decode", "--cases", "tiny-llama:1x6,tiny-qwen3:1x5", "--new-tokens", "4", "--repeat", "1",
+            "--exact-seqs", "0", "--peers", "", "--ours", "auto", "--profile-cases", "all",
+            "--results-dir", str(tmp_path)]
+    assert main(argv) == 0
+    cases = json.loads((tmp_path / "decode.json").read_text())["details"]["cases"]
+    assert all(cases[label]["breakdown"]["plain"]["kernels"] > 0 for label in ("tiny-llama B1 P6", "tiny-qwen3 B1 P5"))

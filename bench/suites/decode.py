@@ -88,6 +88,8 @@ def add_arguments(parser) -> None:
                         f"{', '.join(DEFAULT_VARIANTS)}); any of: {', '.join(VARIANTS)}")
     parser.add_argument("--no-tune", action="store_true", help="do not measure the GEMM plan (use the cached one)")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-step kernel breakdown")
+    parser.add_argument("--profile-cases", default="first", choices=("first", "all"),
+                        help="which cases get the per-step kernel breakdown (all: where each missed target loses time)")
     parser.add_argument("--tag", default="", help="suffix of the result files' name (decode_<tag>)")
 
 
@@ -475,7 +477,7 @@ def run(args) -> SuiteResult:
             for peer, ms in peers.items():
                 measured.append(dict(case=f"transformers generate, {peer} cache ({case.label})", ms=ms,
                                      batch=case.batch, bytes=num_bytes, peers={}, key=(case, f"transformers {peer}")))
-            if first_case and not args.no_profile:
+            if (first_case or getattr(args, "profile_cases", "first") == "all") and not args.no_profile:
                 info["breakdown"] = _breakdowns(model, engines, case, wanted, notes)
             # what a run stopped later (a time limit, a crash) would otherwise lose: the cases measured so far
             if getattr(args, "results_dir", None) is not None:

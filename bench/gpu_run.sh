@@ -23,6 +23,9 @@ step decode 540 python3 -m bench decode --exact-models demo --repeat 5 --results
 step decode_static 330 python3 -m bench decode --ours auto,compiled --peers static --tag static --exact-seqs 0 \
   --repeat 3 --results-dir "$out"
 step decode_attention 240 python3 -m bench decode_attention --repeat 11 --results-dir "$out"
+# The prefetch study: every depth x prefetch variant per shape (and depth 1 with 32-key tiles), L2 counters where
+# CUPTI is installed; writes this device's tuning table.
+step decode_attention_study 480 python3 -m bench decode_attention_study --counters-ms 40 --results-dir "$out"
 step ncu 240 python3 bench/ncu_decode_attention.py --results-dir "$out"
 step demo_chat 90 python3 -m bench demo_chat --results-dir "$out"
 step gpu_oom 120 python3 -m bench gpu_oom --results-dir "$out"

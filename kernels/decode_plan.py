@@ -205,16 +205,23 @@ class Variant:
 
 def variant_grid(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, num_sms: int, *,
                  element_bytes: int = 2, base: DecodeAttentionConfig = DecodeAttentionConfig(),
-                 interpret: bool = False) -> tuple[Variant, ...]:
+                 interpret: bool = False, shallow_tiles: tuple[int, ...] = ()) -> tuple[Variant, ...]:
     """Every pipeline depth (1, 2, 3 stages) x prefetch (off, on 1 tile ahead, on 2 tiles ahead) for one shape, the
-    splits and tiles as `base` plans them: 9 variants (prefetch off has no distance). For benches."""
+    splits and tiles as `base` plans them: 9 variants (prefetch off has no distance). For benches.
+
+    shallow_tiles: also, at depth 1, the three prefetch settings with each of these tile lengths (keys per tile,
+    named "stages=1 tile=N prefetch=..."): the latency-bound kernel the seed paper prefetched for, one small tile
+    in flight per program and no pipeline, where the planned large tiles keep more bytes in flight."""
     variants = []
-    for num_stages in (1, 2, 3):
+    grid = [(num_stages, None) for num_stages in (1, 2, 3)] + [(1, tile) for tile in shallow_tiles]
+    for num_stages, tile in grid:
         for prefetch, distance in (("off", 1), ("on", 1), ("on", 2)):
-            config = dataclasses.replace(base, num_stages=num_stages, prefetch=prefetch, prefetch_distance=distance)
+            config = dataclasses.replace(base, num_stages=num_stages, prefetch=prefetch, prefetch_distance=distance,
+                                         **({"block_n": tile} if tile is not None else {}))
             plan = choose_launch(batch, num_kv_heads, max_seq_len, head_dim, num_sms, config,
                                  element_bytes=element_bytes, interpret=interpret)
-            name = f"stages={num_stages} prefetch={'off' if prefetch == 'off' else f'd{distance}'}"
+            name = (f"stages={num_stages}{'' if tile is None else f' tile={tile}'} "
+                    f"prefetch={'off' if prefetch == 'off' else f'd{distance}'}")
             variants.append(Variant(name=name, config=config, plan=plan))
     return tuple(variants)
 

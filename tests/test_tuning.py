@@ -152,7 +152,8 @@ def test_study_bench_smoke_under_the_interpreter(tmp_path, monkeypatch):
     sampler = _StubSampler()
     rows, table, auto_rows = study(shapes, head_dim=32, dtype=torch.float32, device="cpu", notes=notes,
                                    sampler=sampler, counters_ms=1.0)
-    assert len(rows) == 9 * len(shapes) and sampler.loops == len(rows)
+    assert len(rows) == (9 + 3) * len(shapes) and sampler.loops == len(rows)  # with the depth-1 32-key tiles
+    assert sum(r.extra["tile"] == 32 and r.extra["ran"]["block_n"] == 32 for r in rows) == 3 * len(shapes)
     assert all(r.extra["l2_hit_pct"] == 40.0 and r.extra["stall_long_scoreboard"] == 2.5 for r in rows)
     assert "dram_pct" not in rows[0].extra  # the stub's chip has no DRAM counter
     assert [r.extra["shape"] for r in auto_rows] == [list(s) for s in shapes]
@@ -194,11 +195,12 @@ class _StubSampler:
         return [edge, *[mid] * 5, edge]
 
 
-def _row(shape, variant, ms, *, stages=1, per_sm=0.5):
+def _row(shape, variant, ms, *, stages=1, per_sm=0.5, tile=None):
     from bench.report import Row
 
     return Row(case=f"{shape} {variant}", ms=ms, bytes_moved=1 << 20,
-               extra={"shape": list(shape), "variant": variant, "num_stages": stages, "programs_per_sm": per_sm})
+               extra={"shape": list(shape), "variant": variant, "num_stages": stages, "programs_per_sm": per_sm,
+                      "prefetch": "prefetch=off" not in variant, "tile": tile})
 
 
 def test_shallow_gain_takes_depth_one_on_under_occupied_grids_only():
@@ -212,6 +214,40 @@ def test_shallow_gain_takes_depth_one_on_under_occupied_grids_only():
     gain, where = shallow_gain(rows)
     assert gain == pytest.approx(1.5) and "B1 Hq8 Hkv1 S4096" in where and "prefetch=d1" in where
     assert shallow_gain(rows[4:]) is None
+
+
+def test_shallow_gain_compares_prefetch_on_and_off_of_the_same_tile():
+    """The fixed small-tile family is paired with itself: its slow prefetch-off row is not set against the planned
+    tile's prefetch-on row (that would count the tile's own speed as prefetch's), and the planned-tiles-only figure
+    leaves it out."""
+    from bench.suites.decode_attention_study import _pick_per_class, shallow_gain, shallow_gains
+
+    shape = (1, 32, 8, 32768)
+    rows = [_row(shape, "stages=1 prefetch=off", 0.074), _row(shape, "stages=1 prefetch=d1", 0.062),
+            _row(shape, "stages=1 tile=32 prefetch=off", 0.300, tile=32),
+            _row(shape, "stages=1 tile=32 prefetch=d2", 0.150, tile=32)]
+    gains = shallow_gains(rows)
+    assert set(gains) == {(shape, None), (shape, 32)}
+    assert gains[(shape, None)][0] == pytest.approx(0.074 / 0.062) and gains[(shape, 32)][0] == pytest.approx(2.0)
+    gain, where = shallow_gain(rows)
+    assert gain == pytest.approx(2.0) and "tile=32 prefetch=d2 against stages=1 tile=32 prefetch=off" in where
+    planned, _ = shallow_gain(rows, planned_tiles_only=True)
+    assert planned == pytest.approx(0.074 / 0.062)
+    for row in rows:
+        row.extra["shape_class"] = "c"
+    picked, _ = _pick_per_class(rows)["c"]
+    assert picked.extra["tile"] is None  # the tuning table only learns from the launcher's own tiles
+
+
+def test_variant_grid_adds_the_shallow_tile_family_at_depth_one_only():
+    from kernels.decode_plan import variant_grid
+
+    base = variant_grid(1, 8, 32768, 128, 132)
+    more = variant_grid(1, 8, 32768, 128, 132, shallow_tiles=(32,))
+    assert [v.name for v in more[:len(base)]] == [v.name for v in base] and len(more) == len(base) + 3
+    for v in more[len(base):]:
+        assert v.plan.block_n == 32 and v.plan.num_stages == 1 and v.name.startswith("stages=1 tile=32 prefetch=")
+    assert [v.plan.prefetch for v in more[len(base):]] == [False, True, True]
 
 
 def test_auto_vs_best_is_the_worst_shape_and_the_counters_table_shows_every_row():

@@ -1,7 +1,8 @@
 """Prefetch study, the kernel side: every pipeline depth x prefetch variant of the decode-attention kernel, per shape.
 
 For each shape (B, Hq, Hkv, S) every variant of `kernels.decode_attention.variant_grid` (1, 2, 3 stages x prefetch
-off / on 1 tile ahead / on 2 tiles ahead; splits and tiles as the launcher plans them) is checked against the fp32
+off / on 1 tile ahead / on 2 tiles ahead; splits and tiles as the launcher plans them; and at depth 1 the same three
+with 32-key tiles, `SHALLOW_TILES`, the latency-bound kernel the seed paper prefetched for) is checked against the fp32
 reference on fresh random inputs (poisoned output), then timed: calls queued back to back behind a GPU sleep, buffer
 sets rotated so each call finds its K/V cold in L2 (engine/gpu_timing.py, as bench/suites/decode_attention.py
 does: the GPU's time, which is what a call costs in the engine's CUDA graphs; triton's do_bench, used before
@@ -40,6 +41,9 @@ from bench.timing import cold_l2_num_sets, median_ms
 SHAPES = [(1, 32, 8, 32768), (1, 32, 32, 8192), (8, 32, 32, 16384), (32, 32, 32, 4096), (64, 32, 8, 4096),
           (128, 32, 8, 2048), (4, 40, 8, 8192), (1, 32, 8, 131072), (1, 32, 8, 2048), (1, 8, 1, 4096), (2, 32, 8, 1024)]
 HEAD_DIM = 128
+# Depth-1 variants with these fixed tile lengths too (keys): one 8 KiB K and V tile in flight per program, the
+# latency-bound kernel where a prefetch of the next tiles should pay (kernels/decode_plan.variant_grid)
+SHALLOW_TILES = (32,)
 DTYPE = torch.bfloat16
 MAX_REL_ERR = 1e-2
 
@@ -82,10 +86,12 @@ def _make_sets(shape, num_sets: int, *, head_dim: int, dtype: torch.dtype, devic
 
 
 def _pick_per_class(rows: list[Row]) -> dict[str, tuple[Row, float]]:
-    """Per shape class, the variant with the smallest geometric-mean ratio to each shape's fastest variant."""
+    """Per shape class, the variant with the smallest geometric-mean ratio to each shape's fastest variant. Rows with
+    a fixed tile (the shallow-tile family) are left out: the tuning table holds stages and prefetch, and the
+    engine plans its own tiles."""
     by_shape: dict[tuple, list[Row]] = {}
     for row in rows:
-        if row.ms is not None:
+        if row.ms is not None and row.extra.get("tile") is None:
             by_shape.setdefault(tuple(row.extra["shape"]), []).append(row)
     ratios: dict[str, dict[str, list[float]]] = {}
     best_rows: dict[tuple[str, str], Row] = {}
@@ -106,7 +112,7 @@ def _pick_per_class(rows: list[Row]) -> dict[str, tuple[Row, float]]:
 def study(shapes: Sequence[tuple[int, int, int, int]] = SHAPES, *, head_dim: int = HEAD_DIM, dtype: torch.dtype = DTYPE,
           device: torch.device | str = "cuda", repeat: int = 11,
           table_path: Path | Literal["device"] | None = "device", notes: list[str] | None = None,
-          sampler=None, counters_ms: float = 60.0):
+          sampler=None, counters_ms: float = 60.0, shallow_tiles: tuple[int, ...] = SHALLOW_TILES):
     """Time every variant on every shape -> (rows, the tuning table of these measurements, auto rows).
 
     Rows are bench.report.Row (ms per call, K/V bytes, GB/s; extra: shape, variant, asked and ran settings, the
@@ -159,9 +165,10 @@ def study(shapes: Sequence[tuple[int, int, int, int]] = SHAPES, *, head_dim: int
         cls = shape_class(batch * num_kv_heads, seq_len, head_dim, dtype_name(dtype))
         kv_bytes, sets, ref = inputs(shape)
         for variant in kda.variant_grid(batch, num_kv_heads, seq_len, head_dim, num_sms, element_bytes=element_bytes,
-                                        interpret=interpret):
+                                        interpret=interpret, shallow_tiles=shallow_tiles):
             plan, config = variant.plan, variant.config
             extra = {"shape": list(shape), "shape_class": cls, "variant": variant.name, "num_stages": config.num_stages,
+                     "tile": config.block_n,
                      "prefetch": config.prefetch == "on", "prefetch_distance": config.prefetch_distance,
                      "ran": {"num_stages": plan.num_stages, "prefetch": plan.prefetch, "block_n": plan.block_n,
                              "num_splits": plan.num_splits}, "programs_per_sm": plan.programs_per_sm, "why": plan.why}
@@ -210,25 +217,33 @@ def study(shapes: Sequence[tuple[int, int, int, int]] = SHAPES, *, head_dim: int
 UNDER_OCCUPIED_PROGRAMS_PER_SM = 1.0  # grids that leave SMs without a second program: where prefetch should pay
 
 
-def shallow_gain(rows: Sequence[Row]) -> tuple[float, str] | None:
-    """At pipeline depth 1 on the under-occupied shapes: (prefetch off ms / the faster prefetch-on ms, the shape and
-    distance), for the shape where prefetch gains most; None when no such shape was timed."""
-    best = None
-    by_shape: dict[tuple, dict[str, Row]] = {}
+def shallow_gains(rows: Sequence[Row]) -> dict[tuple, tuple[float, Row, Row]]:
+    """At pipeline depth 1 on the under-occupied shapes, per (shape, tile: None for the planned one): (prefetch off ms
+    / the faster prefetch-on ms of the same tile, the off row, that on row)."""
+    groups: dict[tuple, dict[bool, list[Row]]] = {}
     for row in rows:
         if row.ms is not None and row.extra.get("num_stages") == 1:
-            by_shape.setdefault(tuple(row.extra["shape"]), {})[row.extra["variant"]] = row
-    for shape, variants in by_shape.items():
-        off = variants.get("stages=1 prefetch=off")
-        ons = [r for n, r in variants.items() if n != "stages=1 prefetch=off"]
-        if off is None or not ons or off.extra.get("programs_per_sm", 0.0) >= UNDER_OCCUPIED_PROGRAMS_PER_SM:
+            key = (tuple(row.extra["shape"]), row.extra.get("tile"))
+            groups.setdefault(key, {}).setdefault(bool(row.extra.get("prefetch")), []).append(row)
+    gains = {}
+    for key, by_prefetch in groups.items():
+        offs, ons = by_prefetch.get(False, []), by_prefetch.get(True, [])
+        if not offs or not ons or offs[0].extra.get("programs_per_sm", 0.0) >= UNDER_OCCUPIED_PROGRAMS_PER_SM:
             continue
-        on = min(ons, key=lambda r: r.ms)
-        gain = off.ms / on.ms
-        if best is None or gain > best[0]:
-            best = (gain, f"B{shape[0]} Hq{shape[1]} Hkv{shape[2]} S{shape[3]}, {on.extra['variant']}, "
-                          f"{off.extra['programs_per_sm']:.2f} programs/SM")
-    return best
+        off, on = offs[0], min(ons, key=lambda r: r.ms)
+        gains[key] = (off.ms / on.ms, off, on)
+    return gains
+
+
+def shallow_gain(rows: Sequence[Row], *, planned_tiles_only: bool = False) -> tuple[float, str] | None:
+    """The largest of `shallow_gains` (only the planned tiles': `planned_tiles_only`): (gain, the shape, variant and
+    programs per SM); None when no under-occupied shape was timed at depth 1."""
+    gains = {k: g for k, g in shallow_gains(rows).items() if not (planned_tiles_only and k[1] is not None)}
+    if not gains:
+        return None
+    (shape, _), (gain, off, on) = max(gains.items(), key=lambda kv: kv[1][0])
+    return gain, (f"B{shape[0]} Hq{shape[1]} Hkv{shape[2]} S{shape[3]}, {on.extra['variant']} against "
+                  f"{off.extra['variant']}, {off.extra['programs_per_sm']:.2f} programs/SM")
 
 
 def auto_vs_best(rows: Sequence[Row], auto_rows: Sequence[Row]) -> tuple[float, str] | None:
@@ -295,9 +310,16 @@ def run(args) -> SuiteResult:
     gain = shallow_gain(rows)
     if gain is not None:
         headlines.append(Headline("prefetch_shallow_gain", gain[0],
-                                  f"x (prefetch off ms / prefetch on ms at pipeline depth 1, under-occupied grids "
-                                  f"(< {UNDER_OCCUPIED_PROGRAMS_PER_SM:g} program/SM), best shape: {gain[1]}; "
+                                  f"x (prefetch off ms / prefetch on ms at pipeline depth 1, same tile, under-occupied "
+                                  f"grids (< {UNDER_OCCUPIED_PROGRAMS_PER_SM:g} program/SM), best shape: {gain[1]}; "
                                   "target >= 1.5)", "prefetch off, depth 1"))
+        planned = shallow_gain(rows, planned_tiles_only=True)
+        if planned is not None:
+            notes.append(f"prefetch gain at depth 1 with the tiles the launcher plans (no fixed tile): {planned[0]:.2f}x "
+                         f"at best ({planned[1]})")
+        for (shape, tile), (g, off, on) in sorted(shallow_gains(rows).items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+            notes.append("depth 1, B{} Hq{} Hkv{} S{}".format(*shape) + f", {'planned tile' if tile is None else f'tile {tile}'}"
+                         f": prefetch gains {g:.2f}x ({off.ms * 1e3:.1f} -> {on.ms * 1e3:.1f} us, {on.extra['variant']})")
     else:
         notes.append("prefetch_shallow_gain not reported: no under-occupied shape was timed at depth 1")
     worst = auto_vs_best(rows, auto_rows)

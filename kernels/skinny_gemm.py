@@ -82,7 +82,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, 
         # The weight is not the previous kernel's output: ask L2 for this program's first tiles of it while that
         # kernel is still running (one request per weight row; bytes rounded down to whole 16-byte units).
         element_bytes = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-        ahead_bytes = (tl.minimum(k_start + AHEAD_TILES * BLOCK_K, K) - k_start) * element_bytes
+        ahead_end = tl.minimum(k_start + tl.minimum(AHEAD_TILES * BLOCK_K, k_per_split), K)  # within its own split
+        ahead_bytes = (ahead_end - k_start) * element_bytes
         ahead_bytes = tl.where(n_ok, tl.maximum(ahead_bytes, 0) // 16 * 16, 0)
         rows = w_ptr + offs_n.to(tl.int64) * stride_wn + k_start
         prefetch_l2_each(rows, ahead_bytes)

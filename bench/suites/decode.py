@@ -12,8 +12,8 @@ predicts each case's GPU-resident step from the device's hardware profile; the e
 roofline of a step is the bytes it must read (every weight but the embedding table, plus each sequence's K/V at the
 step's mean length) over the device's read bandwidth, measured in the same run: the faster of a Triton streaming
 read swept over grid, block and warps (kernels/stream_read.py; swept again after the cases, the faster sweep
-kept) and a torch bf16 sum; the device-to-device copy is printed beside it. If any row reads faster than that, the ceiling is raised to it and a note says so: no figure
-exceeds 100 %.
+kept) and a torch bf16 sum; the device-to-device copy is printed beside it. If any row reads faster than that, the
+ceiling is raised to it and a note says so: no figure exceeds 100 %.
 
 Before the fast adapter runs, the GEMM plan (engine/fast/plan.py) is measured for the cases' shapes where the
 device's cache lacks them: cuBLAS against the skinny kernel per projection and batch, in a CUDA graph on cold

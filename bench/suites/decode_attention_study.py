@@ -315,11 +315,13 @@ def run(args) -> SuiteResult:
                                   "target >= 1.5)", "prefetch off, depth 1"))
         planned = shallow_gain(rows, planned_tiles_only=True)
         if planned is not None:
-            notes.append(f"prefetch gain at depth 1 with the tiles the launcher plans (no fixed tile): {planned[0]:.2f}x "
-                         f"at best ({planned[1]})")
-        for (shape, tile), (g, off, on) in sorted(shallow_gains(rows).items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-            notes.append("depth 1, B{} Hq{} Hkv{} S{}".format(*shape) + f", {'planned tile' if tile is None else f'tile {tile}'}"
-                         f": prefetch gains {g:.2f}x ({off.ms * 1e3:.1f} -> {on.ms * 1e3:.1f} us, {on.extra['variant']})")
+            notes.append(f"prefetch gain at depth 1 with the tiles the launcher plans (no fixed tile): "
+                         f"{planned[0]:.2f}x at best ({planned[1]})")
+        by_shape_and_tile = sorted(shallow_gains(rows).items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
+        for (shape, tile), (g, off, on) in by_shape_and_tile:
+            which = "planned tile" if tile is None else f"tile {tile}"
+            notes.append("depth 1, B{} Hq{} Hkv{} S{}".format(*shape) + f", {which}: prefetch gains {g:.2f}x "
+                         f"({off.ms * 1e3:.1f} -> {on.ms * 1e3:.1f} us, {on.extra['variant']})")
     else:
         notes.append("prefetch_shallow_gain not reported: no under-occupied shape was timed at depth 1")
     worst = auto_vs_best(rows, auto_rows)

@@ -261,6 +261,10 @@ def run(args) -> SuiteResult:
                      "num_sms": num_sms, "shapes": {}}
     from bench.peers.flashinfer_decode import flashinfer_version
 
+    from kernels.decode_plan import capability_refusal
+
+    if (no_prefetch := capability_refusal(torch.cuda.get_device_capability(0))) is not None:
+        notes.append(f"the 'prefetch on' rows run without it: {no_prefetch}")
     fi_version = flashinfer_version()
     details["flashinfer"] = fi_version
     notes.append(f"FlashInfer {fi_version}: BatchDecodeWithPagedKVCacheWrapper, HND pages of 16 tokens, planned once per shape"

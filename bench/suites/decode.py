@@ -363,7 +363,8 @@ def run(args) -> SuiteResult:
     stream_gb_s, copy_gb_s = triton_read_gb_s(), device_copy_gb_s()
     sum_gb_s = streaming_read_gb_s() if cuda else stream_gb_s
     read_gb_s = max(stream_gb_s, sum_gb_s)  # the faster read is the ceiling
-    notes = [f"read bandwidth (the roofline's ceiling, the faster of two reads): {read_gb_s:.0f} GB/s; Triton streaming "
+    notes = [f"read bandwidth at the start (the roofline's ceiling, the faster of two reads, unless the sweep after the "
+             f"cases reads faster): {read_gb_s:.0f} GB/s; Triton streaming "
              f"read {stream_gb_s:.0f} GB/s, torch bf16 sum {sum_gb_s:.0f} GB/s; device copy {copy_gb_s:.0f} GB/s "
              "(read + write)" + ("" if cuda else " (no GPU: host memory, torch sum)")]
     if sweep_note := read_sweep_note():

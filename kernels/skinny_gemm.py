@@ -70,7 +70,13 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, 
                         ACT: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
-                        AHEAD_TILES: tl.constexpr):
+                        AHEAD_TILES: tl.constexpr, res_ptr, stride_rm, ssq_ptr, ssq_cols, nw_ptr, eps,
+                        RESIDUAL: tl.constexpr, NORM_IN: tl.constexpr, UNIT_OFFSET: tl.constexpr,
+                        BLOCK_SSQ: tl.constexpr):
+    # RESIDUAL: y = dtype(residual + dtype(x W^T + b)), and each row's sum of squares of y over this program's
+    # BLOCK_N columns into ssq (M, ssq_cols) fp32 at column pid_n. NORM_IN: x is the un-normed residual stream and
+    # ssq (M, ssq_cols) the producing GEMM's partial sums of its squares; the prologue turns them into each row's
+    # rstd and every x tile is RMS-normed by norm weight nw (kernels/rms_norm.py's rounding) before its dot.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -90,6 +96,13 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, 
         if GATED:
             prefetch_l2_each(rows + up_offset, ahead_bytes)
     _pdl.enter(PDL)  # before any load or store: x is the previous kernel's output
+    if NORM_IN:
+        # rstd per row from the partial sums, summed in one fixed order (deterministic run to run; the one-pass norm
+        # kernel sums the row in another order, so rstd may differ from it in its last fp32 bit)
+        offs_s = tl.arange(0, BLOCK_SSQ)
+        parts_ssq = tl.load(ssq_ptr + offs_m[:, None] * ssq_cols + offs_s[None, :],
+                            mask=m_ok[:, None] & (offs_s < ssq_cols)[None, :], other=0.0)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(parts_ssq, axis=1) / K + eps)
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k)[None, :]
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -103,6 +116,14 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, 
             x_mask, w_mask = m_ok[:, None] & k_ok[None, :], n_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptrs, mask=x_mask, other=0.0)
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if NORM_IN:
+            norm_w = tl.load(nw_ptr + k + offs_k, mask=(k + offs_k) < k_end, other=0.0).to(tl.float32)
+            x_dtype = x_ptr.dtype.element_ty
+            scaled = x.to(tl.float32) * rstd[:, None]
+            if UNIT_OFFSET:  # Gemma: one rounding, after the (1 + w) scale
+                x = round_to(scaled * (1.0 + norm_w[None, :]), x_dtype)
+            else:  # Llama: round the normed row, then scale by w and round again
+                x = round_to(round_to(scaled, x_dtype).to(tl.float32) * norm_w[None, :], x_dtype)
         if DOT_FP32:  # fp32 models (no tf32), and the interpreter, whose dot multiplies bf16's raw bits
             x = x.to(tl.float32)
         acc = _dot(x, w, acc, DOT_FP32)
@@ -143,7 +164,14 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, 
             up = round_to(acc_up, dtype).to(tl.float32)
             acc = gated(gate, up, ACT, dtype)
         y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, round_to(acc, dtype), mask=out_mask)
+        if RESIDUAL:
+            r = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=out_mask, other=0.0)
+            total = round_to(round_to(acc, dtype).to(tl.float32) + r.to(tl.float32), dtype)  # as torch's r + out
+            tl.store(y_ptrs, total, mask=out_mask)
+            squares = tl.where(out_mask, total.to(tl.float32) * total.to(tl.float32), 0.0)
+            tl.store(ssq_ptr + offs_m * ssq_cols + pid_n, tl.sum(squares, axis=1), mask=m_ok)
+        else:
+            tl.store(y_ptrs, round_to(acc, dtype), mask=out_mask)
 
 
 def _interpreting() -> bool:
@@ -205,13 +233,42 @@ def weights_ahead_refusal(weight: torch.Tensor, tiles: int, *, pdl: bool) -> str
     return None
 
 
+@dataclass(frozen=True)
+class FoldedNorm:
+    """An RMSNorm left for the next GEMM to apply to its input rows: the per-block sums of squares (M, blocks) fp32
+    that `skinny_gemm_residual` wrote for them, the norm's weight (K,), eps, and Gemma's (1 + w) scale."""
+
+    sum_squares: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    unit_offset: bool = False
+
+
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, act: str = "",
-                config: SkinnyConfig | None = None, pdl: bool = False, weights_ahead: int = 0) -> torch.Tensor:
+                config: SkinnyConfig | None = None, pdl: bool = False, weights_ahead: int = 0,
+                norm: FoldedNorm | None = None) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T (+ bias (N,)) -> (M, N), M <= 64. act "silu"/"gelu_tanh": weight is a fused
     [gate; up] (2 I, K) (bias (2 I,)) and the result is act(x W_gate^T + b_gate) * (x W_up^T + b_up), (M, I).
     pdl: launch with programmatic dependent launch where the device allows (kernels/pdl.py). weights_ahead: with
     PDL, each program first prefetches this many of its weight tiles into L2, before it waits for the previous
-    kernel (`weights_ahead_refusal` says when it cannot); the result is the same either way."""
+    kernel (`weights_ahead_refusal` says when it cannot); the result is the same either way. norm: x is the residual
+    stream that `skinny_gemm_residual` wrote, and the GEMM computes rms_norm(x) @ W^T, normalising each x tile as
+    it loads it (kernels/rms_norm.py's rounding; rstd from the partial sums, which may differ from a one-pass norm
+    in its last fp32 bit)."""
+    return _launch(x, weight, bias, act=act, config=config, pdl=pdl, weights_ahead=weights_ahead, norm=norm)[0]
+
+
+def skinny_gemm_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, *,
+                         config: SkinnyConfig | None = None, pdl: bool = False,
+                         weights_ahead: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (residual + x W^T (+ b), each rounded as the model's separate projection and add are, (M, N); the rows'
+    sums of squares per column block, (M, N / BLOCK_N) fp32): the residual add of a block's end in the GEMM's
+    epilogue, and what a `FoldedNorm` of the next GEMM needs to RMS-norm the sum without a kernel of its own."""
+    return _launch(x, weight, bias, act="", config=config, pdl=pdl, weights_ahead=weights_ahead, residual=residual)
+
+
+def _launch(x, weight, bias, *, act: str, config: SkinnyConfig | None, pdl: bool, weights_ahead: int,
+            residual: torch.Tensor | None = None, norm: FoldedNorm | None = None):
     assert isinstance(weights_ahead, int) and weights_ahead >= 0, f"weights_ahead must be an int >= 0, got {weights_ahead!r}"
     assert x.dim() == 2 and weight.dim() == 2, (x.shape, weight.shape)
     num_rows, in_features = x.shape
@@ -232,6 +289,20 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     y = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
     col_blocks = triton.cdiv(out_features, config.block_n)
     assert col_blocks <= TICKETS, f"{out_features} columns need {col_blocks} blocks of {config.block_n} (> {TICKETS})"
+    ssq, ssq_cols, norm_weight, eps = y, 0, y, 0.0
+    if residual is not None:
+        assert residual.shape == y.shape and residual.dtype == x.dtype and residual.device == x.device \
+            and residual.stride(1) == 1, (residual.shape, residual.dtype, residual.stride(), y.shape)
+        ssq = torch.empty(num_rows, col_blocks, dtype=torch.float32, device=x.device)
+        ssq_cols = col_blocks
+    if norm is not None:
+        assert residual is None, "a GEMM takes a folded norm on its input or makes one for its output, not both"
+        sums = norm.sum_squares
+        assert sums.dim() == 2 and sums.shape[0] == num_rows and sums.dtype == torch.float32 and sums.is_contiguous() \
+            and sums.device == x.device, (sums.shape, sums.dtype, x.shape)
+        assert norm.weight.shape == (in_features,) and norm.weight.stride(0) == 1 and norm.weight.dtype == x.dtype, \
+            (norm.weight.shape, norm.weight.dtype, in_features)
+        ssq, ssq_cols, norm_weight, eps = sums, sums.shape[1], norm.weight, float(norm.eps)
     # K per split: whole BLOCK_K tiles, so only the last split's last tile is ragged.
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(in_features, k_per_split)
@@ -247,9 +318,13 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         split_k=split_k, up_offset=out_features * weight.stride(0), split_stride=part[0].numel() if split else 0,
         HAS_BIAS=bias is not None, ACT=act, GATED=bool(act), SPLIT=split, EVEN_K=in_features % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        DOT_FP32=x.dtype == torch.float32 or _interpreting(), PDL=pdl, AHEAD_TILES=ahead, num_warps=config.num_warps,
-        num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}))
-    return y
+        DOT_FP32=x.dtype == torch.float32 or _interpreting(), PDL=pdl, AHEAD_TILES=ahead,
+        res_ptr=y if residual is None else residual, stride_rm=0 if residual is None else residual.stride(0),
+        ssq_ptr=ssq, ssq_cols=ssq_cols, nw_ptr=norm_weight, eps=eps, RESIDUAL=residual is not None,
+        NORM_IN=norm is not None, UNIT_OFFSET=norm is not None and norm.unit_offset,
+        BLOCK_SSQ=triton.next_power_of_2(max(1, ssq_cols)) if norm is not None else 1,
+        num_warps=config.num_warps, num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}))
+    return y, ssq
 
 
 def skinny_gemm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -220,17 +220,22 @@ def test_variant_names_with_commas_are_joined_by_the_longest_name(one_thread):
 
 
 def test_pdl_variants_are_compared_with_fused_without_the_plain_variant(tmp_path, one_thread):
-    """The early-launch variants are checked token for token against the same kernels launched in order, also when
-    the plain adapter is not among the variants (on a CPU the kernels are torch ops: identical)."""
+    """The bench's own fast-adapter variants (early launches, the folded norm) are checked token for token against
+    the fused variant, also when the plain adapter is not among the variants (on a CPU the kernels are torch ops:
+    identical)."""
     argv = ["decode", "--cases", "tiny-llama:2x8", "--new-tokens", "4", "--repeat", "1", "--exact-seqs", "0",
-            "--no-profile", "--peers", "", "--ours", "auto,fused, pdl, weights ahead 2", "--results-dir", str(tmp_path)]
+            "--no-profile", "--peers", "", "--ours", "auto,fused, pdl, weights ahead 2,fused, fold norm",
+            "--results-dir", str(tmp_path)]
     assert main(argv) == 0
     payload = json.loads((tmp_path / "decode.json").read_text())
     info = payload["details"]["cases"]["tiny-llama B2 P8"]
     c = info["fused, pdl, weights ahead 2 vs fused"]
     assert c["match_fraction"] == 1.0 and c["max_logits_rel_err"] == 0.0
     assert "fused_vs_plain" not in info
-    assert any("fused, pdl, weights ahead 2 vs fused without PDL: 100%" in n for n in payload["notes"])
+    assert any("fused, pdl, weights ahead 2 vs fused (the engine's launches): 100%" in n for n in payload["notes"])
+    folded = info["fused, fold norm vs fused"]  # on a CPU the fold does not apply (torch ops): identical
+    assert folded["match_fraction"] == 1.0 and folded["max_logits_rel_err"] == 0.0
+    assert any("fused, fold norm vs fused (the engine's launches): 100%" in n and "last-bit" in n for n in payload["notes"])
 
 
 def test_step_clock_passes_scores_through_and_the_step_falls_back_to_the_difference(one_thread):

@@ -304,3 +304,37 @@ def test_kernel_policy_refuses_a_bad_weights_ahead_and_fuse_passes_it_on(models)
     model = load_model("synthetic:tiny-llama", device="cpu", dtype="float32")
     fast = fuse(model.adapter, pdl=True, weights_ahead=4)
     assert fast.policy.pdl and fast.policy.weights_ahead == 4
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-phi3"])
+def test_folded_post_attention_norm_gives_the_fused_adapters_tokens(models, name):
+    """fold_norm: o_proj adds the residual and writes the rows' sums of squares, gate/up RMS-norms its input in its
+    prologue; no norm launch between them. fp32 under the interpreter: the same greedy tokens as the fused adapter
+    without it, logits within rstd's last-bit difference, and the hand-over taken in every decode layer."""
+    model = models[name]
+    prompts = [[5, 9, 13, 2, 7], [3, 4]]
+    settings = GenerationSettings(max_new_tokens=4, ignore_eos=True, cuda_graph=False)
+    results, calls = {}, {}
+    for fold in (False, True):
+        fast = fuse(model.adapter, kernels="triton", fold_norm=fold)
+        fast.plan = GemmPlan(device="test")  # no measured plan: the skinny kernel's defaults on every shape
+        from kernels import skinny_gemm as sg
+
+        seen = []
+        original = sg._launch
+        try:
+            sg._launch = lambda *a, **k: (seen.append((k.get("residual") is not None, k.get("norm") is not None)),
+                                          original(*a, **k))[1]
+            results[fold] = Generator(dataclasses.replace(model, adapter=fast)).generate(prompts, settings,
+                                                                                        keep_logits=True)
+        finally:
+            sg._launch = original
+        calls[fold] = seen
+    assert results[True].token_ids == results[False].token_ids
+    for a, b in zip(results[True].logits, results[False].logits):
+        assert rel_err(a, b) <= 1e-5
+    residual_launches = sum(r for r, _ in calls[True])
+    normed_launches = sum(n for _, n in calls[True])
+    assert residual_launches == normed_launches >= model.spec.num_layers * 3  # every decode step, every layer
+    assert not any(r or n for r, n in calls[False])

@@ -38,7 +38,8 @@ from kernels.skinny_gemm import _skinny_gemm_kernel
 from kernels.stream_read import _stream_read_kernel
 
 def build(fn, types, constexprs, *, num_warps=4, num_stages=3):
-    defaults = {n: v for n, v in (("PDL", False), ("AHEAD_TILES", 0)) if n in fn.arg_names}
+    defaults = {n: v for n, v in (("PDL", False), ("AHEAD_TILES", 0), ("RESIDUAL", False), ("NORM_IN", False),
+                                   ("UNIT_OFFSET", False), ("BLOCK_SSQ", 1)) if n in fn.arg_names}
     constexprs = {**defaults, **constexprs}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
     # What the JIT specialises for real tensors: pointers, strides and sizes divisible by 16.
@@ -52,7 +53,8 @@ def build(fn, types, constexprs, *, num_warps=4, num_stages=3):
 
 bf16 = lambda *names: {n: "*bf16" for n in names}
 ptx = {}
-gemm_types = {**bf16("x_ptr", "w_ptr", "bias_ptr", "y_ptr"), "part_ptr": "*fp32", "ticket_ptr": "*i32"}
+gemm_types = {**bf16("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "res_ptr", "nw_ptr"), "part_ptr": "*fp32",
+              "ticket_ptr": "*i32", "ssq_ptr": "*fp32", "eps": "fp32"}
 for name, cx in {"gemm_m16_split": dict(ACT="", GATED=False, SPLIT=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128),
                  "gemm_m16_gated": dict(ACT="silu", GATED=True, SPLIT=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128),
                  "gemm_m64": dict(ACT="", GATED=False, SPLIT=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)}.items():
@@ -71,6 +73,11 @@ ptx["gemm_pdl"] = build(_skinny_gemm_kernel, gemm_types, dict(HAS_BIAS=False, EV
 for name, cx in {"gemm_pdl_ahead": dict(GATED=False, ACT=""), "gemm_pdl_ahead_gated": dict(GATED=True, ACT="silu")}.items():
     ptx[name] = build(_skinny_gemm_kernel, gemm_types, dict(HAS_BIAS=False, EVEN_K=True, DOT_FP32=False, SPLIT=True,
                       BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PDL=True, AHEAD_TILES=4, **cx), num_stages=4)
+ptx["gemm_residual"] = build(_skinny_gemm_kernel, gemm_types, dict(HAS_BIAS=False, EVEN_K=True, DOT_FP32=False, ACT="",
+                             GATED=False, SPLIT=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, RESIDUAL=True), num_stages=4)
+ptx["gemm_norm_in"] = build(_skinny_gemm_kernel, gemm_types, dict(HAS_BIAS=False, EVEN_K=True, DOT_FP32=False,
+                            ACT="silu", GATED=True, SPLIT=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, NORM_IN=True,
+                            BLOCK_SSQ=128), num_stages=4)
 ptx["rms_norm_pdl"] = build(_add_rms_norm_kernel, bf16("x_ptr", "res_ptr", "w_ptr", "sum_ptr", "out_ptr")
                             | {"eps": "fp32"}, dict(HAS_RESIDUAL=True, UNIT_OFFSET=False, BLOCK=4096, PDL=True),
                             num_warps=8)
@@ -96,7 +103,7 @@ def _count(text: str, pattern: str) -> int:
     return len(re.findall(pattern, text))
 
 
-@pytest.mark.parametrize("name", ["gemm_m16_split", "gemm_m16_gated", "gemm_m64"])
+@pytest.mark.parametrize("name", ["gemm_m16_split", "gemm_m16_gated", "gemm_m64", "gemm_residual", "gemm_norm_in"])
 def test_skinny_gemm_streams_16_byte_tiles_into_tensor_cores(ptx, name):
     text = ptx[name]
     copies = re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+|\d+)", text)
@@ -141,6 +148,12 @@ def test_weights_ahead_prefetch_the_weight_rows_before_the_wait_and_touch_nothin
     # nothing read or written before the wait: no load, store, atomic or pipeline copy besides the prefetch
     for access in (r"ld\.global", r"st\.global", r"atom\.global", r"cp\.async\.cg"):
         assert not re.search(access, before), access
+
+
+def test_the_folded_norm_computes_rstd_once_and_the_residual_epilogue_writes_its_sums(ptx):
+    norm_in, residual = ptx["gemm_norm_in"], ptx["gemm_residual"]
+    assert "sqrt.rn.f32" in norm_in and "sqrt" not in ptx["gemm_m16_gated"]  # the rstd of the prologue, correctly rounded
+    assert _count(residual, r"st\.global") > _count(ptx["gemm_m16_split"], r"st\.global")  # the sums of squares too
 
 
 def test_kernels_without_pdl_have_no_grid_dependency_control(ptx):

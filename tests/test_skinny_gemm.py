@@ -161,3 +161,71 @@ def test_weights_ahead_needs_pdl_and_aligned_rows_and_never_changes_the_result()
     assert torch.equal(skinny_gemm(x, w, config=cfg, pdl=True, weights_ahead=4), skinny_gemm(x, w, config=cfg))
     with pytest.raises(AssertionError, match="weights_ahead"):
         skinny_gemm(x, w, weights_ahead=-1)
+
+
+FOLD_CASES = [(1, 96, 200, None), (8, 130, 256, SkinnyConfig(16, 32, 64, 3)), (16, 64, 96, SkinnyConfig(16, 16, 32, 1)),
+              (33, 72, 130, None)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("rows,out_features,in_features,config", FOLD_CASES,
+                         ids=[f"M{m}-N{n}-K{k}" for m, n, k, _ in FOLD_CASES])
+def test_residual_epilogue_is_the_models_add_and_its_sums_of_squares_are_the_rows(rows, out_features, in_features,
+                                                                                  config, dtype):
+    from kernels.skinny_gemm import skinny_gemm_residual
+
+    x, w, b = _problem(rows, out_features, in_features, dtype, bias=True, seed=rows)
+    residual = torch.randn(rows, out_features, generator=torch.Generator().manual_seed(9)).to(dtype)
+    total, ssq = skinny_gemm_residual(x, w, b, residual, config=config)
+    plain = skinny_gemm(x, w, b, config=config)
+    assert torch.equal(total, residual + plain)  # the projection rounded, then torch's add: bit for bit
+    c = config or default_config(rows, out_features, in_features, gated=False, device=x.device,
+                                 dtype_bytes=x.element_size())
+    assert ssq.shape == (rows, -(-out_features // c.block_n)) and ssq.dtype == torch.float32
+    want = total.double().pow(2).sum(-1)
+    assert torch.allclose(ssq.double().sum(-1), want, rtol=1e-5), (ssq.sum(-1), want)
+    assert int(tickets(x.device).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+@pytest.mark.parametrize("act", ["", "silu"], ids=["plain", "gated"])
+def test_a_folded_norm_gives_the_gemm_of_the_normed_rows(dtype, unit_offset, act):
+    """o_proj-like GEMM with the residual epilogue, then a gate/up-like GEMM that RMS-norms its input in the prologue:
+    the same as the one-pass norm kernel's output fed to the plain GEMM, up to rstd's last fp32 bit (and no worse
+    against float64 than that path)."""
+    from kernels.rms_norm import add_rms_norm_reference
+    from kernels.skinny_gemm import FoldedNorm, skinny_gemm_residual
+
+    rows, hidden, inner = 8, 160, 72
+    gen = torch.Generator().manual_seed(3)
+    attn = torch.randn(rows, hidden, generator=gen).to(dtype)
+    w_o = (torch.randn(hidden, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+    residual = torch.randn(rows, hidden, generator=gen).to(dtype)
+    norm_w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    w_next = (torch.randn((2 if act else 1) * inner, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+    total, ssq = skinny_gemm_residual(attn, w_o, None, residual, config=SkinnyConfig(16, 32, 64, 2))
+    folded = skinny_gemm(total, w_next, act=act, config=SkinnyConfig(16, 16, 64, 2),
+                         norm=FoldedNorm(ssq, norm_w, eps=1e-6, unit_offset=unit_offset))
+    _, normed = add_rms_norm_reference(total, None, norm_w, eps=1e-6, unit_offset=unit_offset)
+    unfolded = skinny_gemm(normed, w_next, act=act, config=SkinnyConfig(16, 16, 64, 2))
+    h = total.double() * torch.rsqrt(total.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    exact_in = h * (1 + norm_w.double()) if unit_offset else h * norm_w.double()
+    exact = skinny_gemm_reference(exact_in, w_next.double(), act=act)
+    assert folded.shape == unfolded.shape and not folded.isnan().any()
+    if dtype == torch.float32:
+        assert rel(folded, unfolded) <= 1e-5, rel(folded, unfolded)
+    else:
+        assert rel(folded, exact) <= 1.25 * rel(unfolded, exact) + 1e-3, (rel(folded, exact), rel(unfolded, exact))
+
+
+def test_folded_norm_inputs_are_checked():
+    from kernels.skinny_gemm import FoldedNorm, skinny_gemm_residual
+
+    x, w = torch.randn(4, 64), torch.randn(32, 64)
+    with pytest.raises(AssertionError):
+        skinny_gemm_residual(x, w, None, torch.randn(4, 31))  # residual of another shape
+    with pytest.raises(AssertionError):
+        skinny_gemm(x, w, norm=FoldedNorm(torch.zeros(3, 2), torch.ones(64), eps=1e-6))  # sums of other rows
+    with pytest.raises(AssertionError):
+        skinny_gemm(x, w, norm=FoldedNorm(torch.zeros(4, 2), torch.ones(63), eps=1e-6))  # norm weight not K wide

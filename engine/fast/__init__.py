@@ -36,18 +36,20 @@ def why_not_fused(adapter: DecoderAdapter) -> str | None:
 
 
 def fuse(adapter: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | None = None,
-         pdl: bool = False, weights_ahead: int = 0) -> DecoderAdapter:
+         pdl: bool = False, weights_ahead: int = 0, fold_norm: bool = False) -> DecoderAdapter:
     """The fast version of `adapter` (itself when it is already fast or its family has none).
 
     kernels: "auto" (Triton kernels on CUDA tensors, torch elsewhere), "triton" (everywhere: CPU needs
     TRITON_INTERPRET=1), "torch" (fused weights only). plan: which GEMM each shape runs (default: the device's
     cached measurements, engine/fast/plan.py). pdl: launch the kernels with programmatic dependent launch (Hopper;
     kernels/pdl.py); weights_ahead: with PDL, weight tiles each GEMM program prefetches into L2 before it waits for
-    the previous kernel. An adapter that is already fast comes back as it is, whatever the arguments."""
+    the previous kernel; fold_norm: the Llama family's post-attention add + RMSNorm in the o_proj and gate/up GEMMs
+    (no launch of its own; Gemma's sandwich norms are left as they are). An adapter that is already fast comes back
+    as it is, whatever the arguments."""
     if isinstance(adapter, FAST_ADAPTERS) or why_not_fused(adapter) is not None:
         return adapter
     return _FAST_FOR[type(adapter).__name__](adapter, kernels=kernels, plan=plan, pdl=pdl,
-                                             weights_ahead=weights_ahead)
+                                             weights_ahead=weights_ahead, fold_norm=fold_norm)
 
 
 __all__ = ["FAST_ADAPTERS", "FusedGemmaAdapter", "FusedLlamaAdapter", "FusedPhi3Adapter", "GemmPlan", "fuse",

@@ -45,12 +45,12 @@ class FusedLlamaAdapter(DecoderAdapter):
     QK_NORM_UNIT_OFFSET = False  # Gemma 3's q/k norms scale by (1 + weight)
 
     def __init__(self, plain: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | None = None,
-                 pdl: bool = False, weights_ahead: int = 0) -> None:
+                 pdl: bool = False, weights_ahead: int = 0, fold_norm: bool = False) -> None:
         # Not DecoderAdapter.__init__: the spec is the plain adapter's (same model, same shapes, same parameters).
         self.plain = plain
         self.hf_model, self.config, self.spec = plain.hf_model, plain.config, plain.spec
         self.decoder, self.layers = plain.decoder, plain.layers
-        self.policy = KernelPolicy(kernels, pdl=pdl, weights_ahead=weights_ahead)
+        self.policy = KernelPolicy(kernels, pdl=pdl, weights_ahead=weights_ahead, fold_norm=fold_norm)
         device = next(plain.hf_model.parameters()).device
         self.plan = plan if plan is not None else gemm_plan(device)
         self.act = ACTIVATIONS.get(getattr(self.config, "hidden_act", "silu"), "")
@@ -153,17 +153,37 @@ class FusedLlamaAdapter(DecoderAdapter):
         self.plain.finish_k_(layer, k)
 
     def attn_output(self, layer, attn, residual):
+        if self._folds_post_norm(layer, attn, residual):
+            # the add in o_proj's epilogue, the norm left for gate/up's prologue: no norm launch of its own
+            from kernels.skinny_gemm import FoldedNorm
+
+            norm = self.layers[layer].post_attention_layernorm
+            total, sums = self.o[layer].add_residual(attn, residual, policy=self.policy, plan=self.plan)
+            self._give("mlp", layer, total, FoldedNorm(sums, norm.weight, eps=norm_eps(norm)))
+            return total
         out = self.o[layer](attn, policy=self.policy, plan=self.plan)
         total, normed = add_norm(self.policy, out, residual, self.layers[layer].post_attention_layernorm)
         self._give("mlp", layer, total, normed)
         return total
 
+    def _folds_post_norm(self, layer, attn, residual) -> bool:
+        """policy.fold_norm, and both GEMMs run the skinny kernel on these rows (else the norm kernel runs)."""
+        if not self.policy.fold_norm or attn.dtype != residual.dtype or residual.stride(-1) != 1 \
+                or not residual.is_contiguous():
+            return False
+        normed_like = residual  # gate/up's input has the residual's shape and dtype
+        return (self.o[layer].runs_skinny(attn, policy=self.policy, plan=self.plan)
+                and self.gate_up[layer].runs_skinny(normed_like, policy=self.policy, plan=self.plan, act=self.act))
+
     def mlp_block(self, layer, hidden):
         block = self.layers[layer]
         normed = self._take("mlp", layer, hidden)
-        if normed is None:
-            normed = add_norm(self.policy, hidden, None, block.post_attention_layernorm)[1]
-        act = self.gate_up[layer](normed, policy=self.policy, plan=self.plan, act=self.act,
+        if normed is not None and not isinstance(normed, torch.Tensor):  # a FoldedNorm from attn_output
+            act = self.gate_up[layer](hidden, policy=self.policy, plan=self.plan, act=self.act, norm=normed)
+        else:
+            if normed is None:
+                normed = add_norm(self.policy, hidden, None, block.post_attention_layernorm)[1]
+            act = self.gate_up[layer](normed, policy=self.policy, plan=self.plan, act=self.act,
                                       act_fn=self._act_fn(block.mlp))
         down = self.down[layer](act, policy=self.policy, plan=self.plan)
         if layer + 1 == self.spec.num_layers:

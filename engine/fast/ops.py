@@ -28,6 +28,9 @@ class KernelPolicy:
     pdl: bool = False
     # with PDL: weight tiles each skinny-GEMM program prefetches into L2 before it waits for the previous kernel
     weights_ahead: int = 0
+    # the post-attention residual add in the o_proj GEMM's epilogue and its RMSNorm in the gate/up GEMM's prologue
+    # (kernels/skinny_gemm.py FoldedNorm): one launch a layer fewer where both GEMMs run the skinny kernel
+    fold_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -69,12 +72,38 @@ class Projection:
     def skinny_config(self, plan: GemmPlan, rows: int):
         return plan.config(rows, self.out_features, self.in_features, gated=self.gated, device=self.weight.device)
 
+    def runs_skinny(self, x: torch.Tensor, *, policy: KernelPolicy, plan: GemmPlan, act: str = "") -> bool:
+        """Whether a call on x runs the skinny kernel (what a folded norm needs on both sides)."""
+        rows = x.numel() // self.in_features
+        return (policy.triton(x) and (x.dtype != torch.float32 or policy.mode == "triton")
+                and (bool(act) or not self.gated) and 1 <= rows <= 64 and self.skinny_config(plan, rows) is not None)
+
+    def add_residual(self, x: torch.Tensor, residual: torch.Tensor, *, policy: KernelPolicy, plan: GemmPlan):
+        """-> (residual + x W^T + b, the rows' per-block sums of squares) from one skinny launch (runs_skinny must
+        hold): the block's end and what a FoldedNorm of the next GEMM needs."""
+        from kernels.skinny_gemm import skinny_gemm_residual
+
+        rows = x.numel() // self.in_features
+        total, sums = skinny_gemm_residual(x.reshape(rows, self.in_features), self.weight, self.bias,
+                                           residual.reshape(rows, self.out_features),
+                                           config=self.skinny_config(plan, rows), pdl=policy.pdl,
+                                           weights_ahead=policy.weights_ahead)
+        return total.view(residual.shape), sums
+
     def __call__(self, x: torch.Tensor, *, policy: KernelPolicy, plan: GemmPlan, act: str = "",
-                 act_fn=None) -> torch.Tensor:
+                 act_fn=None, norm=None) -> torch.Tensor:
         """x (..., K) -> (..., N); gated: act(x W_gate^T + b) * (x W_up^T + b) (..., I), `act` the kernels' name
-        ("" when they have none for the family: `act_fn` runs), `act_fn` transformers' activation module."""
+        ("" when they have none for the family: `act_fn` runs), `act_fn` transformers' activation module. norm: a
+        kernels.skinny_gemm.FoldedNorm of x, applied in the GEMM's prologue (runs_skinny must hold)."""
         lead = x.shape[:-1]
         rows = x.numel() // self.in_features
+        if norm is not None:
+            from kernels.skinny_gemm import skinny_gemm
+
+            y = skinny_gemm(x.reshape(rows, self.in_features), self.weight, self.bias, act=act if self.gated else "",
+                            config=self.skinny_config(plan, rows), pdl=policy.pdl,
+                            weights_ahead=policy.weights_ahead, norm=norm)
+            return y.view(*lead, self.out_features)
         # fp32 models keep cuBLAS on the GPU (the kernel's fp32 dot is not tensor-core work); "triton" forces it
         if policy.triton(x) and (x.dtype != torch.float32 or policy.mode == "triton") and (act or not self.gated):
             config = self.skinny_config(plan, rows)

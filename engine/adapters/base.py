@@ -183,6 +183,15 @@ class DecoderAdapter:
         (the caller then stores what project_qkv returns). The plain adapters cannot."""
         return None
 
+    def project_qkv_storing_from_hidden(self, layer: int, hidden: torch.Tensor, rope, positions: torch.Tensor,
+                                        k_cache: torch.Tensor, v_cache: torch.Tensor
+                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """attn_input then project_qkv_storing in one go, from the layer's input hidden (B, 1, hidden), where the
+        adapter need not materialise the normed input (its norm folded into the q/k/v GEMM); None: the caller runs
+        attn_input and the projection itself. Only for a caller that needs nothing but q, k, v (the normed input
+        is never returned). The plain adapters cannot."""
+        return None
+
     def kv_weight(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[W_k; W_v] (2 * Hkv * D, hidden) and its bias (or None): K/V recomputation runs X @ W^T as one GEMM over
         many tokens, then finish_k_ and RoPE. May be a fresh tensor: callers copy it into their own buffer."""

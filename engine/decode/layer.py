@@ -42,15 +42,19 @@ def attend_block(adapter: DecoderAdapter, layer: int, hidden: torch.Tensor, rope
     """hidden (B, 1, h) -> hidden after attention and the output projection. seq_lens (B,) int32: keys per sequence,
     the new token's included; rope: this layer's (cos, sin) at `positions`, or None."""
     spec = adapter.spec
-    x = adapter.attn_input(layer, hidden)
     # A GPU cache takes the new K/V from the RoPE launch itself where the adapter can (two scatter launches a layer
-    # fewer); every other source, and every other adapter, stores them through write_new.
+    # fewer), with the input norm folded into the q/k/v GEMM where the adapter left it there; every other source,
+    # and every other adapter, stores them through write_new, which also takes the normed input x.
     target = kv.store_target(layer)
-    stored = None if target is None else adapter.project_qkv_storing(layer, x, rope, positions, *target)
+    stored = None if target is None else adapter.project_qkv_storing_from_hidden(layer, hidden, rope, positions,
+                                                                                 *target)
     if stored is None:
-        q, k, v = adapter.project_qkv(layer, x, rope)
-        kv.write_new(layer, k, v, x, positions)
-    else:
+        x = adapter.attn_input(layer, hidden)
+        stored = None if target is None else adapter.project_qkv_storing(layer, x, rope, positions, *target)
+        if stored is None:
+            q, k, v = adapter.project_qkv(layer, x, rope)
+            kv.write_new(layer, k, v, x, positions)
+    if stored is not None:
         q, k, v = stored
     attn = attend(q[:, 0], kv.segments(layer, kv_len), seq_lens, scale=spec.attention_scale, window=spec.window(layer),
                   softcap=spec.attn_softcap)

@@ -16,6 +16,13 @@ another order (prefill's slices, the offload runtime's separately captured halve
 A CUDA graph captures the hand-over as the kernels that made it, in the order the step runs them. A caller must not
 modify a returned hidden state in place before passing it back. Under torch.compile nothing is handed over and the
 pieces are plain torch ops over the fused weights (inductor fuses them itself).
+
+With `fold_norm` (off by default; not yet measured on a GPU) the add + norm launches go too, where the GEMM plan runs
+both neighbouring GEMMs on the skinny kernel: o_proj and down add the residual in their epilogue and write each row's
+sums of squares per column block, and what they hand over is a kernels.skinny_gemm.FoldedNorm, which gate/up and the
+next layer's q/k/v apply in their prologue. The q/k/v side is taken only through `project_qkv_storing_from_hidden`
+(the decode layer's GPU-resident path, which needs nothing but q, k, v); `attn_input` norms the sum itself for every
+other caller, since they read the normed tensor (an offloaded layer's store keeps it for recomputation).
 """
 
 from __future__ import annotations
@@ -107,7 +114,7 @@ class FusedLlamaAdapter(DecoderAdapter):
     # -- per-layer pieces ----------------------------------------------------------------------------------------
     def attn_input(self, layer, hidden):
         normed = self._take("attn", layer, hidden)
-        if normed is None:
+        if normed is None or not isinstance(normed, torch.Tensor):  # a FoldedNorm: this caller needs the tensor
             normed = add_norm(self.policy, hidden, None, self.layers[layer].input_layernorm)[1]
         return normed
 
@@ -115,18 +122,33 @@ class FusedLlamaAdapter(DecoderAdapter):
         return self._project_qkv(layer, x, rope)
 
     def project_qkv_storing(self, layer, x, rope, positions, k_cache, v_cache):
-        if rope is None or x.dim() != 3 or x.shape[1] != 1 or not self.policy.triton(x) \
-                or k_cache.dtype != x.dtype or k_cache.device != x.device:
+        if not self._stores(x, rope, k_cache):
             return None
         batch = x.shape[0]
         return self._project_qkv(layer, x, rope, store=dict(k_cache=k_cache[:batch], v_cache=v_cache[:batch],
                                                              positions=positions))
 
-    def _project_qkv(self, layer, x, rope, store: dict | None = None):
-        """The fused q/k/v GEMM, then (Triton) one launch for the q/k norms, RoPE and, with `store`, the K/V cache
-        write; or the torch ops over the fused output."""
+    def project_qkv_storing_from_hidden(self, layer, hidden, rope, positions, k_cache, v_cache):
+        h = self._hand_over
+        folded = (h.kind == "attn" and h.layer == layer and h.hidden is hidden and h.normed is not None
+                  and not isinstance(h.normed, torch.Tensor))
+        if not folded or not self._stores(hidden, rope, k_cache) or torch.compiler.is_compiling():
+            return None  # the hand-over stays for attn_input
+        norm = self._take("attn", layer, hidden)
+        batch = hidden.shape[0]
+        return self._project_qkv(layer, hidden, rope, store=dict(k_cache=k_cache[:batch], v_cache=v_cache[:batch],
+                                                                  positions=positions), norm=norm)
+
+    def _stores(self, x, rope, k_cache) -> bool:
+        """Whether the RoPE launch can write this step's K/V into k_cache itself."""
+        return (rope is not None and x.dim() == 3 and x.shape[1] == 1 and self.policy.triton(x)
+                and k_cache.dtype == x.dtype and k_cache.device == x.device)
+
+    def _project_qkv(self, layer, x, rope, store: dict | None = None, norm=None):
+        """The fused q/k/v GEMM (norm: a FoldedNorm of x applied in its prologue), then (Triton) one launch for the
+        q/k norms, RoPE and, with `store`, the K/V cache write; or the torch ops over the fused output."""
         s, attn = self.spec, self.layers[layer].self_attn
-        qkv = self.qkv[layer](x, policy=self.policy, plan=self.plan)
+        qkv = self.qkv[layer](x, policy=self.policy, plan=self.plan, norm=norm)
         heads = qkv.unflatten(-1, (s.num_heads + 2 * s.num_kv_heads, s.head_dim))
         q, k, v = heads.split((s.num_heads, s.num_kv_heads, s.num_kv_heads), dim=-2)
         if self.policy.triton(qkv) and qkv.dim() == 3:
@@ -153,7 +175,7 @@ class FusedLlamaAdapter(DecoderAdapter):
         self.plain.finish_k_(layer, k)
 
     def attn_output(self, layer, attn, residual):
-        if self._folds_post_norm(layer, attn, residual):
+        if self._folds(self.o[layer], attn, residual, self.gate_up[layer], act=self.act):
             # the add in o_proj's epilogue, the norm left for gate/up's prologue: no norm launch of its own
             from kernels.skinny_gemm import FoldedNorm
 
@@ -166,14 +188,14 @@ class FusedLlamaAdapter(DecoderAdapter):
         self._give("mlp", layer, total, normed)
         return total
 
-    def _folds_post_norm(self, layer, attn, residual) -> bool:
-        """policy.fold_norm, and both GEMMs run the skinny kernel on these rows (else the norm kernel runs)."""
-        if not self.policy.fold_norm or attn.dtype != residual.dtype or residual.stride(-1) != 1 \
+    def _folds(self, producer: Projection, x, residual, consumer: Projection, act: str = "") -> bool:
+        """policy.fold_norm, and both GEMMs run the skinny kernel on these rows (else the norm kernel runs): the
+        producer adds `residual` to its output, the consumer norms that sum (it has the residual's shape)."""
+        if not self.policy.fold_norm or torch.compiler.is_compiling() or x.dtype != residual.dtype \
                 or not residual.is_contiguous():
             return False
-        normed_like = residual  # gate/up's input has the residual's shape and dtype
-        return (self.o[layer].runs_skinny(attn, policy=self.policy, plan=self.plan)
-                and self.gate_up[layer].runs_skinny(normed_like, policy=self.policy, plan=self.plan, act=self.act))
+        return (producer.runs_skinny(x, policy=self.policy, plan=self.plan)
+                and consumer.runs_skinny(residual, policy=self.policy, plan=self.plan, act=act))
 
     def mlp_block(self, layer, hidden):
         block = self.layers[layer]
@@ -185,6 +207,15 @@ class FusedLlamaAdapter(DecoderAdapter):
                 normed = add_norm(self.policy, hidden, None, block.post_attention_layernorm)[1]
             act = self.gate_up[layer](normed, policy=self.policy, plan=self.plan, act=self.act,
                                       act_fn=self._act_fn(block.mlp))
+        if layer + 1 < self.spec.num_layers and self._folds(self.down[layer], act, hidden, self.qkv[layer + 1]):
+            # the add in down's epilogue, the next layer's input norm left for its q/k/v GEMM (taken by
+            # project_qkv_storing_from_hidden; attn_input norms the sum itself for any other caller)
+            from kernels.skinny_gemm import FoldedNorm
+
+            norm = self.layers[layer + 1].input_layernorm
+            total, sums = self.down[layer].add_residual(act, hidden, policy=self.policy, plan=self.plan)
+            self._give("attn", layer + 1, total, FoldedNorm(sums, norm.weight, eps=norm_eps(norm)))
+            return total
         down = self.down[layer](act, policy=self.policy, plan=self.plan)
         if layer + 1 == self.spec.num_layers:
             return hidden + down

@@ -73,7 +73,9 @@ class Projection:
         return plan.config(rows, self.out_features, self.in_features, gated=self.gated, device=self.weight.device)
 
     def runs_skinny(self, x: torch.Tensor, *, policy: KernelPolicy, plan: GemmPlan, act: str = "") -> bool:
-        """Whether a call on x runs the skinny kernel (what a folded norm needs on both sides)."""
+        """Whether a call on x runs the skinny kernel (what a folded norm needs on both sides): Triton kernels, the
+        plan's pick for these rows, and not fp32 on a GPU (the kernel's fp32 dot is not tensor-core work; mode
+        "triton" forces it), nor a gated projection without the kernels' activation."""
         rows = x.numel() // self.in_features
         return (policy.triton(x) and (x.dtype != torch.float32 or policy.mode == "triton")
                 and (bool(act) or not self.gated) and 1 <= rows <= 64 and self.skinny_config(plan, rows) is not None)
@@ -97,23 +99,13 @@ class Projection:
         kernels.skinny_gemm.FoldedNorm of x, applied in the GEMM's prologue (runs_skinny must hold)."""
         lead = x.shape[:-1]
         rows = x.numel() // self.in_features
-        if norm is not None:
+        if norm is not None or self.runs_skinny(x, policy=policy, plan=plan, act=act):
             from kernels.skinny_gemm import skinny_gemm
 
             y = skinny_gemm(x.reshape(rows, self.in_features), self.weight, self.bias, act=act if self.gated else "",
                             config=self.skinny_config(plan, rows), pdl=policy.pdl,
                             weights_ahead=policy.weights_ahead, norm=norm)
             return y.view(*lead, self.out_features)
-        # fp32 models keep cuBLAS on the GPU (the kernel's fp32 dot is not tensor-core work); "triton" forces it
-        if policy.triton(x) and (x.dtype != torch.float32 or policy.mode == "triton") and (act or not self.gated):
-            config = self.skinny_config(plan, rows)
-            if config is not None:
-                from kernels.skinny_gemm import skinny_gemm
-
-                y = skinny_gemm(x.reshape(rows, self.in_features), self.weight, self.bias,
-                                act=act if self.gated else "", config=config, pdl=policy.pdl,
-                                weights_ahead=policy.weights_ahead)
-                return y.view(*lead, self.out_features)
         y = F.linear(x, self.weight, self.bias)
         if not self.gated:
             return y

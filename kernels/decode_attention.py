@@ -67,11 +67,13 @@ _LOG2E = math.log2(math.e)
 def plan_segments(segments: Sequence[KVSegment], *, window: int | None = None,
                   config: DecodeAttentionConfig = DecodeAttentionConfig(), num_sms: int | None = None,
                   interpret: bool | None = None,
-                  tuning: TuningTable | Literal["device"] | None = "device") -> tuple[LaunchPlan, ...]:
+                  tuning: TuningTable | Literal["device"] | None = "device",
+                  shared_memory_bytes: int | None = None) -> tuple[LaunchPlan, ...]:
     """One plan per segment that holds slots, in order (`segment` is its index): how decode_attention_segments
     launches them. Pure Python over shapes and strides (no device work, no sync). `num_sms` None: the segments'
     device's; `interpret` None: whether this process runs the Triton interpreter; `tuning`: the measured table
-    ("device": the one written for this device, if any; None: the rules only)."""
+    ("device": the one written for this device, if any; None: the rules only); `shared_memory_bytes` None: what one
+    program may take on the segments' device (`shared_memory_per_block`)."""
     if not segments:
         raise ValueError("decode attention needs at least one K/V segment")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
@@ -94,7 +96,7 @@ def plan_segments(segments: Sequence[KVSegment], *, window: int | None = None,
         plan = choose_launch(batch, num_kv_heads, keys, head_dim, num_sms, config,
                              element_bytes=seg.k.element_size(), interpret=interpret,
                              prefetch_refused=prefetch_refusal(seg.k, seg.v), tuned=tuned,
-                             shared_memory_bytes=shared_memory_per_block(device))
+                             shared_memory_bytes=shared_memory_bytes or shared_memory_per_block(device))
         plans.append(dataclasses.replace(plan, segment=index, why=f"{where}): {plan.why}"))
     if not plans:
         raise ValueError("every K/V segment is empty: decode attention has no key to read")

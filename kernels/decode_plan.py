@@ -205,7 +205,8 @@ class Variant:
 
 def variant_grid(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, num_sms: int, *,
                  element_bytes: int = 2, base: DecodeAttentionConfig = DecodeAttentionConfig(),
-                 interpret: bool = False, shallow_tiles: tuple[int, ...] = ()) -> tuple[Variant, ...]:
+                 interpret: bool = False, shallow_tiles: tuple[int, ...] = (),
+                 shared_memory_bytes: int = HOPPER_SHARED_MEMORY_BYTES) -> tuple[Variant, ...]:
     """Every pipeline depth (1, 2, 3 stages) x prefetch (off, on 1 tile ahead, on 2 tiles ahead) for one shape, the
     splits and tiles as `base` plans them: 9 variants (prefetch off has no distance). For benches.
 
@@ -219,7 +220,8 @@ def variant_grid(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
             config = dataclasses.replace(base, num_stages=num_stages, prefetch=prefetch, prefetch_distance=distance,
                                          **({"block_n": tile} if tile is not None else {}))
             plan = choose_launch(batch, num_kv_heads, max_seq_len, head_dim, num_sms, config,
-                                 element_bytes=element_bytes, interpret=interpret)
+                                 element_bytes=element_bytes, interpret=interpret,
+                                 shared_memory_bytes=shared_memory_bytes)
             name = (f"stages={num_stages}{'' if tile is None else f' tile={tile}'} "
                     f"prefetch={'off' if prefetch == 'off' else f'd{distance}'}")
             variants.append(Variant(name=name, config=config, plan=plan))

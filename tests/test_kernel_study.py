@@ -227,3 +227,18 @@ def test_the_gpu_path_runs_end_to_end_on_cpu_stand_ins(monkeypatch, tmp_path):
     assert [rows[n].l2_hit_pct for n in ("stages=1 prefetch=off", AUTO, PEER)] == [30.0, 42.0, 50.0]
     assert "auto:" in rows[AUTO].plan and rows[PEER].rel_err < 1e-2
     assert "partition" in result.l2_label and fake.enabled == 0 and len(calls) == 3
+
+
+def test_the_ab_views_plans_fit_the_devices_shared_memory(monkeypatch):
+    """On a GPU with less shared memory per program than Hopper (an L4: 99 KiB), every variant and auto are planned
+    to fit it, so each row launches rather than failing with out-of-resources."""
+    import kernels.decode_attention as kda
+    from engine.lab.kernel_study import KernelStudy, StudyShape
+
+    monkeypatch.setattr(kda, "shared_memory_per_block", lambda device: 99 * 1024)
+    plans = KernelStudy("cpu").plans(StudyShape(1, 32, 8, 32768, 128))
+    assert plans and all(p.shared_memory_bytes <= 99 * 1024 for p in plans.values()), \
+        {n: p.shared_memory_bytes for n, p in plans.items()}
+    monkeypatch.undo()
+    hopper = KernelStudy("cpu").plans(StudyShape(1, 32, 8, 32768, 128))
+    assert any(p.shared_memory_bytes > 99 * 1024 for p in hopper.values())  # the same shape takes more on Hopper

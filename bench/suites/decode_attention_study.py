@@ -165,7 +165,8 @@ def study(shapes: Sequence[tuple[int, int, int, int]] = SHAPES, *, head_dim: int
         cls = shape_class(batch * num_kv_heads, seq_len, head_dim, dtype_name(dtype))
         kv_bytes, sets, ref = inputs(shape)
         for variant in kda.variant_grid(batch, num_kv_heads, seq_len, head_dim, num_sms, element_bytes=element_bytes,
-                                        interpret=interpret, shallow_tiles=shallow_tiles):
+                                        interpret=interpret, shallow_tiles=shallow_tiles,
+                                        shared_memory_bytes=kda.shared_memory_per_block(device)):
             plan, config = variant.plan, variant.config
             extra = {"shape": list(shape), "shape_class": cls, "variant": variant.name, "num_stages": config.num_stages,
                      "tile": config.block_n,

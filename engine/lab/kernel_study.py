@@ -240,13 +240,15 @@ class KernelStudy:
 
         if num_sms is None:
             num_sms = kda.sm_count(self.device) if self.device.type == "cuda" else PLANNING_SMS
+        # what one program may take here (less than Hopper's on an A100 or an L4): plans that launch on this GPU
+        smem = kda.shared_memory_per_block(self.device)
         plans = {v.name: v.plan for v in variant_grid(shape.batch, shape.num_kv_heads, shape.seq_len, shape.head_dim,
-                                                      num_sms)}
+                                                      num_sms, shared_memory_bytes=smem)}
         # Shapes only: meta tensors of the cache's layout stand in for K and V.
         k = torch.empty((shape.batch, shape.num_kv_heads, shape.seq_len, shape.head_dim), dtype=torch.bfloat16,
                         device="meta")
         auto, = kda.plan_segments([KVSegment(k, k, 0)], config=DecodeAttentionConfig(), num_sms=num_sms,
-                                  interpret=False, tuning=device_table(self.device))
+                                  interpret=False, tuning=device_table(self.device), shared_memory_bytes=smem)
         plans[AUTO] = auto
         if self.device.type == "cuda" and (refusal := capability_refusal(torch.cuda.get_device_capability(self.device))):
             # the kernel drops a prefetch this GPU cannot issue: say so in the rows that asked for one

@@ -343,3 +343,27 @@ def test_folded_norms_give_the_fused_adapters_tokens(models, name):
     assert residual_launches == (steps + 1) * (2 * layers - 1)
     assert normed_launches == steps * (2 * layers - 1) + layers
     assert not any(r or n for r, n in calls[False])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("offload", [dict(placement="cpu", split=0.5), dict(placement="cpu", split=0.0),
+                                     dict(placement="hybrid")], ids=["cpu-split0.5", "cpu-split0", "hybrid"])
+def test_folded_norms_keep_the_tokens_of_every_placement(models, profile_cache, offload):
+    """The offload runtime, its recomputation (which stores the normed input of each layer) and a hybrid cache whose
+    sequences cross from resident slots to offloaded ones: with the folds they give the fused adapter's tokens."""
+    from engine.settings import OffloadSettings
+
+    model = models["tiny-llama"]
+    if offload["placement"] == "hybrid":  # 6 slots per sequence resident, the rest offloaded
+        offload = dict(offload, gpu_kv_budget_gib=2 * 6 * model.spec.kv_bytes_per_token / 2**30)
+    prompts = [[5, 9, 13, 2, 7, 11, 4], [3, 4, 8]]
+    settings = GenerationSettings(max_new_tokens=5, ignore_eos=True, cuda_graph=False,
+                                  offload=OffloadSettings(**offload))
+    runs = {}
+    for fold in (False, True):
+        fast = fuse(model.adapter, kernels="triton", fold_norm=fold)
+        fast.plan = GemmPlan(device="test")
+        runs[fold] = Generator(dataclasses.replace(model, adapter=fast)).generate(prompts, settings, keep_logits=True)
+    assert runs[True].token_ids == runs[False].token_ids
+    for a, b in zip(runs[True].logits, runs[False].logits):
+        assert rel_err(a, b) <= 1e-5

@@ -39,12 +39,13 @@ from engine.fast.weights import fuse_linears
 
 
 class _HandOver(threading.local):
-    """The normed activations one call leaves for the next: for (kind, layer) and the `hidden` tensor itself."""
+    """The normed activations one call leaves for the next, or with fold_norm the kernels.skinny_gemm.FoldedNorm the
+    next GEMM applies itself: for (kind, layer) and the `hidden` tensor itself."""
 
     kind: str | None = None
     layer: int = -1
     hidden: torch.Tensor | None = None
-    normed: torch.Tensor | None = None
+    normed: object = None  # torch.Tensor | FoldedNorm | None
 
 
 class FusedLlamaAdapter(DecoderAdapter):

@@ -245,11 +245,18 @@ def _device_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def device_refusal(device: torch.device | str) -> str | None:
+    """`capability_refusal` of a CUDA device (cached per device); None for any other device (the interpreter gates
+    the inline PTX itself)."""
+    device = torch.device(device)
+    return capability_refusal(_device_capability(device)) if device.type == "cuda" else None
+
+
 def prefetch_refusal(k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why a bulk L2 prefetch cannot read this segment's key rows (None: it can): it needs a GPU of sm_90 or newer
-    (`capability_refusal`; CPU tensors are left to the interpreter's own gate) and one contiguous, 16-byte aligned run
-    of rows. Reads only the device's capability, shapes, strides and addresses."""
-    if k.is_cuda and (why := capability_refusal(_device_capability(k.device))) is not None:
+    (`device_refusal`) and one contiguous, 16-byte aligned run of rows. Reads only the device's capability, shapes,
+    strides and addresses."""
+    if (why := device_refusal(k.device)) is not None:
         return why
     head_dim, element_bytes = k.shape[3], k.element_size()
     for name, t in (("key", k), ("value", v)):

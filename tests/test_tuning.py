@@ -276,6 +276,7 @@ def test_bulk_prefetch_is_refused_below_sm_90_with_the_reason(monkeypatch):
         assert why is not None and f"sm_{cap[0]}{cap[1]}" in why and "sm_90" in why
     assert capability_refusal((9, 0)) is None and capability_refusal((10, 0)) is None
     assert capability_refusal((12, 0)) is None
+    assert decode_plan.device_refusal("cpu") is None and decode_plan.device_refusal(torch.device("meta")) is None
 
     class FakeCudaKV:  # what prefetch_refusal reads of a CUDA tensor: contiguous, aligned rows
         is_cuda, shape, device = True, (1, 8, 4096, 128), "cuda:7"

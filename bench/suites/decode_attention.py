@@ -261,9 +261,9 @@ def run(args) -> SuiteResult:
                      "num_sms": num_sms, "shapes": {}}
     from bench.peers.flashinfer_decode import flashinfer_version
 
-    from kernels.decode_plan import capability_refusal
+    from kernels.decode_plan import device_refusal
 
-    if (no_prefetch := capability_refusal(torch.cuda.get_device_capability(0))) is not None:
+    if (no_prefetch := device_refusal("cuda")) is not None:
         notes.append(f"the 'prefetch on' rows run without it: {no_prefetch}")
     fi_version = flashinfer_version()
     details["flashinfer"] = fi_version

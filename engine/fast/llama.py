@@ -133,7 +133,7 @@ class FusedLlamaAdapter(DecoderAdapter):
         h = self._hand_over
         folded = (h.kind == "attn" and h.layer == layer and h.hidden is hidden and h.normed is not None
                   and not isinstance(h.normed, torch.Tensor))
-        if not folded or not self._stores(hidden, rope, k_cache) or torch.compiler.is_compiling():
+        if not folded or not self._stores(hidden, rope, k_cache):  # (_stores is False under torch.compile)
             return None  # the hand-over stays for attn_input
         norm = self._take("attn", layer, hidden)
         batch = hidden.shape[0]
@@ -192,9 +192,8 @@ class FusedLlamaAdapter(DecoderAdapter):
     def _folds(self, producer: Projection, x, residual, consumer: Projection, act: str = "") -> bool:
         """policy.fold_norm, and both GEMMs run the skinny kernel on these rows (else the norm kernel runs): the
         producer adds `residual` to its output, the consumer norms that sum (it has the residual's shape)."""
-        if not self.policy.fold_norm or torch.compiler.is_compiling() or x.dtype != residual.dtype \
-                or not residual.is_contiguous():
-            return False
+        if not self.policy.fold_norm or x.dtype != residual.dtype or not residual.is_contiguous():
+            return False  # (runs_skinny is False under torch.compile: no Triton launches there)
         return (producer.runs_skinny(x, policy=self.policy, plan=self.plan)
                 and consumer.runs_skinny(residual, policy=self.policy, plan=self.plan, act=act))
 

@@ -33,7 +33,7 @@ import torch
 
 from engine.errors import InvalidSettingsError
 from kernels.config import MAX_HEAD_DIM, DecodeAttentionConfig
-from kernels.decode_plan import LaunchPlan, capability_refusal, variant_grid
+from kernels.decode_plan import LaunchPlan, device_refusal, variant_grid
 from kernels.segments import KVSegment
 from kernels.tuning import device_table
 
@@ -250,7 +250,7 @@ class KernelStudy:
         auto, = kda.plan_segments([KVSegment(k, k, 0)], config=DecodeAttentionConfig(), num_sms=num_sms,
                                   interpret=False, tuning=device_table(self.device), shared_memory_bytes=smem)
         plans[AUTO] = auto
-        if self.device.type == "cuda" and (refusal := capability_refusal(torch.cuda.get_device_capability(self.device))):
+        if (refusal := device_refusal(self.device)) is not None:
             # the kernel drops a prefetch this GPU cannot issue: say so in the rows that asked for one
             plans = {name: replace(plan, prefetch=False, why=f"{plan.why}; {refusal}: runs without it")
                      if plan.prefetch else plan for name, plan in plans.items()}

@@ -16,10 +16,15 @@ Rounding: fp32 accumulation, one rounding of acc + bias, as cuBLAS; the gated ep
 transformers' two separate projections do.
 
 `weights_ahead` (with PDL only): each program first asks L2 for its first weight tiles, before it waits for the
-previous kernel, since the weight is not that kernel's output. Measured on an H200 (bench/results/decode_weights_ahead.md,
-2026-12-01) it slowed every decode case, more the deeper (B8 P2048: 5.96 ms with PDL alone, 6.12 / 6.37 / 6.83 at 2 /
-4 / 8 tiles), so it stays off: a program becomes resident as soon as its predecessor's last program has started, up to
-a whole GEMM early, and the predecessor's stream evicts much of what it asked for.
+previous kernel, since the weight is not that kernel's output. Measured on an H200
+(bench/results/decode_weights_ahead.md, 2026-12-01) it slowed every decode case, more the deeper (B8 P2048: 5.96 ms
+with PDL alone, 6.12 / 6.37 / 6.83 at 2 / 4 / 8 tiles), so it stays off: a program becomes resident as soon as its
+predecessor's last program has started, up to a whole GEMM early, and the predecessor's stream likely evicts much of
+what it asked for (not yet measured).
+
+`skinny_gemm_residual` and `FoldedNorm` (engine/fast fold_norm; not yet run on a GPU): a block's residual add in the
+epilogue of the GEMM before it, with each row's sum of squares per column block, and the following RMSNorm in the
+prologue of the GEMM after it, so the add + norm needs no launch of its own.
 """
 
 from __future__ import annotations
@@ -269,7 +274,8 @@ def skinny_gemm_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 def _launch(x, weight, bias, *, act: str, config: SkinnyConfig | None, pdl: bool, weights_ahead: int,
             residual: torch.Tensor | None = None, norm: FoldedNorm | None = None):
-    assert isinstance(weights_ahead, int) and weights_ahead >= 0, f"weights_ahead must be an int >= 0, got {weights_ahead!r}"
+    assert isinstance(weights_ahead, int) and weights_ahead >= 0, \
+        f"weights_ahead must be an int >= 0, got {weights_ahead!r}"
     assert x.dim() == 2 and weight.dim() == 2, (x.shape, weight.shape)
     num_rows, in_features = x.shape
     assert 1 <= num_rows <= MAX_ROWS, f"skinny_gemm takes 1..{MAX_ROWS} rows, got {num_rows}"

@@ -28,8 +28,9 @@ class KernelPolicy:
     pdl: bool = False
     # with PDL: weight tiles each skinny-GEMM program prefetches into L2 before it waits for the previous kernel
     weights_ahead: int = 0
-    # the post-attention residual add in the o_proj GEMM's epilogue and its RMSNorm in the gate/up GEMM's prologue
-    # (kernels/skinny_gemm.py FoldedNorm): one launch a layer fewer where both GEMMs run the skinny kernel
+    # each residual add in the epilogue of the GEMM before it (o_proj, down) and its RMSNorm in the prologue of the
+    # GEMM after it (gate/up, the next q/k/v; kernels/skinny_gemm.py FoldedNorm): up to two launches a layer fewer,
+    # where both GEMMs run the skinny kernel (engine/fast/llama.py)
     fold_norm: bool = False
 
     def __post_init__(self) -> None:

@@ -87,12 +87,16 @@ class FusedLlamaAdapter(DecoderAdapter):
         return mlp.act_fn
 
     # -- the hand-over between calls ---------------------------------------------------------------------------
+    def _peek(self, kind: str, layer: int, hidden: torch.Tensor):
+        """What the hand-over holds for (kind, layer) and this very `hidden`, left in place; None if it is another's."""
+        h = self._hand_over
+        return h.normed if h.kind == kind and h.layer == layer and h.hidden is hidden else None
+
     def _take(self, kind: str, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
         if torch.compiler.is_compiling():
             return None
+        normed = self._peek(kind, layer, hidden)
         h = self._hand_over
-        hit = h.kind == kind and h.layer == layer and h.hidden is hidden
-        normed = h.normed if hit else None
         h.kind, h.hidden, h.normed = None, None, None
         return normed
 
@@ -130,9 +134,8 @@ class FusedLlamaAdapter(DecoderAdapter):
                                                              positions=positions))
 
     def project_qkv_storing_from_hidden(self, layer, hidden, rope, positions, k_cache, v_cache):
-        h = self._hand_over
-        folded = (h.kind == "attn" and h.layer == layer and h.hidden is hidden and h.normed is not None
-                  and not isinstance(h.normed, torch.Tensor))
+        handed = self._peek("attn", layer, hidden)
+        folded = handed is not None and not isinstance(handed, torch.Tensor)  # a FoldedNorm from mlp_block
         if not folded or not self._stores(hidden, rope, k_cache):  # (_stores is False under torch.compile)
             return None  # the hand-over stays for attn_input
         norm = self._take("attn", layer, hidden)

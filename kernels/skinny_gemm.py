@@ -22,9 +22,15 @@ with PDL alone, 6.12 / 6.37 / 6.83 at 2 / 4 / 8 tiles), so it stays off: a progr
 predecessor's last program has started, up to a whole GEMM early, and the predecessor's stream likely evicts much of
 what it asked for (not yet measured).
 
-`skinny_gemm_residual` and `FoldedNorm` (engine/fast fold_norm; not yet run on a GPU): a block's residual add in the
-epilogue of the GEMM before it, with each row's sum of squares per column block, and the following RMSNorm in the
-prologue of the GEMM after it, so the add + norm needs no launch of its own.
+`skinny_gemm_residual` and `FoldedNorm` (engine/fast fold_norm): a block's residual add in the epilogue of the GEMM
+before it, and the following RMSNorm split across both GEMMs, so the add + norm needs no launch of its own. The
+epilogue also writes h * w (the sum h scaled by the norm's weight, rounded once) and each row's sum of squares of h
+per column block; the GEMM after it multiplies h * w by its weight like any input and scales each row of the result
+by rstd in its epilogue, since rms_norm(h) W^T = rstd (h * w) W^T. Its main loop is the plain kernel's. A first
+version normed every x tile in the main loop (rstd from the sums before the loop): measured on an H200
+(bench/results/decode_fold_norm.md, 2026-12-02) it made q/k/v and gate/up 0.6 ms a step slower, more than the norm
+launches it saved; the norm weight's and x's loads there feed elementwise math, not the dot, so the software pipeline
+does not run them ahead and each K tile waits for an L2 round trip.
 """
 
 from __future__ import annotations
@@ -75,13 +81,13 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, 
                         ACT: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
-                        AHEAD_TILES: tl.constexpr, res_ptr, stride_rm, ssq_ptr, ssq_cols, nw_ptr, eps,
+                        AHEAD_TILES: tl.constexpr, res_ptr, stride_rm, ssq_ptr, ssq_cols, nw_ptr, scaled_ptr, eps,
                         RESIDUAL: tl.constexpr, NORM_IN: tl.constexpr, UNIT_OFFSET: tl.constexpr,
                         BLOCK_SSQ: tl.constexpr):
-    # RESIDUAL: y = dtype(residual + dtype(x W^T + b)), and each row's sum of squares of y over this program's
-    # BLOCK_N columns into ssq (M, ssq_cols) fp32 at column pid_n. NORM_IN: x is the un-normed residual stream and
-    # ssq (M, ssq_cols) the producing GEMM's partial sums of its squares; the prologue turns them into each row's
-    # rstd and every x tile is RMS-normed by norm weight nw (kernels/rms_norm.py's rounding) before its dot.
+    # RESIDUAL: y = dtype(residual + dtype(x W^T + b)); each row's sum of squares of y over this program's BLOCK_N
+    # columns into ssq (M, ssq_cols) fp32 at column pid_n; and scaled = dtype(y * nw) (Gemma: y * (1 + nw)), (M, N),
+    # for the next GEMM. NORM_IN: x is such a `scaled` and ssq (M, ssq_cols) its sums of squares: the epilogue
+    # multiplies each row's x W^T by rstd = 1 / sqrt(mean(y^2) + eps) before the bias.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -102,12 +108,10 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, 
             prefetch_l2_each(rows + up_offset, ahead_bytes)
     _pdl.enter(PDL)  # before any load or store: x is the previous kernel's output
     if NORM_IN:
-        # rstd per row from the partial sums, summed in one fixed order (deterministic run to run; the one-pass norm
-        # kernel sums the row in another order, so rstd may differ from it in its last fp32 bit)
+        # issued here, used after the main loop: the L2 round trip overlaps the weight stream
         offs_s = tl.arange(0, BLOCK_SSQ)
         parts_ssq = tl.load(ssq_ptr + offs_m[:, None] * ssq_cols + offs_s[None, :],
                             mask=m_ok[:, None] & (offs_s < ssq_cols)[None, :], other=0.0)
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(parts_ssq, axis=1) / K + eps)
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k)[None, :]
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -121,14 +125,6 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, 
             x_mask, w_mask = m_ok[:, None] & k_ok[None, :], n_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptrs, mask=x_mask, other=0.0)
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        if NORM_IN:
-            norm_w = tl.load(nw_ptr + k + offs_k, mask=(k + offs_k) < k_end, other=0.0).to(tl.float32)
-            x_dtype = x_ptr.dtype.element_ty
-            scaled = x.to(tl.float32) * rstd[:, None]
-            if UNIT_OFFSET:  # Gemma: one rounding, after the (1 + w) scale
-                x = round_to(scaled * (1.0 + norm_w[None, :]), x_dtype)
-            else:  # Llama: round the normed row, then scale by w and round again
-                x = round_to(round_to(scaled, x_dtype).to(tl.float32) * norm_w[None, :], x_dtype)
         if DOT_FP32:  # fp32 models (no tf32), and the interpreter, whose dot multiplies bf16's raw bits
             x = x.to(tl.float32)
         acc = _dot(x, w, acc, DOT_FP32)
@@ -160,6 +156,13 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, 
             tl.store(ticket_ptr + pid_n, 0)  # ready for the next launch
     if last:
         dtype = y_ptr.dtype.element_ty
+        if NORM_IN:
+            # rstd per row from the partial sums, summed in one fixed order (deterministic run to run; the one-pass
+            # norm kernel sums the row in another order, so rstd may differ from it in its last fp32 bit)
+            rstd = 1.0 / tl.sqrt_rn(tl.sum(parts_ssq, axis=1) / K + eps)
+            acc = acc * rstd[:, None]
+            if GATED:
+                acc_up = acc_up * rstd[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if GATED:
@@ -175,6 +178,11 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, M, 
             tl.store(y_ptrs, total, mask=out_mask)
             squares = tl.where(out_mask, total.to(tl.float32) * total.to(tl.float32), 0.0)
             tl.store(ssq_ptr + offs_m * ssq_cols + pid_n, tl.sum(squares, axis=1), mask=m_ok)
+            norm_w = tl.load(nw_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            if UNIT_OFFSET:
+                norm_w += 1.0
+            scaled = round_to(total.to(tl.float32) * norm_w[None, :], dtype)  # one rounding of h * w
+            tl.store(scaled_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], scaled, mask=out_mask)
         else:
             tl.store(y_ptrs, round_to(acc, dtype), mask=out_mask)
 
@@ -240,13 +248,13 @@ def weights_ahead_refusal(weight: torch.Tensor, tiles: int, *, pdl: bool) -> str
 
 @dataclass(frozen=True)
 class FoldedNorm:
-    """An RMSNorm left for the next GEMM to apply to its input rows: the per-block sums of squares (M, blocks) fp32
-    that `skinny_gemm_residual` wrote for them, the norm's weight (K,), eps, and Gemma's (1 + w) scale."""
+    """An RMSNorm of rows h (M, K) left for the next GEMM, as `skinny_gemm_residual` wrote it: scaled = h * w rounded
+    to h's dtype (Gemma: h * (1 + w)), which that GEMM takes as its x, and h's sums of squares per column block
+    (M, blocks) fp32, from which its epilogue scales each row by rstd."""
 
+    scaled: torch.Tensor
     sum_squares: torch.Tensor
-    weight: torch.Tensor
     eps: float
-    unit_offset: bool = False
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, act: str = "",
@@ -256,24 +264,29 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     [gate; up] (2 I, K) (bias (2 I,)) and the result is act(x W_gate^T + b_gate) * (x W_up^T + b_up), (M, I).
     pdl: launch with programmatic dependent launch where the device allows (kernels/pdl.py). weights_ahead: with
     PDL, each program first prefetches this many of its weight tiles into L2, before it waits for the previous
-    kernel (`weights_ahead_refusal` says when it cannot); the result is the same either way. norm: x is the residual
-    stream that `skinny_gemm_residual` wrote, and the GEMM computes rms_norm(x) @ W^T, normalising each x tile as
-    it loads it (kernels/rms_norm.py's rounding; rstd from the partial sums, which may differ from a one-pass norm
-    in its last fp32 bit)."""
+    kernel (`weights_ahead_refusal` says when it cannot); the result is the same either way. norm: x is
+    `norm.scaled`, and the GEMM computes rms_norm(h) @ W^T as rstd * (x W^T) (+ bias, act), rstd from the sums of
+    squares. Against the norm kernel followed by the GEMM, the GEMM's input is rounded once (h * w) where that path
+    rounds twice (h * rstd, then * w), and rstd is summed in another order."""
     return _launch(x, weight, bias, act=act, config=config, pdl=pdl, weights_ahead=weights_ahead, norm=norm)[0]
 
 
 def skinny_gemm_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, *,
+                         norm_weight: torch.Tensor, eps: float, unit_offset: bool = False,
                          config: SkinnyConfig | None = None, pdl: bool = False,
-                         weights_ahead: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (residual + x W^T (+ b), each rounded as the model's separate projection and add are, (M, N); the rows'
-    sums of squares per column block, (M, N / BLOCK_N) fp32): the residual add of a block's end in the GEMM's
-    epilogue, and what a `FoldedNorm` of the next GEMM needs to RMS-norm the sum without a kernel of its own."""
-    return _launch(x, weight, bias, act="", config=config, pdl=pdl, weights_ahead=weights_ahead, residual=residual)
+                         weights_ahead: int = 0) -> tuple[torch.Tensor, FoldedNorm]:
+    """-> (h = residual + x W^T (+ b), each rounded as the model's separate projection and add are, (M, N); the
+    FoldedNorm of RMSNorm(norm_weight, eps) over h): the residual add of a block's end in the GEMM's epilogue, and
+    what the next GEMM needs to take rms_norm(h) as its input without a norm kernel of its own."""
+    assert norm_weight.shape == (weight.shape[0],) and norm_weight.stride(0) == 1 and norm_weight.dtype == x.dtype, \
+        (norm_weight.shape, norm_weight.dtype, weight.shape)
+    total, ssq, scaled = _launch(x, weight, bias, act="", config=config, pdl=pdl, weights_ahead=weights_ahead,
+                                 residual=residual, residual_norm=(norm_weight, unit_offset))
+    return total, FoldedNorm(scaled, ssq, eps=float(eps))
 
 
 def _launch(x, weight, bias, *, act: str, config: SkinnyConfig | None, pdl: bool, weights_ahead: int,
-            residual: torch.Tensor | None = None, norm: FoldedNorm | None = None):
+            residual: torch.Tensor | None = None, residual_norm: tuple | None = None, norm: FoldedNorm | None = None):
     assert isinstance(weights_ahead, int) and weights_ahead >= 0, \
         f"weights_ahead must be an int >= 0, got {weights_ahead!r}"
     assert x.dim() == 2 and weight.dim() == 2, (x.shape, weight.shape)
@@ -295,20 +308,22 @@ def _launch(x, weight, bias, *, act: str, config: SkinnyConfig | None, pdl: bool
     y = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
     col_blocks = triton.cdiv(out_features, config.block_n)
     assert col_blocks <= TICKETS, f"{out_features} columns need {col_blocks} blocks of {config.block_n} (> {TICKETS})"
-    ssq, ssq_cols, norm_weight, eps = y, 0, y, 0.0
+    ssq, ssq_cols, norm_weight, scaled, eps, unit_offset = y, 0, y, None, 0.0, False
     if residual is not None:
         assert residual.shape == y.shape and residual.dtype == x.dtype and residual.device == x.device \
             and residual.stride(1) == 1, (residual.shape, residual.dtype, residual.stride(), y.shape)
         ssq = torch.empty(num_rows, col_blocks, dtype=torch.float32, device=x.device)
+        scaled = torch.empty_like(y)
         ssq_cols = col_blocks
+        norm_weight, unit_offset = residual_norm
     if norm is not None:
         assert residual is None, "a GEMM takes a folded norm on its input or makes one for its output, not both"
         sums = norm.sum_squares
         assert sums.dim() == 2 and sums.shape[0] == num_rows and sums.dtype == torch.float32 and sums.is_contiguous() \
             and sums.device == x.device, (sums.shape, sums.dtype, x.shape)
-        assert norm.weight.shape == (in_features,) and norm.weight.stride(0) == 1 and norm.weight.dtype == x.dtype, \
-            (norm.weight.shape, norm.weight.dtype, in_features)
-        ssq, ssq_cols, norm_weight, eps = sums, sums.shape[1], norm.weight, float(norm.eps)
+        assert x.shape == norm.scaled.shape, f"x is the folded norm's scaled rows: {tuple(x.shape)} vs " \
+            f"{tuple(norm.scaled.shape)}"
+        ssq, ssq_cols, eps = sums, sums.shape[1], float(norm.eps)
     # K per split: whole BLOCK_K tiles, so only the last split's last tile is ragged.
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(in_features, k_per_split)
@@ -326,11 +341,11 @@ def _launch(x, weight, bias, *, act: str, config: SkinnyConfig | None, pdl: bool
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_FP32=x.dtype == torch.float32 or _interpreting(), PDL=pdl, AHEAD_TILES=ahead,
         res_ptr=y if residual is None else residual, stride_rm=0 if residual is None else residual.stride(0),
-        ssq_ptr=ssq, ssq_cols=ssq_cols, nw_ptr=norm_weight, eps=eps, RESIDUAL=residual is not None,
-        NORM_IN=norm is not None, UNIT_OFFSET=norm is not None and norm.unit_offset,
+        ssq_ptr=ssq, ssq_cols=ssq_cols, nw_ptr=norm_weight, scaled_ptr=y if scaled is None else scaled, eps=eps,
+        RESIDUAL=residual is not None, NORM_IN=norm is not None, UNIT_OFFSET=unit_offset,
         BLOCK_SSQ=triton.next_power_of_2(max(1, ssq_cols)) if norm is not None else 1,
         num_warps=config.num_warps, num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}))
-    return y, ssq
+    return y, ssq, scaled
 
 
 def skinny_gemm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

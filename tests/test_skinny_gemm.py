@@ -175,48 +175,62 @@ def test_residual_epilogue_is_the_models_add_and_its_sums_of_squares_are_the_row
     from kernels.skinny_gemm import skinny_gemm_residual
 
     x, w, b = _problem(rows, out_features, in_features, dtype, bias=True, seed=rows)
-    residual = torch.randn(rows, out_features, generator=torch.Generator().manual_seed(9)).to(dtype)
-    total, ssq = skinny_gemm_residual(x, w, b, residual, config=config)
+    gen = torch.Generator().manual_seed(9)
+    residual = torch.randn(rows, out_features, generator=gen).to(dtype)
+    norm_w = (1 + 0.1 * torch.randn(out_features, generator=gen)).to(dtype)
+    total, folded = skinny_gemm_residual(x, w, b, residual, norm_weight=norm_w, eps=1e-6, config=config)
     plain = skinny_gemm(x, w, b, config=config)
     assert torch.equal(total, residual + plain)  # the projection rounded, then torch's add: bit for bit
     c = config or default_config(rows, out_features, in_features, gated=False, device=x.device,
                                  dtype_bytes=x.element_size())
+    ssq = folded.sum_squares
     assert ssq.shape == (rows, -(-out_features // c.block_n)) and ssq.dtype == torch.float32
     want = total.double().pow(2).sum(-1)
     assert torch.allclose(ssq.double().sum(-1), want, rtol=1e-5), (ssq.sum(-1), want)
+    assert torch.equal(folded.scaled, (total.float() * norm_w.float()).to(dtype))  # h * w, rounded once
+    assert folded.eps == 1e-6
     assert int(tickets(x.device).abs().sum()) == 0
+
+
+FOLDED_GEMMS = [(8, 160, 72, SkinnyConfig(16, 32, 64, 2), SkinnyConfig(16, 16, 64, 2)),
+                (1, 200, 40, None, None),  # ragged K and N, the default launch shapes
+                (13, 96, 130, SkinnyConfig(16, 32, 32, 1), SkinnyConfig(16, 32, 32, 3))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
 @pytest.mark.parametrize("act", ["", "silu"], ids=["plain", "gated"])
-def test_a_folded_norm_gives_the_gemm_of_the_normed_rows(dtype, unit_offset, act):
-    """o_proj-like GEMM with the residual epilogue, then a gate/up-like GEMM that RMS-norms its input in the prologue:
-    the same as the one-pass norm kernel's output fed to the plain GEMM, up to rstd's last fp32 bit (and no worse
-    against float64 than that path)."""
+@pytest.mark.parametrize("rows,hidden,inner,producer,consumer", FOLDED_GEMMS,
+                         ids=[f"M{m}-H{h}-I{i}" for m, h, i, _, _ in FOLDED_GEMMS])
+def test_a_folded_norm_gives_the_gemm_of_the_normed_rows(dtype, unit_offset, act, rows, hidden, inner, producer,
+                                                        consumer):
+    """o_proj-like GEMM with the residual epilogue, then a gate/up-like GEMM (with a bias) on the folded norm: the
+    same as the one-pass norm kernel's output fed to the plain GEMM (fp32: to rounding; bf16/fp16: no further from
+    float64 than that path)."""
     from kernels.rms_norm import add_rms_norm_reference
-    from kernels.skinny_gemm import FoldedNorm, skinny_gemm_residual
+    from kernels.skinny_gemm import skinny_gemm_residual
 
-    rows, hidden, inner = 8, 160, 72
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(3 + rows)
     attn = torch.randn(rows, hidden, generator=gen).to(dtype)
     w_o = (torch.randn(hidden, hidden, generator=gen) / hidden ** 0.5).to(dtype)
-    residual = torch.randn(rows, hidden, generator=gen).to(dtype)
+    residual = (4 * torch.randn(rows, hidden, generator=gen)).to(dtype)
     norm_w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
     w_next = (torch.randn((2 if act else 1) * inner, hidden, generator=gen) / hidden ** 0.5).to(dtype)
-    total, ssq = skinny_gemm_residual(attn, w_o, None, residual, config=SkinnyConfig(16, 32, 64, 2))
-    folded = skinny_gemm(total, w_next, act=act, config=SkinnyConfig(16, 16, 64, 2),
-                         norm=FoldedNorm(ssq, norm_w, eps=1e-6, unit_offset=unit_offset))
+    b_next = (0.1 * torch.randn((2 if act else 1) * inner, generator=gen)).to(dtype)
+    total, folded = skinny_gemm_residual(attn, w_o, None, residual, norm_weight=norm_w, eps=1e-6,
+                                         unit_offset=unit_offset, config=producer)
+    out = skinny_gemm(folded.scaled, w_next, b_next, act=act, config=consumer, norm=folded)
     _, normed = add_rms_norm_reference(total, None, norm_w, eps=1e-6, unit_offset=unit_offset)
-    unfolded = skinny_gemm(normed, w_next, act=act, config=SkinnyConfig(16, 16, 64, 2))
+    unfolded = skinny_gemm(normed, w_next, b_next, act=act, config=consumer)
     h = total.double() * torch.rsqrt(total.double().pow(2).mean(-1, keepdim=True) + 1e-6)
     exact_in = h * (1 + norm_w.double()) if unit_offset else h * norm_w.double()
-    exact = skinny_gemm_reference(exact_in, w_next.double(), act=act)
-    assert folded.shape == unfolded.shape and not folded.isnan().any()
+    exact = skinny_gemm_reference(exact_in, w_next.double(), b_next.double(), act=act)
+    assert out.shape == unfolded.shape and not out.isnan().any()
     if dtype == torch.float32:
-        assert rel(folded, unfolded) <= 1e-5, rel(folded, unfolded)
+        assert rel(out, unfolded) <= 1e-5, rel(out, unfolded)
     else:
-        assert rel(folded, exact) <= 1.25 * rel(unfolded, exact) + 1e-3, (rel(folded, exact), rel(unfolded, exact))
+        assert rel(out, exact) <= 1.25 * rel(unfolded, exact) + 1e-3, (rel(out, exact), rel(unfolded, exact))
+    assert int(tickets(attn.device).abs().sum()) == 0
 
 
 def test_folded_norm_inputs_are_checked():
@@ -224,8 +238,10 @@ def test_folded_norm_inputs_are_checked():
 
     x, w = torch.randn(4, 64), torch.randn(32, 64)
     with pytest.raises(AssertionError):
-        skinny_gemm_residual(x, w, None, torch.randn(4, 31))  # residual of another shape
+        skinny_gemm_residual(x, w, None, torch.randn(4, 31), norm_weight=torch.ones(32), eps=1e-6)  # residual shape
     with pytest.raises(AssertionError):
-        skinny_gemm(x, w, norm=FoldedNorm(torch.zeros(3, 2), torch.ones(64), eps=1e-6))  # sums of other rows
+        skinny_gemm_residual(x, w, None, torch.randn(4, 32), norm_weight=torch.ones(64), eps=1e-6)  # norm not N wide
     with pytest.raises(AssertionError):
-        skinny_gemm(x, w, norm=FoldedNorm(torch.zeros(4, 2), torch.ones(63), eps=1e-6))  # norm weight not K wide
+        skinny_gemm(x, w, norm=FoldedNorm(x, torch.zeros(3, 2), eps=1e-6))  # sums of other rows
+    with pytest.raises(AssertionError, match="scaled rows"):
+        skinny_gemm(x, w, norm=FoldedNorm(torch.randn(4, 32), torch.zeros(4, 2), eps=1e-6))  # x is not its rows

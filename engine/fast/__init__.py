@@ -43,8 +43,9 @@ def fuse(adapter: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | Non
     TRITON_INTERPRET=1), "torch" (fused weights only). plan: which GEMM each shape runs (default: the device's
     cached measurements, engine/fast/plan.py). pdl: launch the kernels with programmatic dependent launch (Hopper;
     kernels/pdl.py); weights_ahead: with PDL, weight tiles each GEMM program prefetches into L2 before it waits for
-    the previous kernel; fold_norm: the Llama family's post-attention add + RMSNorm in the o_proj and gate/up GEMMs
-    (no launch of its own; Gemma's sandwich norms are left as they are). An adapter that is already fast comes back
+    the previous kernel; fold_norm: the Llama family's add + RMSNorm at each block's end split between the GEMMs
+    either side of it, where both run the skinny kernel (no launch of its own; Gemma's sandwich norms are left as
+    they are; GPU-resident bf16 runs then round differently from offloaded ones, engine/fast/llama.py). An adapter that is already fast comes back
     as it is, whatever the arguments."""
     if isinstance(adapter, FAST_ADAPTERS) or why_not_fused(adapter) is not None:
         return adapter

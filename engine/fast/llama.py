@@ -17,10 +17,11 @@ A CUDA graph captures the hand-over as the kernels that made it, in the order th
 modify a returned hidden state in place before passing it back. Under torch.compile nothing is handed over and the
 pieces are plain torch ops over the fused weights (inductor fuses them itself).
 
-With `fold_norm` (off by default; not yet measured on a GPU) the add + norm launches go too, where the GEMM plan runs
-both neighbouring GEMMs on the skinny kernel: o_proj and down add the residual in their epilogue and write each row's
-sums of squares per column block, and what they hand over is a kernels.skinny_gemm.FoldedNorm, which gate/up and the
-next layer's q/k/v apply in their prologue. The q/k/v side is taken only through `project_qkv_storing_from_hidden`
+With `fold_norm` (off by default) the add + norm launches go too, where the GEMM plan runs both neighbouring GEMMs
+on the skinny kernel (bf16 and fp32; fp16 keeps the norm kernel): o_proj and down add the residual in their
+epilogue and also write h * w and each row's sums of squares per column block, and what they hand over is a
+kernels.skinny_gemm.FoldedNorm, which gate/up and the next layer's q/k/v take as their input, applying rstd in
+their epilogue. The q/k/v side is taken only through `project_qkv_storing_from_hidden`
 (the decode layer's GPU-resident path, which needs nothing but q, k, v); `attn_input` norms the sum itself for every
 other caller, since they read the normed tensor (an offloaded layer's store keeps it for recomputation).
 """
@@ -149,7 +150,7 @@ class FusedLlamaAdapter(DecoderAdapter):
                 and k_cache.dtype == x.dtype and k_cache.device == x.device)
 
     def _project_qkv(self, layer, x, rope, store: dict | None = None, norm=None):
-        """The fused q/k/v GEMM (norm: a FoldedNorm of x applied in its prologue), then (Triton) one launch for the
+        """The fused q/k/v GEMM (norm: a FoldedNorm of x, whose scaled rows it multiplies), then (Triton) one launch for the
         q/k norms, RoPE and, with `store`, the K/V cache write; or the torch ops over the fused output."""
         s, attn = self.spec, self.layers[layer].self_attn
         qkv = self.qkv[layer](x, policy=self.policy, plan=self.plan, norm=norm)
@@ -180,12 +181,10 @@ class FusedLlamaAdapter(DecoderAdapter):
 
     def attn_output(self, layer, attn, residual):
         if self._folds(self.o[layer], attn, residual, self.gate_up[layer], act=self.act):
-            # the add in o_proj's epilogue, the norm left for gate/up's prologue: no norm launch of its own
-            from kernels.skinny_gemm import FoldedNorm
-
-            norm = self.layers[layer].post_attention_layernorm
-            total, sums = self.o[layer].add_residual(attn, residual, policy=self.policy, plan=self.plan)
-            self._give("mlp", layer, total, FoldedNorm(sums, norm.weight, eps=norm_eps(norm)))
+            # the add in o_proj's epilogue, the norm split between it and gate/up: no norm launch of its own
+            total, folded = self.o[layer].add_residual(attn, residual, self.layers[layer].post_attention_layernorm,
+                                                       policy=self.policy, plan=self.plan)
+            self._give("mlp", layer, total, folded)
             return total
         out = self.o[layer](attn, policy=self.policy, plan=self.plan)
         total, normed = add_norm(self.policy, out, residual, self.layers[layer].post_attention_layernorm)
@@ -197,6 +196,8 @@ class FusedLlamaAdapter(DecoderAdapter):
         producer adds `residual` to its output, the consumer norms that sum (it has the residual's shape)."""
         if not self.policy.fold_norm or x.dtype != residual.dtype or not residual.is_contiguous():
             return False  # (runs_skinny is False under torch.compile: no Triton launches there)
+        if residual.dtype == torch.float16:  # h * w may overflow fp16's range where the normed h * rstd * w would not
+            return False
         return (producer.runs_skinny(x, policy=self.policy, plan=self.plan)
                 and consumer.runs_skinny(residual, policy=self.policy, plan=self.plan, act=act))
 
@@ -213,11 +214,9 @@ class FusedLlamaAdapter(DecoderAdapter):
         if layer + 1 < self.spec.num_layers and self._folds(self.down[layer], act, hidden, self.qkv[layer + 1]):
             # the add in down's epilogue, the next layer's input norm left for its q/k/v GEMM (taken by
             # project_qkv_storing_from_hidden; attn_input norms the sum itself for any other caller)
-            from kernels.skinny_gemm import FoldedNorm
-
-            norm = self.layers[layer + 1].input_layernorm
-            total, sums = self.down[layer].add_residual(act, hidden, policy=self.policy, plan=self.plan)
-            self._give("attn", layer + 1, total, FoldedNorm(sums, norm.weight, eps=norm_eps(norm)))
+            total, folded = self.down[layer].add_residual(act, hidden, self.layers[layer + 1].input_layernorm,
+                                                          policy=self.policy, plan=self.plan)
+            self._give("attn", layer + 1, total, folded)
             return total
         down = self.down[layer](act, policy=self.policy, plan=self.plan)
         if layer + 1 == self.spec.num_layers:

@@ -28,9 +28,11 @@ class KernelPolicy:
     pdl: bool = False
     # with PDL: weight tiles each skinny-GEMM program prefetches into L2 before it waits for the previous kernel
     weights_ahead: int = 0
-    # each residual add in the epilogue of the GEMM before it (o_proj, down) and its RMSNorm in the prologue of the
-    # GEMM after it (gate/up, the next q/k/v; kernels/skinny_gemm.py FoldedNorm): up to two launches a layer fewer,
-    # where both GEMMs run the skinny kernel (engine/fast/llama.py)
+    # each residual add in the epilogue of the GEMM before it (o_proj, down) and its RMSNorm split between that
+    # epilogue and the GEMM after it (gate/up, the next q/k/v; kernels/skinny_gemm.py FoldedNorm): up to two launches
+    # a layer fewer, where both GEMMs run the skinny kernel (engine/fast/llama.py). 0.10-0.12 ms off a B8/B1
+    # llama-2-7b step on an H200 (bench/results/decode_fold_default.md, 2026-12-02); off by default, since in bf16 its
+    # q/k/v input is rounded otherwise than an offloaded layer's, which keeps the normed tensor for recomputation
     fold_norm: bool = False
 
     def __post_init__(self) -> None:
@@ -81,29 +83,33 @@ class Projection:
         return (policy.triton(x) and (x.dtype != torch.float32 or policy.mode == "triton")
                 and (bool(act) or not self.gated) and 1 <= rows <= 64 and self.skinny_config(plan, rows) is not None)
 
-    def add_residual(self, x: torch.Tensor, residual: torch.Tensor, *, policy: KernelPolicy, plan: GemmPlan):
-        """-> (residual + x W^T + b, the rows' per-block sums of squares) from one skinny launch (runs_skinny must
-        hold): the block's end and what a FoldedNorm of the next GEMM needs."""
+    def add_residual(self, x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module, *, policy: KernelPolicy,
+                     plan: GemmPlan, unit_offset: bool = False):
+        """-> (h = residual + x W^T + b, the FoldedNorm of `norm` over h) from one skinny launch (runs_skinny must
+        hold): the block's end, and the next GEMM's input without a norm launch."""
         from kernels.skinny_gemm import skinny_gemm_residual
 
         rows = x.numel() // self.in_features
-        total, sums = skinny_gemm_residual(x.reshape(rows, self.in_features), self.weight, self.bias,
-                                           residual.reshape(rows, self.out_features),
-                                           config=self.skinny_config(plan, rows), pdl=policy.pdl,
-                                           weights_ahead=policy.weights_ahead)
-        return total.view(residual.shape), sums
+        total, folded = skinny_gemm_residual(x.reshape(rows, self.in_features), self.weight, self.bias,
+                                             residual.reshape(rows, self.out_features), norm_weight=norm.weight,
+                                             eps=norm_eps(norm), unit_offset=unit_offset,
+                                             config=self.skinny_config(plan, rows), pdl=policy.pdl,
+                                             weights_ahead=policy.weights_ahead)
+        return total.view(residual.shape), folded
 
     def __call__(self, x: torch.Tensor, *, policy: KernelPolicy, plan: GemmPlan, act: str = "",
                  act_fn=None, norm=None) -> torch.Tensor:
         """x (..., K) -> (..., N); gated: act(x W_gate^T + b) * (x W_up^T + b) (..., I), `act` the kernels' name
         ("" when they have none for the family: `act_fn` runs), `act_fn` transformers' activation module. norm: a
-        kernels.skinny_gemm.FoldedNorm of x, applied in the GEMM's prologue (runs_skinny must hold)."""
+        kernels.skinny_gemm.FoldedNorm of x: the GEMM runs on its scaled rows and its epilogue applies rstd
+        (runs_skinny must hold)."""
         lead = x.shape[:-1]
         rows = x.numel() // self.in_features
         if norm is not None or self.runs_skinny(x, policy=policy, plan=plan, act=act):
             from kernels.skinny_gemm import skinny_gemm
 
-            y = skinny_gemm(x.reshape(rows, self.in_features), self.weight, self.bias, act=act if self.gated else "",
+            rows_in = x.reshape(rows, self.in_features) if norm is None else norm.scaled
+            y = skinny_gemm(rows_in, self.weight, self.bias, act=act if self.gated else "",
                             config=self.skinny_config(plan, rows), pdl=policy.pdl,
                             weights_ahead=policy.weights_ahead, norm=norm)
             return y.view(*lead, self.out_features)

@@ -13,6 +13,7 @@ DIR/fused_default.json and .md; exits 1 when a default run differs from the plai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import GenerationSettings, Generator, load_model  # noqa: E402
-from engine.fast import why_not_fused  # noqa: E402
+from engine.fast import fuse, why_not_fused  # noqa: E402
 from engine.hf_reference import rel_err  # noqa: E402
 from engine.settings import OffloadSettings  # noqa: E402
 
@@ -42,12 +43,14 @@ def placements(spec, lens: list[int]) -> dict[str, OffloadSettings]:
             "hybrid": OffloadSettings(placement="hybrid", gpu_kv_budget_gib=slot_gib * min(lens) / 2)}
 
 
-def compare(preset: str, new_tokens: int, device: str) -> list[dict]:
+def compare(preset: str, new_tokens: int, device: str, fold_norm: bool = False) -> list[dict]:
     model = load_model(f"synthetic:{preset}", device=device, dtype="float32")
     gen = torch.Generator().manual_seed(len(preset))
     lens = [37, 20, 9]
     prompts = [torch.randint(3, model.spec.vocab_size, (n,), generator=gen).tolist() for n in lens]
-    engine = Generator(model)
+    engine = plain_engine = Generator(model)
+    if fold_norm:  # the opt-in folded norms: the fast adapter built with them stands in for the default one
+        engine = Generator(dataclasses.replace(model, adapter=fuse(model.adapter, fold_norm=True)))
     rows = []
     for name, offload in placements(model.spec, lens).items():
         row = {"preset": preset, "placement": name, "fast_adapter": why_not_fused(model.adapter) or "yes"}
@@ -56,9 +59,10 @@ def compare(preset: str, new_tokens: int, device: str) -> list[dict]:
             for fused in ("auto", False):
                 settings = GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True, fused=fused, offload=offload)
                 t0 = time.perf_counter()
-                runs[fused] = engine.generate(prompts, settings, keep_logits=True)
+                runner = engine if fused else plain_engine
+                runs[fused] = runner.generate(prompts, settings, keep_logits=True)
                 row[f"{fused}_s"] = time.perf_counter() - t0
-                row[f"{fused}_why"] = engine.fused_why
+                row[f"{fused}_why"] = runner.fused_why + (" (folded norms)" if fused and fold_norm else "")
             mine, plain = runs["auto"], runs[False]
             row["tokens_equal"] = mine.token_ids == plain.token_ids
             row["max_logits_rel_err"] = max(rel_err(a, b) for a, b in zip(mine.logits, plain.logits))
@@ -68,7 +72,7 @@ def compare(preset: str, new_tokens: int, device: str) -> list[dict]:
             traceback.print_exc()
         print(json.dumps(row), flush=True)
         rows.append(row)
-    del model, engine
+    del model, engine, plain_engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
@@ -96,10 +100,12 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=12)
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma list of tiny presets")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script (the default is plain there)")
+    parser.add_argument("--fold-norm", action="store_true",
+                        help="the default run with the norms folded into the GEMMs (engine.fast.fuse fold_norm)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [row for preset in args.presets.split(",") for row in compare(preset, args.new_tokens, args.device)]
+    rows = [row for preset in args.presets.split(",") for row in compare(preset, args.new_tokens, args.device, args.fold_norm)]
     try:
         chat = chat_check(args.device)
     except Exception as exc:  # noqa: BLE001
@@ -109,19 +115,21 @@ def main() -> int:
     device = f"{name} (torch {torch.__version__})"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python bench/fused_default_check.py", "--out DIR",
-                        *(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                        *(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
                           if k != "out" and v != parser.get_default(k))])
     payload = {"device": device, "date": date, "command": command,
                "rows": rows, "chat": chat}
-    (out / "fused_default.json").write_text(json.dumps(payload, indent=1))
-    lines = [f"# The default (fused=\"auto\") against the plain adapter on the GPU", "", f"- device: {device}",
+    stem = "fused_default_fold_norm" if args.fold_norm else "fused_default"
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    title = "The default with folded norms" if args.fold_norm else "The default (fused=\"auto\")"
+    lines = [f"# {title} against the plain adapter on the GPU", "", f"- device: {device}",
              f"- date: {date}", f"- command: `{command}`", "",
              "| preset | placement | default run | tokens equal | max logits rel. err | ok |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['placement']} | {r.get('auto_why', r.get('error', ''))[:90]} | "
                      f"{r.get('tokens_equal', '-')} | {r.get('max_logits_rel_err', float('nan')):.1e} | {r['ok']} |")
     lines += ["", f"- chat on the demo model with the default settings: {json.dumps(chat)[:400]}"]
-    (out / "fused_default.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(bad)} of {len(rows)} runs equal to the plain adapter's; chat: {json.dumps(chat)[:300]}")
     return 1 if bad or "error" in chat or not chat.get("same_reply") else 0

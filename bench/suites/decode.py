@@ -65,7 +65,7 @@ VARIANTS = {
     # GEMM program prefetching its first weight tiles into L2 before its PDL wait (kernels/l2_prefetch.py)
     "fused, pdl": dict(fused=True, pdl=True),
     **{f"fused, pdl, weights ahead {t}": dict(fused=True, pdl=True, weights_ahead=t) for t in (1, 2, 4, 8)},
-    # the post-attention add + RMSNorm folded into the o_proj and gate/up GEMMs (engine/fast/ops.py fold_norm)
+    # each block's add + RMSNorm split between the GEMMs either side of it (engine/fast/ops.py fold_norm)
     "fused, fold norm": dict(fused=True, fold_norm=True),
 }
 # on a GPU auto is the fast adapter, and the folded norms are measured beside it (PDL lost on every case on an H200,
@@ -218,13 +218,19 @@ def compare_greedy(tokens: list[list[int]], logits: list[torch.Tensor], ref_toke
             "median_prefill_logits_rel_err": statistics.median(first_step)}
 
 
-# variant fields that pick how the bench's own fast adapter launches its kernels (engine.fast.fuse's keywords)
-ADAPTER_FIELDS = ("pdl", "weights_ahead", "fold_norm")
+# variant fields that pick how the bench's own fast adapter launches its kernels (engine.fast.fuse's keywords), and
+# their defaults there (the engine's fast adapter)
+ADAPTER_FIELDS = {"pdl": False, "weights_ahead": 0, "fold_norm": False}
+
+
+def _adapter_fields(fields: dict) -> dict:
+    """The variant's ADAPTER_FIELDS that differ from the engine's fast adapter."""
+    return {k: fields[k] for k, default in ADAPTER_FIELDS.items() if k in fields and fields[k] != default}
 
 
 def _own_adapter(variant: str) -> bool:
     """Whether the variant runs the bench's own fast adapter (launched otherwise than the engine's)."""
-    return any(VARIANTS[variant].get(k) for k in ADAPTER_FIELDS)
+    return bool(_adapter_fields(VARIANTS[variant]))
 
 
 class Engines:
@@ -236,7 +242,7 @@ class Engines:
         self.model, self.plain, self._own = model, Generator(model), {}
 
     def generator(self, **adapter_fields) -> Generator:
-        key = tuple(sorted((k, v) for k, v in adapter_fields.items() if v))
+        key = tuple(sorted(_adapter_fields(adapter_fields).items()))
         if not key:
             return self.plain
         if key not in self._own:
@@ -551,7 +557,8 @@ def run(args) -> SuiteResult:
 def _compare_variants(engines, prompt_lists, new_tokens: int, ours_ms: dict, info: dict, notes: list, case) -> None:
     """Greedy tokens and logits of the fused variant against the plain one (when both ran), and of every variant of
     the bench's own fast adapter against fused (PDL, weights ahead: the same kernels launched early, identical or an
-    early launch raced; the folded norm: rstd summed in another order), on the case's prompts."""
+    early launch raced; the folded norms: the GEMM's input rounded once, rstd summed in another order), on the
+    case's prompts."""
     early_variants = [v for v in ours_ms if _own_adapter(v)]
     try:
         fast = engines.generate(prompt_lists, new_tokens, "fused", keep_logits=True)
@@ -567,7 +574,7 @@ def _compare_variants(engines, prompt_lists, new_tokens: int, ours_ms: dict, inf
             early = engines.generate(prompt_lists, new_tokens, variant, keep_logits=True)
             c = compare_greedy(early.token_ids, early.logits, fast.token_ids, fast.logits)
             info["pdl_vs_fused" if variant == "fused, pdl" else f"{variant} vs fused"] = c
-            expected = ("rstd from partial sums: last-bit differences possible" if VARIANTS[variant].get("fold_norm")
+            expected = ("the norm rounded otherwise: bf16 rounding differences" if VARIANTS[variant].get("fold_norm")
                         else "0 expected")
             notes.append(f"{case.label}: {variant} vs fused (the engine's launches): {c['match_fraction']:.0%} of "
                          f"sequences token-identical, logits max rel. error {c['max_logits_rel_err']:.1e} ({expected})")
@@ -601,7 +608,8 @@ def _peers(model, input_ids, peers_wanted, args, info, notes, case) -> dict[str,
 
 
 def _breakdowns(model, engines: Engines, case: Case, wanted: list[str], notes: list[str]) -> dict:
-    """Kernels by kind per eager step, plain and fused (and each step replayed from a CUDA graph)."""
+    """Kernels by kind per eager step, plain and fused (and with the folded norms, when asked for; each step also
+    replayed from a CUDA graph)."""
     from bench.profile_decode import format_breakdown, step_breakdown
 
     out = {}
@@ -610,6 +618,8 @@ def _breakdowns(model, engines: Engines, case: Case, wanted: list[str], notes: l
         from engine.fast import fuse
 
         adapters["fused"] = fuse(model.adapter)
+        if any(VARIANTS[v].get("fold_norm") for v in wanted):  # where the folds' launches went
+            adapters["fused, fold norm"] = fuse(model.adapter, fold_norm=True)
     for name, adapter in adapters.items():
         try:
             b = out[name] = step_breakdown(model, adapter, batch=case.batch, prompt_len=case.prompt_len,

@@ -11,6 +11,19 @@ mkdir -p "$out"
 [ -f bench/results/summary.json ] && cp bench/results/summary.json "$out/summary.json"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+# CUPTI for the L2 counters, where the optional wheels lie in .whl/ (not committed; README, Telemetry): installed
+# apart under /tmp, with their libcupti preloaded (the image's own lacks the single-pass-set API).
+cupti=()
+if ls .whl/cupti_python-*.whl .whl/nvidia_cuda_cupti-*.whl > /dev/null 2>&1; then
+  site=/tmp/kvlab-cupti-site
+  if python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl > "$out/cupti_install.log" 2>&1; then
+    lib=$site/nvidia/cu13/lib
+    cupti=(env "PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}"
+           "LD_PRELOAD=$lib/libcupti.so.13:$lib/libnvperf_host.so:$lib/libnvperf_target.so")
+  else
+    echo "CUPTI wheels did not install (see $out/cupti_install.log): the study runs without L2 counters"
+  fi
+fi
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || return 0
@@ -25,7 +38,7 @@ step decode_static 330 python3 -m bench decode --ours auto,compiled --peers stat
 step decode_attention 240 python3 -m bench decode_attention --repeat 11 --results-dir "$out"
 # The prefetch study: every depth x prefetch variant per shape (and depth 1 with 32-key tiles), L2 counters where
 # CUPTI is installed; writes this device's tuning table.
-step decode_attention_study 480 python3 -m bench decode_attention_study --counters-ms 40 --results-dir "$out"
+step decode_attention_study 480 ${cupti[@]+"${cupti[@]}"} python3 -m bench decode_attention_study --counters-ms 40 --results-dir "$out"
 step ncu 240 python3 bench/ncu_decode_attention.py --results-dir "$out"
 step demo_chat 90 python3 -m bench demo_chat --results-dir "$out"
 step gpu_oom 120 python3 -m bench gpu_oom --results-dir "$out"

@@ -36,10 +36,12 @@ import torch
 from bench.report import Headline, Row, SuiteResult
 from bench.timing import cold_l2_num_sets, median_ms
 
-# (B, Hq, Hkv, S): the decode_attention bench's shapes, one sequence of 128K keys, and the under-occupied grids
-# prefetch might still help
+# (B, Hq, Hkv, S): the decode_attention bench's shapes, one sequence of 128K keys, the under-occupied grids prefetch
+# might still help, and the attention calls of the decode bench's four targets (bench/suites/decode.py TARGETS:
+# llama-2-7b B1 and B8 at 2048 keys, B64 at 512, llama-3-8b B8 at 8192), so the tuning table holds their classes
 SHAPES = [(1, 32, 8, 32768), (1, 32, 32, 8192), (8, 32, 32, 16384), (32, 32, 32, 4096), (64, 32, 8, 4096),
-          (128, 32, 8, 2048), (4, 40, 8, 8192), (1, 32, 8, 131072), (1, 32, 8, 2048), (1, 8, 1, 4096), (2, 32, 8, 1024)]
+          (128, 32, 8, 2048), (4, 40, 8, 8192), (1, 32, 8, 131072), (1, 32, 8, 2048), (1, 8, 1, 4096), (2, 32, 8, 1024),
+          (1, 32, 32, 2048), (8, 32, 32, 2048), (64, 32, 32, 512), (8, 32, 8, 8192)]
 HEAD_DIM = 128
 # Depth-1 variants with these fixed tile lengths too (keys): one 8 KiB K and V tile in flight per program, the
 # latency-bound kernel where a prefetch of the next tiles should pay (kernels/decode_plan.variant_grid)

@@ -105,7 +105,8 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [row for preset in args.presets.split(",") for row in compare(preset, args.new_tokens, args.device, args.fold_norm)]
+    rows = [row for preset in args.presets.split(",")
+            for row in compare(preset, args.new_tokens, args.device, args.fold_norm)]
     try:
         chat = chat_check(args.device)
     except Exception as exc:  # noqa: BLE001
@@ -115,8 +116,8 @@ def main() -> int:
     device = f"{name} (torch {torch.__version__})"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python bench/fused_default_check.py", "--out DIR",
-                        *(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
-                          if k != "out" and v != parser.get_default(k))])
+                        *(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                          for k, v in vars(args).items() if k != "out" and v != parser.get_default(k))])
     payload = {"device": device, "date": date, "command": command,
                "rows": rows, "chat": chat}
     stem = "fused_default_fold_norm" if args.fold_norm else "fused_default"

@@ -45,8 +45,8 @@ def fuse(adapter: DecoderAdapter, *, kernels: str = "auto", plan: GemmPlan | Non
     kernels/pdl.py); weights_ahead: with PDL, weight tiles each GEMM program prefetches into L2 before it waits for
     the previous kernel; fold_norm: the Llama family's add + RMSNorm at each block's end split between the GEMMs
     either side of it, where both run the skinny kernel (no launch of its own; Gemma's sandwich norms are left as
-    they are; GPU-resident bf16 runs then round differently from offloaded ones, engine/fast/llama.py). An adapter that is already fast comes back
-    as it is, whatever the arguments."""
+    they are; GPU-resident bf16 runs then round differently from offloaded ones, engine/fast/llama.py). An adapter
+    that is already fast comes back as it is, whatever the arguments."""
     if isinstance(adapter, FAST_ADAPTERS) or why_not_fused(adapter) is not None:
         return adapter
     return _FAST_FOR[type(adapter).__name__](adapter, kernels=kernels, plan=plan, pdl=pdl,

@@ -21,9 +21,11 @@ With `fold_norm` (off by default) the add + norm launches go too, where the GEMM
 on the skinny kernel (bf16 and fp32; fp16 keeps the norm kernel): o_proj and down add the residual in their
 epilogue and also write h * w and each row's sums of squares per column block, and what they hand over is a
 kernels.skinny_gemm.FoldedNorm, which gate/up and the next layer's q/k/v take as their input, applying rstd in
-their epilogue. The q/k/v side is taken only through `project_qkv_storing_from_hidden`
-(the decode layer's GPU-resident path, which needs nothing but q, k, v); `attn_input` norms the sum itself for every
-other caller, since they read the normed tensor (an offloaded layer's store keeps it for recomputation).
+their epilogue. The q/k/v side is taken only through `project_qkv_storing_from_hidden` (the decode layer's
+GPU-resident path, which needs nothing but q, k, v); `attn_input` norms the sum itself for every other caller, since
+they read the normed tensor (an offloaded layer's store keeps it for recomputation). In bf16 that norm rounds the
+q/k/v input twice where the fold rounds it once, so resident and offloaded runs then part in their last bits: the
+reason the fold is opt-in (tests/test_fast_adapter.py, the bf16 placement test).
 """
 
 from __future__ import annotations
@@ -150,8 +152,8 @@ class FusedLlamaAdapter(DecoderAdapter):
                 and k_cache.dtype == x.dtype and k_cache.device == x.device)
 
     def _project_qkv(self, layer, x, rope, store: dict | None = None, norm=None):
-        """The fused q/k/v GEMM (norm: a FoldedNorm of x, whose scaled rows it multiplies), then (Triton) one launch for the
-        q/k norms, RoPE and, with `store`, the K/V cache write; or the torch ops over the fused output."""
+        """The fused q/k/v GEMM (norm: a FoldedNorm of x, whose scaled rows it multiplies), then (Triton) one launch
+        for the q/k norms, RoPE and, with `store`, the K/V cache write; or the torch ops over the fused output."""
         s, attn = self.spec, self.layers[layer].self_attn
         qkv = self.qkv[layer](x, policy=self.policy, plan=self.plan, norm=norm)
         heads = qkv.unflatten(-1, (s.num_heads + 2 * s.num_kv_heads, s.head_dim))

@@ -84,7 +84,7 @@ class Projection:
                 and (bool(act) or not self.gated) and 1 <= rows <= 64 and self.skinny_config(plan, rows) is not None)
 
     def add_residual(self, x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module, *, policy: KernelPolicy,
-                     plan: GemmPlan, unit_offset: bool = False):
+                     plan: GemmPlan):
         """-> (h = residual + x W^T + b, the FoldedNorm of `norm` over h) from one skinny launch (runs_skinny must
         hold): the block's end, and the next GEMM's input without a norm launch."""
         from kernels.skinny_gemm import skinny_gemm_residual
@@ -92,7 +92,7 @@ class Projection:
         rows = x.numel() // self.in_features
         total, folded = skinny_gemm_residual(x.reshape(rows, self.in_features), self.weight, self.bias,
                                              residual.reshape(rows, self.out_features), norm_weight=norm.weight,
-                                             eps=norm_eps(norm), unit_offset=unit_offset,
+                                             eps=norm_eps(norm),
                                              config=self.skinny_config(plan, rows), pdl=policy.pdl,
                                              weights_ahead=policy.weights_ahead)
         return total.view(residual.shape), folded

@@ -345,6 +345,20 @@ def test_folded_norms_give_the_fused_adapters_tokens(models, name):
     assert not any(r or n for r, n in calls[False])
 
 
+def test_fp16_never_folds_its_norms(models):
+    """h * w, which the fold hands the next GEMM, can overflow fp16's range where the normed h * rstd * w would not:
+    fp16 rows keep the norm kernel with fold_norm on, where bf16 and fp32 rows of the same shape fold."""
+    model = models["tiny-llama"]
+    fast = fuse(model.adapter, kernels="triton", fold_norm=True)
+    fast.plan = GemmPlan(device="test")  # the skinny kernel's defaults on every shape: both sides run it
+    hidden, width = model.spec.hidden_size, model.spec.num_heads * model.spec.head_dim
+    folds = {}
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        attn, residual = torch.zeros(2, 1, width, dtype=dtype), torch.zeros(2, 1, hidden, dtype=dtype)
+        folds[dtype] = fast._folds(fast.o[0], attn, residual, fast.gate_up[0], act=fast.act)
+    assert folds == {torch.float16: False, torch.bfloat16: True, torch.float32: True}, folds
+
+
 @needs_interpreter
 def test_the_default_fast_adapter_gives_every_placement_the_same_bf16_logits(profile_cache):
     """bf16, the Triton kernels: GPU-resident decoding and offloaded decoding at split 0.5, 0 and 1 give bit-equal

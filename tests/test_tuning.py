@@ -152,8 +152,9 @@ def test_study_bench_smoke_under_the_interpreter(tmp_path, monkeypatch):
     sampler = _StubSampler()
     rows, table, auto_rows = study(shapes, head_dim=32, dtype=torch.float32, device="cpu", notes=notes,
                                    sampler=sampler, counters_ms=1.0)
-    assert len(rows) == (9 + 3) * len(shapes) and sampler.loops == len(rows)  # with the depth-1 32-key tiles
-    assert sum(r.extra["tile"] == 32 and r.extra["ran"]["block_n"] == 32 for r in rows) == 3 * len(shapes)
+    assert len(rows) == (9 + 6) * len(shapes) and sampler.loops == len(rows)  # with the depth-1 16- and 32-key tiles
+    for tile in (16, 32):
+        assert sum(r.extra["tile"] == tile and r.extra["ran"]["block_n"] == tile for r in rows) == 3 * len(shapes)
     assert all(r.extra["l2_hit_pct"] == 40.0 and r.extra["stall_long_scoreboard"] == 2.5 for r in rows)
     assert "dram_pct" not in rows[0].extra  # the stub's chip has no DRAM counter
     assert [r.extra["shape"] for r in auto_rows] == [list(s) for s in shapes]
@@ -243,11 +244,13 @@ def test_variant_grid_adds_the_shallow_tile_family_at_depth_one_only():
     from kernels.decode_plan import variant_grid
 
     base = variant_grid(1, 8, 32768, 128, 132)
-    more = variant_grid(1, 8, 32768, 128, 132, shallow_tiles=(32,))
-    assert [v.name for v in more[:len(base)]] == [v.name for v in base] and len(more) == len(base) + 3
-    for v in more[len(base):]:
-        assert v.plan.block_n == 32 and v.plan.num_stages == 1 and v.name.startswith("stages=1 tile=32 prefetch=")
-    assert [v.plan.prefetch for v in more[len(base):]] == [False, True, True]
+    more = variant_grid(1, 8, 32768, 128, 132, shallow_tiles=(16, 32))
+    assert [v.name for v in more[:len(base)]] == [v.name for v in base] and len(more) == len(base) + 6
+    for tile, family in ((16, more[len(base):len(base) + 3]), (32, more[len(base) + 3:])):
+        for v in family:
+            assert v.plan.block_n == tile and v.plan.num_stages == 1
+            assert v.name.startswith(f"stages=1 tile={tile} prefetch="), v.name
+        assert [v.plan.prefetch for v in family] == [False, True, True]
 
 
 def test_auto_vs_best_is_the_worst_shape_and_the_counters_table_shows_every_row():

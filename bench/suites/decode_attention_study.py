@@ -2,8 +2,8 @@
 
 For each shape (B, Hq, Hkv, S) every variant of `kernels.decode_attention.variant_grid` (1, 2, 3 stages x prefetch
 off / on 1 tile ahead / on 2 tiles ahead; splits and tiles as the launcher plans them; and at depth 1 the same three
-with 32-key tiles, `SHALLOW_TILES`, the latency-bound kernel the seed paper prefetched for) is checked against the fp32
-reference on fresh random inputs (poisoned output), then timed: calls queued back to back behind a GPU sleep, buffer
+with 16- and 32-key tiles, `SHALLOW_TILES`, the latency-bound kernel the seed paper prefetched for) is checked against
+the fp32 reference on fresh random inputs (poisoned output), then timed: calls queued back to back behind a GPU sleep, buffer
 sets rotated so each call finds its K/V cold in L2 (engine/gpu_timing.py, as bench/suites/decode_attention.py
 does: the GPU's time, which is what a call costs in the engine's CUDA graphs; triton's do_bench, used before
 2026-12-01 16:00 UTC, timed the host's launch of small kernels). GB/s counts the K/V bytes. With CUPTI PM sampling
@@ -43,9 +43,11 @@ SHAPES = [(1, 32, 8, 32768), (1, 32, 32, 8192), (8, 32, 32, 16384), (32, 32, 32,
           (128, 32, 8, 2048), (4, 40, 8, 8192), (1, 32, 8, 131072), (1, 32, 8, 2048), (1, 8, 1, 4096), (2, 32, 8, 1024),
           (1, 32, 32, 2048), (8, 32, 32, 2048), (64, 32, 32, 512), (8, 32, 8, 8192)]
 HEAD_DIM = 128
-# Depth-1 variants with these fixed tile lengths too (keys): one 8 KiB K and V tile in flight per program, the
-# latency-bound kernel where a prefetch of the next tiles should pay (kernels/decode_plan.variant_grid)
-SHALLOW_TILES = (32,)
+# Depth-1 variants with these fixed tile lengths too (keys): one 4 or 8 KiB K and V tile in flight per program, the
+# latency-bound kernel where a prefetch of the next tiles should pay (kernels/decode_plan.variant_grid). At 32 keys
+# prefetch gained 1.35-1.39x on the long under-occupied shapes (H200, 2026-12-02), 2 tiles ahead no more than 1: a
+# 16-key tile spends a larger share of its step waiting, so the gain should be larger there.
+SHALLOW_TILES = (16, 32)
 DTYPE = torch.bfloat16
 MAX_REL_ERR = 1e-2
 

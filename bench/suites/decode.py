@@ -618,8 +618,8 @@ def _breakdowns(model, engines: Engines, case: Case, wanted: list[str], notes: l
         from engine.fast import fuse
 
         adapters["fused"] = fuse(model.adapter)
-        if any(VARIANTS[v].get("fold_norm") for v in wanted):  # where the folds' launches went
-            adapters["fused, fold norm"] = fuse(model.adapter, fold_norm=True)
+        if any(VARIANTS[v].get("fold_norm") for v in wanted):  # where the folds' launches went: the timed adapter
+            adapters["fused, fold norm"] = engines.generator(fold_norm=True).model.adapter
     for name, adapter in adapters.items():
         try:
             b = out[name] = step_breakdown(model, adapter, batch=case.batch, prompt_len=case.prompt_len,
